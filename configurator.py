@@ -1,0 +1,94 @@
+"""
+nanoGPT-style configuration:  python train.py config/NAME.py --key=value --key value
+
+Config files are Python files executed with the defaults as globals; every name they assign must
+be an existing key. Command-line overrides come after and are type-checked against the
+annotations of the script's config dataclass. Problems raise ValueError with one line.
+"""
+import ast
+import os
+import sys
+import types
+import typing
+from dataclasses import fields, replace
+
+
+def _allowed_types(annotation):
+    """int | None -> (int, NoneType); int -> (int,)"""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
+def _parse_value(key, text, annotation):
+    """Parse a command-line string into a value of the annotated type."""
+    allowed = _allowed_types(annotation)
+    if bool in allowed and text.lower() in ("true", "false", "1", "0"):
+        return text.lower() in ("true", "1")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text  # a bare word is a string
+    return _check_type(key, value, annotation)
+
+
+def _check_type(key, value, annotation):
+    allowed = _allowed_types(annotation)
+    for t in allowed:
+        t = typing.get_origin(t) or t
+        if t is type(None) and value is None:
+            return value
+        if t is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if t is tuple and isinstance(value, list):
+            return tuple(value)
+        if t is str and not isinstance(value, str):
+            continue
+        if isinstance(t, type) and isinstance(value, t) and not (t is int and isinstance(value, bool)):
+            return value
+    names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
+    raise ValueError(f"config key {key!r} expects {names}, got {value!r}")
+
+
+def configure(defaults, argv=None):
+    """Return a copy of dataclass `defaults` updated from config files and --key=value overrides."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    hints = typing.get_type_hints(type(defaults))
+    values = {f.name: getattr(defaults, f.name) for f in fields(defaults)}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):  # a config file
+            if not os.path.isfile(arg):
+                raise ValueError(f"config file {arg!r} not found")
+            scope = dict(values)
+            exec(compile(open(arg).read(), arg, "exec"), scope)
+            for key, value in scope.items():
+                if key.startswith("_") or isinstance(value, types.ModuleType) or key == "__builtins__":
+                    continue
+                if key not in values:
+                    raise ValueError(f"{arg}: unknown config key {key!r}")
+                values[key] = _check_type(key, value, hints[key])
+            i += 1
+            continue
+        key, eq, text = arg[2:].partition("=")
+        if not eq:  # --key value
+            if i + 1 >= len(argv):
+                raise ValueError(f"--{key} needs a value")
+            text = argv[i + 1]
+            i += 1
+        if key not in values:
+            raise ValueError(f"unknown config key {key!r}")
+        values[key] = _parse_value(key, text, hints[key])
+        i += 1
+    return replace(defaults, **values)
+
+
+def run_main(main):
+    """Run a script's main(); our own errors print one line and exit 1 instead of a traceback."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted")

@@ -1,0 +1,480 @@
+"""
+nanoskip model: one file, a Llama-family decoder whose layers can be skipped per sample and
+whose depth can be exited early through the one shared exit (final norm + LM head).
+
+Three primitives and a forward (see README):
+    embed(idx, pos)                                  -> x       [B, T, C]
+    run_layers(x, start, end, skip_mask, cache, pos) -> x       blocks [start, end)
+    head(x)                                          -> logits  [B, T, V]
+Every skipping method only chooses the skip mask and the exits; nothing else differs.
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels.linear_cross_entropy import linear_cross_entropy
+
+
+@dataclass
+class Config:
+    vocab_size: int = 32000
+    n_layer: int = 22
+    n_head: int = 32
+    n_kv_head: int = 4            # < n_head: grouped-query attention
+    n_embd: int = 2048
+    intermediate_size: int = 5632  # SwiGLU hidden width
+    block_size: int = 2048         # maximum context
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    bos_id: int = 1
+    eos_id: int = 2
+    # family switches (REFERENCE.md section 3); the defaults are Llama
+    norm: str = "rmsnorm"          # "rmsnorm" | "layernorm" (with bias)
+    norm_position: str = "pre"     # "pre" | "post" (OPT-350m: norm after each residual add)
+    final_norm: bool = True        # OPT-350m has none
+    pos_emb: str = "rope"          # "rope" | "learned" (OPT, offset pos_offset) | "alibi" (Bloom)
+    pos_offset: int = 0
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "linear" | "dynamic" | "llama3" | "longrope", ...}
+    mlp: str = "swiglu"            # "swiglu" | "relu" | "gelu_tanh"
+    bias: bool = False             # biases on every projection (OPT, Bloom)
+    emb_norm: bool = False         # LayerNorm right after the token embedding (Bloom)
+    emb_dim: int | None = None     # token embedding width when it differs from n_embd (OPT-350m project_in/out)
+    sliding_window: int | None = None  # each query sees its last `sliding_window` keys (Phi-3)
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    def validate(self):
+        if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
+            raise ValueError(f"config: n_embd ({self.n_embd}) must divide by n_head ({self.n_head}) "
+                             f"and n_head by n_kv_head ({self.n_kv_head})")
+        choices = {"norm": ("rmsnorm", "layernorm"), "norm_position": ("pre", "post"),
+                   "pos_emb": ("rope", "learned", "alibi"), "mlp": ("swiglu", "relu", "gelu_tanh")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"config: {key} must be one of {allowed}, got {getattr(self, key)!r}")
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in ("default", "linear", "dynamic", "llama3", "longrope"):
+            raise ValueError(f"config: unsupported rope_scaling type {rope_type!r}")
+        return self
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"config.json: unknown key(s) {unknown}")
+        return cls(**d).validate()
+
+
+PRESETS = {
+    # exact TinyLlama-1.1B shape (REFERENCE.md section 2)
+    "tinyllama-1.1b": Config(),
+    # deep and narrow CPU model for the stdlib corpus: depth to exit early from and to speculate with
+    "stdlib-16l": Config(vocab_size=4096, n_layer=16, n_head=4, n_kv_head=2, n_embd=128,
+                         intermediate_size=352, block_size=256),
+    # tiny model for tests
+    "test-tiny": Config(vocab_size=256, n_layer=4, n_head=4, n_kv_head=2, n_embd=64,
+                        intermediate_size=160, block_size=64),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalize in fp32, cast back to the input dtype, then scale (as transformers does)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def make_norm(cfg, dim):
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(dim, cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_frequencies(cfg, seq_len):
+    """inv_freq [head_dim/2] and the cos/sin scale for a forward pass covering positions < seq_len.
+
+    Scaling types follow transformers: linear divides by factor; dynamic NTK grows theta past
+    block_size; llama3 scales low frequencies by 1/factor and blends the middle band; LongRoPE
+    divides by long_factor once seq_len exceeds original_max_position_embeddings (else short_factor)
+    and scales cos/sin by sqrt(1 + ln(s)/ln(orig)), s = block_size / orig.
+    """
+    hd, theta = cfg.head_dim, cfg.rope_theta
+    rs = cfg.rope_scaling or {}
+    kind = rs.get("rope_type", "default")
+    exponent = torch.arange(0, hd, 2, dtype=torch.int64).float() / hd
+    if kind == "dynamic":
+        seq_len = max(seq_len, cfg.block_size)
+        theta = theta * ((rs["factor"] * seq_len / cfg.block_size) - (rs["factor"] - 1)) ** (hd / (hd - 2))
+    inv_freq = 1.0 / theta ** exponent
+    scale = 1.0
+    if kind == "linear":
+        inv_freq = inv_freq / rs["factor"]
+    elif kind == "llama3":
+        factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        orig = rs["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > orig / low, inv_freq / factor, inv_freq)
+        smooth = (orig / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < orig / high) * ~(wavelen > orig / low)
+        inv_freq = torch.where(medium, blended, scaled)
+    elif kind == "longrope":
+        orig = rs["original_max_position_embeddings"]
+        ext = rs["long_factor"] if seq_len > orig else rs["short_factor"]
+        inv_freq = 1.0 / (torch.tensor(ext, dtype=torch.float32) * theta ** exponent)
+        factor = rs.get("factor") or cfg.block_size / orig
+        scale = rs.get("attention_factor") or (
+            math.sqrt(1 + math.log(factor) / math.log(orig)) if factor > 1 else 1.0)
+    return inv_freq, scale
+
+
+def rope_cos_sin(cfg, pos, T, dtype, device):
+    """cos, sin [T, head_dim] for positions [pos, pos+T): computed in fp32, cast to the activations' dtype."""
+    inv_freq, scale = rope_frequencies(cfg, pos + T)
+    t = torch.arange(pos, pos + T, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1).to(device)
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+
+def alibi_slopes(n_head):
+    """Bloom's ALiBi slopes: (2^(-8/cp2))^k for k=1..cp2, then (2^(-4/cp2))^(1,3,5,..) for the rest."""
+    cp2 = 2 ** math.floor(math.log2(n_head))
+    base = 2.0 ** (-(2.0 ** -(math.log2(cp2) - 3)))
+    slopes = [base ** k for k in range(1, cp2 + 1)]
+    if cp2 != n_head:
+        extra = 2.0 ** (-(2.0 ** -(math.log2(2 * cp2) - 3)))
+        slopes += [extra ** k for k in range(1, 2 * (n_head - cp2), 2)]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated: k, v [L, B, n_kv_head, max_len, head_dim].
+
+    Indexed by position: the caller says where new tokens go (`pos`), so cropping after a
+    speculation round is just writing at an earlier position next time. Rows that skip a layer
+    do not write that layer's slot for those positions.
+    """
+
+    def __init__(self, cfg, batch_size, max_len, device=None, dtype=torch.float32):
+        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+
+    def update(self, layer, rows, pos, k, v):
+        """Write k, v [R, n_kv, T, hd] at positions [pos, pos+T); return keys/values [R, n_kv, pos+T, hd]."""
+        end = pos + k.shape[2]
+        if rows is None:
+            self.k[layer, :, :, pos:end] = k
+            self.v[layer, :, :, pos:end] = v
+            return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer, rows, :, pos:end] = k
+        self.v[layer, rows, :, pos:end] = v
+        return self.k[layer, rows, :, :end], self.v[layer, rows, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.use_rope = cfg.pos_emb == "rope"
+        self.wqkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
+        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x, cos, sin, attn_mask, cache, rows, pos):
+        B, T, _ = x.shape
+        hd = self.head_dim
+        q, k, v = self.wqkv(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=-1)
+        q = q.view(B, T, self.n_head, hd).transpose(1, 2)      # [B, H, T, hd]
+        k = k.view(B, T, self.n_kv_head, hd).transpose(1, 2)   # [B, Hkv, T, hd]
+        v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)
+        if self.use_rope:
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(self.layer, rows, pos, k, v)   # [B, Hkv, pos+T, hd]
+        is_causal = attn_mask is None and T > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                           enable_gqa=self.n_kv_head != self.n_head)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_head * hd))
+
+
+def gelu_tanh(x):
+    """Bloom's GELU, with its literal constant."""
+    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+
+class MLP(nn.Module):
+    """SwiGLU on a packed [gate; up] projection, or a plain two-layer ReLU / GELU-tanh MLP."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.kind = cfg.mlp
+        if cfg.mlp == "swiglu":
+            self.w_gate_up = nn.Linear(cfg.n_embd, 2 * cfg.intermediate_size, bias=cfg.bias)
+        else:
+            self.w_up = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
+        self.w_down = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x):
+        if self.kind == "swiglu":
+            gate, up = self.w_gate_up(x).chunk(2, dim=-1)
+            return self.w_down(F.silu(gate) * up)
+        act = F.relu if self.kind == "relu" else gelu_tanh
+        return self.w_down(act(self.w_up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.post_norm = cfg.norm_position == "post"
+        self.attn_norm = make_norm(cfg, cfg.n_embd)
+        self.attn = Attention(cfg, layer)
+        self.mlp_norm = make_norm(cfg, cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, attn_mask=None, cache=None, rows=None, pos=0):
+        if self.post_norm:  # OPT-350m: residual add, then norm
+            x = self.attn_norm(x + self.attn(x, cos, sin, attn_mask, cache, rows, pos))
+            return self.mlp_norm(x + self.mlp(x))
+        x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask, cache, rows, pos)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.n_layer = cfg.n_layer
+        emb_dim = cfg.emb_dim or cfg.n_embd
+        self.tok_emb = nn.Embedding(cfg.vocab_size, emb_dim)
+        if emb_dim != cfg.n_embd:  # OPT-350m
+            self.proj_in = nn.Linear(emb_dim, cfg.n_embd, bias=False)
+            self.proj_out = nn.Linear(cfg.n_embd, emb_dim, bias=False)
+        if cfg.pos_emb == "learned":
+            self.pos_emb = nn.Embedding(cfg.block_size + cfg.pos_offset, cfg.n_embd)
+        if cfg.emb_norm:
+            self.emb_norm = make_norm(cfg, cfg.n_embd)
+        self.layers = nn.ModuleList(Block(cfg, l) for l in range(cfg.n_layer))
+        if cfg.final_norm:
+            self.norm = make_norm(cfg, cfg.n_embd)
+        self.lm_head = nn.Linear(emb_dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # scaled init of residual projections (GPT-2)
+            if name.endswith(("wo.weight", "w_down.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    # ---- the three primitives ----
+
+    def embed(self, idx, pos=0):
+        """Token ids [B, T] at positions [pos, pos+T) -> residual stream [B, T, C]."""
+        x = self.tok_emb(idx)
+        if hasattr(self, "proj_in"):
+            x = self.proj_in(x)
+        if self.cfg.pos_emb == "learned":
+            offset = pos + self.cfg.pos_offset
+            x = x + self.pos_emb.weight[offset:offset + idx.shape[1]]
+        if self.cfg.emb_norm:
+            x = self.emb_norm(x)
+        return x
+
+    def attention_mask(self, T, pos, device, dtype):
+        """Mask for T queries at [pos, pos+T) over keys [0, pos+T): None where plain causal attention
+        does (SDPA's is_causal); else bool [T, S], or with ALiBi an additive float [H, T, S]."""
+        cfg, S = self.cfg, pos + T
+        window = cfg.sliding_window
+        if cfg.pos_emb != "alibi" and (window is None or S <= window) and (pos == 0 or T == 1):
+            return None
+        q = torch.arange(pos, S, device=device).unsqueeze(1)
+        k = torch.arange(S, device=device).unsqueeze(0)
+        allowed = k <= q
+        if window is not None:
+            allowed = allowed & (k > q - window)
+        if cfg.pos_emb != "alibi":
+            return allowed
+        bias = alibi_slopes(cfg.n_head).to(device)[:, None, None] * k.float()  # [H, 1, S]: slope x key position
+        return bias.masked_fill(~allowed, float("-inf")).to(dtype)
+
+    def run_layers(self, x, start, end, skip_mask=None, cache=None, pos=0, attn_mask=None):
+        """Blocks [start, end). skip_mask [B, L] bool: True rows pass through block l untouched;
+        the other rows are gathered, run and scattered back, so skipping saves real compute."""
+        T = x.shape[1]
+        cos = sin = None
+        if self.cfg.pos_emb == "rope":
+            cos, sin = rope_cos_sin(self.cfg, pos, T, x.dtype, x.device)
+        for l in range(start, end):
+            block = self.layers[l]
+            if skip_mask is None:
+                x = block(x, cos, sin, attn_mask, cache, None, pos)
+                continue
+            run = ~skip_mask[:, l]                  # [B]
+            if bool(run.all()):
+                x = block(x, cos, sin, attn_mask, cache, None, pos)
+            elif bool(run.any()):
+                rows = run.nonzero().squeeze(1)      # [R]
+                x = x.index_copy(0, rows, block(x[rows], cos, sin, attn_mask, cache, rows, pos))
+        return x
+
+    def final_hidden(self, x):
+        """The shared exit up to the LM head: final norm, then OPT-350m's project_out."""
+        if self.cfg.final_norm:
+            x = self.norm(x)
+        if hasattr(self, "proj_out"):
+            x = self.proj_out(x)
+        return x
+
+    def head(self, x):
+        return self.lm_head(self.final_hidden(x))
+
+    # ---- forward ----
+
+    def check_exit_layer(self, exit_layer):
+        if not isinstance(exit_layer, int) or not 1 <= exit_layer <= self.n_layer:
+            raise ValueError(f"exit_layer must be an integer in [1, {self.n_layer}], got {exit_layer!r}")
+
+    def normalize_skip_mask(self, skip_mask, B, device):
+        """Accept [L] (whole batch) or [B, L]; return a bool [B, L] tensor on `device`."""
+        if skip_mask is None:
+            return None
+        skip_mask = torch.as_tensor(skip_mask, dtype=torch.bool, device=device)
+        if skip_mask.dim() == 1:
+            skip_mask = skip_mask.expand(B, -1)
+        if tuple(skip_mask.shape) != (B, self.n_layer):
+            raise ValueError(f"skip_mask must have shape [{self.n_layer}] or [{B}, {self.n_layer}], "
+                             f"got {list(skip_mask.shape)}")
+        return skip_mask
+
+    def forward(self, idx, targets=None, *, exit_layer=None, exits=None, skip_mask=None,
+                cache=None, pos=0, last_only=False):
+        """idx [B, T] token ids at positions [pos, pos+T).
+
+        No targets: logits [B, T, V] of the exit after `exit_layer` layers (default: all L).
+        With targets [B, T]: (loss, {exit_layer: loss}) where `exits` maps exit layers
+        (1..L, exit E = output of layer E-1) to loss weights; default {L: 1.0}. The loss at every
+        exit is computed chunk by chunk from the hidden state, never holding [B*T, V] logits per exit.
+        """
+        B, T = idx.shape
+        if pos + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {pos + T} tokens exceeds the context of {self.cfg.block_size}")
+        skip_mask = self.normalize_skip_mask(skip_mask, B, idx.device)
+        x = self.embed(idx, pos)
+        attn_mask = self.attention_mask(T, pos, idx.device, x.dtype)
+
+        if targets is None:
+            exit_layer = self.n_layer if exit_layer is None else exit_layer
+            self.check_exit_layer(exit_layer)
+            x = self.run_layers(x, 0, exit_layer, skip_mask, cache, pos, attn_mask)
+            return self.head(x[:, -1:] if last_only else x)
+
+        exits = exits or {self.n_layer: 1.0}
+        for e in exits:
+            self.check_exit_layer(e)
+        loss, exit_losses, done = 0.0, {}, 0
+        flat_targets = targets.reshape(-1)
+        for e in sorted(exits):
+            x = self.run_layers(x, done, e, skip_mask, cache, pos, attn_mask)
+            done = e
+            h = self.final_hidden(x).reshape(B * T, -1)  # [B*T, C]
+            exit_loss = linear_cross_entropy(h, self.lm_head.weight, flat_targets)
+            exit_losses[e] = exit_loss.detach()
+            loss = loss + exits[e] * exit_loss
+        return loss, exit_losses
+
+    # ---- checkpoints ----
+
+    def save_pretrained(self, out_dir, extra_files=()):
+        """config.json + model.safetensors, each written to a temporary name and renamed."""
+        from safetensors.torch import save_file
+        os.makedirs(out_dir, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if self.cfg.tie_embeddings:
+            state.pop("lm_head.weight")
+        atomic_write(os.path.join(out_dir, "model.safetensors"), lambda p: save_file(state, p))
+        atomic_write(os.path.join(out_dir, "config.json"),
+                     lambda p: open(p, "w").write(json.dumps(asdict(self.cfg), indent=2) + "\n"))
+
+    @classmethod
+    def from_pretrained(cls, ckpt_dir, device="cpu", dtype=None):
+        """Load a nanoskip checkpoint directory (config.json + model.safetensors)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        cfg_path = os.path.join(ckpt_dir, "config.json")
+        weights_path = os.path.join(ckpt_dir, "model.safetensors")
+        for path in (cfg_path, weights_path):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"checkpoint {ckpt_dir!r} has no {os.path.basename(path)}")
+        try:
+            cfg = Config.from_dict(json.load(open(cfg_path)))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+        try:
+            state = load_file(weights_path)
+        except SafetensorError as e:
+            raise ValueError(f"{weights_path}: corrupt safetensors file ({e})") from None
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.load_weights(state)
+        model.to(device=device, dtype=dtype)
+        return model.eval()
+
+    def load_weights(self, state):
+        """Load a full state dict, naming any missing, unexpected or wrongly shaped tensor."""
+        expected = {k: v.shape for k, v in self.state_dict().items()}
+        if self.cfg.tie_embeddings:
+            expected.pop("lm_head.weight")
+        missing = sorted(set(expected) - set(state))
+        extra = sorted(set(state) - set(expected))
+        if missing:
+            raise ValueError(f"checkpoint is missing tensor(s): {', '.join(missing[:5])}")
+        if extra:
+            raise ValueError(f"checkpoint has unexpected tensor(s): {', '.join(extra[:5])}")
+        for k, shape in expected.items():
+            if tuple(state[k].shape) != tuple(shape):
+                raise ValueError(f"tensor {k} has shape {list(state[k].shape)}, expected {list(shape)}")
+        self.load_state_dict(state, strict=False, assign=True)
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename onto `path`: a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,0 +1,81 @@
+"""
+Generate from a trained model:  python sample.py [--out_dir out] [--prompt "def "] [--exit_layer 12]
+
+--exit_layer E decodes with the first E layers and the shared exit. --skip_layers 3,5,7 skips
+those layers (0-based) for generated tokens. temperature 0 is greedy.
+"""
+import os
+from dataclasses import dataclass
+
+import sentencepiece as spm
+import torch
+
+from configurator import configure, run_main
+from generate import generate
+from model import Transformer
+
+
+@dataclass
+class SampleConfig:
+    out_dir: str = "out"
+    prompt: str | None = None        # None: start from the bos token; "FILE:path" reads a file
+    num_samples: int = 1
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int | None = 200
+    top_p: float | None = None
+    exit_layer: int | None = None
+    skip_layers: str = ""            # comma-separated 0-based layers to skip while generating
+    seed: int = 1337
+    device: str = "auto"
+
+
+def load_tokenizer(out_dir):
+    path = os.path.join(out_dir, "tokenizer.model")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {out_dir!r} has no tokenizer.model")
+    return spm.SentencePieceProcessor(model_file=path)
+
+
+def parse_skip_layers(spec, n_layer):
+    if not spec:
+        return None
+    try:
+        layers = [int(s) for s in str(spec).split(",")]
+    except ValueError:
+        raise ValueError(f"skip_layers {spec!r}: expected comma-separated layer indices") from None
+    if not all(0 <= l < n_layer for l in layers):
+        raise ValueError(f"skip_layers {spec!r}: layers must lie in [0, {n_layer - 1}]")
+    skip = torch.zeros(n_layer, dtype=torch.bool)
+    skip[layers] = True
+    return skip
+
+
+def main():
+    cfg = configure(SampleConfig())
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if not os.path.isdir(cfg.out_dir):
+        raise FileNotFoundError(f"no checkpoint directory {cfg.out_dir!r}: train one first (python train.py)")
+    model = Transformer.from_pretrained(cfg.out_dir, device=device)
+    if cfg.exit_layer is not None:
+        model.check_exit_layer(cfg.exit_layer)
+    skip_mask = parse_skip_layers(cfg.skip_layers, model.n_layer)
+    tok = load_tokenizer(cfg.out_dir)
+    prompt = cfg.prompt
+    if prompt is not None and prompt.startswith("FILE:"):
+        prompt = open(prompt[5:], encoding="utf-8").read()
+    if prompt == "":
+        raise ValueError("the prompt is empty; leave --prompt out to start from the bos token")
+    ids = [tok.bos_id()] + (tok.encode(prompt) if prompt else [])
+    idx = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    depth = f"exit layer {cfg.exit_layer}" if cfg.exit_layer else f"all {model.n_layer} layers"
+    out = generate(model, idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                   top_p=cfg.top_p, exit_layer=cfg.exit_layer, skip_mask=skip_mask, generator=generator)
+    for row in out.tolist():
+        print(f"---------- {depth}")
+        print(tok.decode(row[1:]))
+
+
+if __name__ == "__main__":
+    run_main(main)

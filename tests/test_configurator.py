@@ -1,0 +1,58 @@
+from dataclasses import dataclass
+
+import pytest
+
+from configurator import configure
+from conftest import assert_one_line_error, run_script
+
+
+@dataclass
+class Cfg:
+    name: str = "a"
+    steps: int = 10
+    lr: float = 1e-3
+    flag: bool = False
+    exit_layer: int | None = None
+
+
+def test_both_override_forms_and_types():
+    cfg = configure(Cfg(), ["--steps=5", "--lr", "2", "--flag", "true", "--exit_layer", "12", "--name=b c"])
+    assert cfg == Cfg(name="b c", steps=5, lr=2.0, flag=True, exit_layer=12)
+    assert isinstance(cfg.lr, float)
+
+
+def test_config_file_then_override(tmp_path):
+    f = tmp_path / "c.py"
+    f.write_text("steps = 7\nname = 'file'\n")
+    assert configure(Cfg(), [str(f), "--steps=9"]) == Cfg(name="file", steps=9)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--nope=1"], ["nope"]),
+    (["--steps=abc"], ["steps", "int"]),
+    (["--steps=1.5"], ["steps"]),
+    (["--exit_layer=x"], ["exit_layer"]),
+    (["--steps"], ["steps", "value"]),
+    (["missing.py"], ["missing.py"]),
+])
+def test_bad_overrides_raise(argv, words):
+    with pytest.raises(ValueError) as e:
+        configure(Cfg(), argv)
+    assert all(w in str(e.value) for w in words)
+
+
+def test_unknown_key_in_file(tmp_path):
+    f = tmp_path / "c.py"
+    f.write_text("stpes = 7\n")
+    with pytest.raises(ValueError, match="stpes"):
+        configure(Cfg(), [str(f)])
+
+
+@pytest.mark.parametrize("args, words", [
+    (["train.py", "--no_such_key=1"], ["no_such_key"]),
+    (["train.py", "--max_steps=ten"], ["max_steps"]),
+    (["train.py", "config/does_not_exist.py"], ["does_not_exist.py"]),
+    (["sample.py", "--exit_layer", "twelve"], ["exit_layer"]),
+])
+def test_scripts_reject_bad_config_in_one_line(args, words):
+    assert_one_line_error(run_script(*args), *words)

@@ -1,0 +1,108 @@
+"""End to end on the default corpus: train, resume after SIGKILL, sample, and bad inputs."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, assert_one_line_error, run_script
+
+TINY = ["--model=test-tiny", "--micro_batch=16", "--block_size=128", "--warmup_steps=30",
+        "--lr=1e-2", "--min_lr=1e-3", "--eval_batches=4"]
+
+
+def val_curve(out_dir, exit_layer):
+    rows = [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl"))]
+    return [(r["step"], r["val_loss"][str(exit_layer)]) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def trained(stdlib_data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("trained"))
+    proc = run_script("train.py", *TINY, f"--data_dir={stdlib_data}", f"--out_dir={out}",
+                      "--max_steps=400", "--eval_interval=200")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+def test_training_lowers_validation_loss(trained):
+    curve = val_curve(trained, 4)
+    (_, first), (_, last) = curve[0], curve[-1]
+    assert [s for s, _ in curve] == [0, 200, 400]
+    assert last < 0.6 * first, curve
+    for e in (1, 2, 3, 4):  # every exit layer is evaluated
+        assert len(val_curve(trained, e)) == 3
+    assert sorted(os.listdir(trained)) == ["config.json", "metrics.jsonl", "model.safetensors",
+                                           "tokenizer.model", "train_state.pt"]
+
+
+def test_sample_full_depth_and_exit_layer(trained):
+    for extra in ([], ["--exit_layer", "2"], ["--skip_layers=1,2", "--temperature=0"]):
+        proc = run_script("sample.py", f"--out_dir={trained}", "--prompt=def ", "--max_new_tokens=20", *extra)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.count("----------") == 1 and "def " in proc.stdout
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--exit_layer", "5"], ["exit_layer", "[1, 4]"]),
+    (["--exit_layer", "0"], ["exit_layer"]),
+    (["--prompt="], ["prompt is empty"]),
+    (["--skip_layers=9"], ["skip_layers"]),
+    (["--max_new_tokens=500"], ["context"]),
+])
+def test_sample_bad_inputs(trained, args, words):
+    assert_one_line_error(run_script("sample.py", f"--out_dir={trained}", *args), *words)
+
+
+def test_sample_missing_checkpoint(tmp_path):
+    assert_one_line_error(run_script("sample.py", f"--out_dir={tmp_path / 'none'}"), "none")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run_script("sample.py", f"--out_dir={tmp_path / 'empty'}"), "config.json")
+
+
+def test_train_bad_data_dir_leaves_nothing(tmp_path):
+    out = tmp_path / "out"
+    assert_one_line_error(run_script("train.py", f"--data_dir={tmp_path / 'nodata'}", f"--out_dir={out}"),
+                          "nodata")
+    assert not out.exists()
+
+
+def test_resume_without_state_is_one_line(tmp_path, stdlib_data):
+    assert_one_line_error(run_script("train.py", *TINY, f"--data_dir={stdlib_data}",
+                                     f"--out_dir={tmp_path}", "--init_from=resume"), "resume")
+
+
+def saved_step(out_dir):
+    path = os.path.join(out_dir, "train_state.pt")
+    if not os.path.exists(path):
+        return -1
+    return torch.load(path, map_location="cpu", weights_only=True)["step"]
+
+
+def test_resume_after_sigkill_is_bitwise_exact(stdlib_data, tmp_path):
+    common = [*TINY, f"--data_dir={stdlib_data}", "--max_steps=60", "--eval_interval=10", "--grad_accum=2"]
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    assert run_script("train.py", *common, f"--out_dir={straight}").returncode == 0
+
+    proc = subprocess.Popen([sys.executable, "train.py", *common, f"--out_dir={killed}"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while saved_step(killed) < 10 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step_at_kill = saved_step(killed)
+    assert 10 <= step_at_kill < 60, "the run must be killed part way"
+    assert not [f for f in os.listdir(killed) if ".tmp" in f]
+
+    proc = run_script("train.py", *common, f"--out_dir={killed}", "--init_from=resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = load_file(os.path.join(straight, "model.safetensors")), load_file(os.path.join(killed, "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), f"weights differ after resuming from step {step_at_kill}"
+    assert val_curve(straight, 4)[-1] == val_curve(killed, 4)[-1]

@@ -34,6 +34,7 @@ class Config:
     bos_id: int = 1
     eos_id: int = 2
     # family switches (REFERENCE.md section 3); the defaults are Llama
+    family: str = "llama"          # weight family for checkpoints_convert.py: llama | phi3 | opt | bloom
     norm: str = "rmsnorm"          # "rmsnorm" | "layernorm" (with bias)
     norm_position: str = "pre"     # "pre" | "post" (OPT-350m: norm after each residual add)
     final_norm: bool = True        # OPT-350m has none

@@ -30,11 +30,34 @@ class SampleConfig:
     device: str = "auto"
 
 
-def load_tokenizer(out_dir):
-    path = os.path.join(out_dir, "tokenizer.model")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {out_dir!r} has no tokenizer.model")
-    return spm.SentencePieceProcessor(model_file=path)
+class JSONTokenizer:
+    """A tokenizer.json (OPT, Bloom) through the optional `tokenizers` package, with sentencepiece's API."""
+
+    def __init__(self, path, bos_id):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ValueError(f"{path} needs the optional package tokenizers: pip install tokenizers") from None
+        self.tok, self._bos = Tokenizer.from_file(path), bos_id
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self.tok.decode(ids)
+
+    def bos_id(self):
+        return self._bos
+
+
+def load_tokenizer(out_dir, bos_id):
+    """tokenizer.model (sentencepiece) when present, else tokenizer.json."""
+    spm_path, json_path = os.path.join(out_dir, "tokenizer.model"), os.path.join(out_dir, "tokenizer.json")
+    if os.path.isfile(spm_path):
+        return spm.SentencePieceProcessor(model_file=spm_path)
+    if os.path.isfile(json_path):
+        return JSONTokenizer(json_path, bos_id)
+    raise FileNotFoundError(f"checkpoint {out_dir!r} has no tokenizer.model or tokenizer.json")
 
 
 def parse_skip_layers(spec, n_layer):
@@ -60,7 +83,7 @@ def main():
     if cfg.exit_layer is not None:
         model.check_exit_layer(cfg.exit_layer)
     skip_mask = parse_skip_layers(cfg.skip_layers, model.n_layer)
-    tok = load_tokenizer(cfg.out_dir)
+    tok = load_tokenizer(cfg.out_dir, model.cfg.bos_id)
     prompt = cfg.prompt
     if prompt is not None and prompt.startswith("FILE:"):
         prompt = open(prompt[5:], encoding="utf-8").read()

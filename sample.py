@@ -7,12 +7,12 @@ those layers (0-based) for generated tokens. temperature 0 is greedy.
 import os
 from dataclasses import dataclass
 
-import sentencepiece as spm
 import torch
 
 from configurator import configure, run_main
 from generate import generate
 from model import Transformer
+from tokenizer import load_tokenizer
 
 
 @dataclass
@@ -28,36 +28,6 @@ class SampleConfig:
     skip_layers: str = ""            # comma-separated 0-based layers to skip while generating
     seed: int = 1337
     device: str = "auto"
-
-
-class JSONTokenizer:
-    """A tokenizer.json (OPT, Bloom) through the optional `tokenizers` package, with sentencepiece's API."""
-
-    def __init__(self, path, bos_id):
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise ValueError(f"{path} needs the optional package tokenizers: pip install tokenizers") from None
-        self.tok, self._bos = Tokenizer.from_file(path), bos_id
-
-    def encode(self, text):
-        return self.tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids):
-        return self.tok.decode(ids)
-
-    def bos_id(self):
-        return self._bos
-
-
-def load_tokenizer(out_dir, bos_id):
-    """tokenizer.model (sentencepiece) when present, else tokenizer.json."""
-    spm_path, json_path = os.path.join(out_dir, "tokenizer.model"), os.path.join(out_dir, "tokenizer.json")
-    if os.path.isfile(spm_path):
-        return spm.SentencePieceProcessor(model_file=spm_path)
-    if os.path.isfile(json_path):
-        return JSONTokenizer(json_path, bos_id)
-    raise FileNotFoundError(f"checkpoint {out_dir!r} has no tokenizer.model or tokenizer.json")
 
 
 def parse_skip_layers(spec, n_layer):
@@ -83,7 +53,7 @@ def main():
     if cfg.exit_layer is not None:
         model.check_exit_layer(cfg.exit_layer)
     skip_mask = parse_skip_layers(cfg.skip_layers, model.n_layer)
-    tok = load_tokenizer(cfg.out_dir, model.cfg.bos_id)
+    tok = load_tokenizer(cfg.out_dir, model.cfg.bos_id, model.cfg.eos_id)
     prompt = cfg.prompt
     if prompt is not None and prompt.startswith("FILE:"):
         prompt = open(prompt[5:], encoding="utf-8").read()

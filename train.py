@@ -17,7 +17,10 @@ import torch
 from tqdm import tqdm
 
 from configurator import configure, run_main
+from data.instruct import encode_records, epoch_indices, load_records, make_batch
+from layerskip import dropout_rates, exit_weights, layer_dropout_mask
 from model import PRESETS, Transformer, atomic_write
+from tokenizer import load_tokenizer
 
 
 @dataclass
@@ -25,6 +28,8 @@ class TrainConfig:
     # I/O
     out_dir: str = "out"
     data_dir: str = "data/stdlib"
+    dataset: str = "tokens"          # "tokens": data_dir/{train,val}.bin; "instruct": data_dir/{train,val}.jsonl (Alpaca)
+    tokenizer: str = ""              # instruct data: tokenizer file or dir (default: init_from, else data/stdlib)
     init_from: str = "scratch"       # "scratch", "resume" (from out_dir), or a checkpoint directory
     # model: a preset from model.PRESETS, optionally reshaped
     model: str = "stdlib-16l"
@@ -39,6 +44,7 @@ class TrainConfig:
     grad_accum: int = 1
     # optimizer and schedule
     max_steps: int = 1500
+    epochs: float | None = None      # if set: max_steps = epochs x train records / (micro_batch x grad_accum)
     lr: float = 2e-3
     min_lr: float = 2e-4
     warmup_steps: int = 100
@@ -51,6 +57,13 @@ class TrainConfig:
     eval_interval: int = 250         # also the checkpoint interval
     eval_batches: int = 20
     eval_exits: str = "all"          # "all" exit layers, "last", or a comma list like "4,8,16"
+    # LayerSkip (layerskip.py): layer dropout p_{l,t} = S(t) D(l) p_max, and the early-exit loss
+    p_max: float = 0.0               # 0: no layer dropout
+    dropout_scale: str = "exp"       # D(l): exp | linear | uniform
+    dropout_curriculum: str = "constant"  # S(t): constant | exp (from scratch)
+    early_exit_curriculum: str = "off"    # off (last layer only) | none (all exits) | rotational | gradual
+    e_scale: float = 1.0
+    exit_period: int = 8             # R of the rotational curriculum
     seed: int = 1337
     device: str = "auto"             # auto: cuda if available
     compile: bool | None = None      # per-block torch.compile; default on for CUDA
@@ -76,6 +89,30 @@ def get_batch(data, batch_size, block_size, seed):
 
 def batch_seed(seed, step, micro):
     return (seed * 1_000_003 + step) * 1_009 + micro
+
+
+def load_data(cfg):
+    """(train_batch(step, micro), val_batch(i), n_train_records or None, vocab_size, tokenizer file)."""
+    B, T = cfg.micro_batch, cfg.block_size
+    if cfg.dataset == "tokens":
+        train, meta = load_split(cfg.data_dir, "train")
+        val, _ = load_split(cfg.data_dir, "val")
+        return (lambda step, micro: get_batch(train, B, T, batch_seed(cfg.seed, step, micro)),
+                lambda i: get_batch(val, B, T, batch_seed(cfg.seed, -1, i)),
+                None, meta["vocab_size"], os.path.join(cfg.data_dir, "tokenizer.model"))
+    if cfg.dataset != "instruct":
+        raise ValueError(f"dataset must be tokens or instruct, got {cfg.dataset!r}")
+    source = cfg.tokenizer or (cfg.init_from if os.path.isdir(cfg.init_from) else "data/stdlib/tokenizer.model")
+    tok = load_tokenizer(source)
+    tok_file = source if os.path.isfile(source) else next(
+        os.path.join(source, f) for f in ("tokenizer.model", "tokenizer.json") if os.path.isfile(os.path.join(source, f)))
+    train = encode_records(tok, load_records(os.path.join(cfg.data_dir, "train.jsonl")), T)
+    val = encode_records(tok, load_records(os.path.join(cfg.data_dir, "val.jsonl")), T)
+    if not train or not val:
+        raise ValueError(f"{cfg.data_dir}: no usable train or val records")
+    return (lambda step, micro: make_batch(train, epoch_indices(len(train), (step * cfg.grad_accum + micro) * B, B, cfg.seed), T),
+            lambda i: make_batch(val, [(i * B + j) % len(val) for j in range(B)], T),
+            len(train), tok.vocab_size(), tok_file)
 
 
 # ---- schedule ----
@@ -126,12 +163,12 @@ def parse_exits(spec, n_layer):
 # ---- evaluation and checkpoints ----
 
 @torch.no_grad()
-def evaluate(model, data, cfg, exits, device, autocast):
-    """Mean validation loss at each exit layer, over fixed batches (the same at every evaluation)."""
+def evaluate(model, val_batch, cfg, exits, device, autocast):
+    """Mean validation loss at each exit layer, over fixed batches; no layer dropout (eval mode)."""
     model.eval()
     totals = {e: 0.0 for e in exits}
     for i in range(cfg.eval_batches):
-        x, y = get_batch(data, cfg.micro_batch, cfg.block_size, batch_seed(cfg.seed, -1, i))
+        x, y = val_batch(i)
         with autocast:
             _, exit_losses = model(x.to(device), y.to(device), exits={e: 1.0 for e in exits})
         for e in exits:
@@ -146,11 +183,12 @@ def format_exit_table(losses):
     return "\n".join(lines)
 
 
-def save_checkpoint(model, optimizer, step, cfg, meta_tokenizer):
+def save_checkpoint(model, optimizer, step, cfg, tokenizer_file):
     """Model directory for sample.py plus train_state.pt for resume, each file written atomically."""
     model.save_pretrained(cfg.out_dir)
-    tok_dst = os.path.join(cfg.out_dir, "tokenizer.model")
-    atomic_write(tok_dst, lambda p: shutil.copyfile(meta_tokenizer, p))
+    tok_dst = os.path.join(cfg.out_dir, os.path.basename(tokenizer_file))
+    if os.path.abspath(tok_dst) != os.path.abspath(tokenizer_file):
+        atomic_write(tok_dst, lambda p: shutil.copyfile(tokenizer_file, p))
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
              "train_config": asdict(cfg)}
     atomic_write(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(state, p))
@@ -173,13 +211,18 @@ def main():
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     use_compile = cfg.compile if cfg.compile is not None else device == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
-    train_data, meta = load_split(cfg.data_dir, "train")
-    val_data, _ = load_split(cfg.data_dir, "val")
+    train_batch, val_batch, n_train, vocab_size, tokenizer_file = load_data(cfg)
+    if cfg.epochs is not None:
+        if n_train is None:
+            raise ValueError("epochs needs dataset=instruct; use max_steps for token data")
+        cfg = replace(cfg, max_steps=math.ceil(cfg.epochs * n_train / (cfg.micro_batch * cfg.grad_accum)))
 
     state = load_train_state(cfg) if cfg.init_from == "resume" else None
-    model = build_model(cfg, meta["vocab_size"])
+    model = build_model(cfg, vocab_size)
     if state is not None:
         model.load_state_dict(state["model"])
+    if cfg.block_size > model.cfg.block_size:
+        raise ValueError(f"block_size {cfg.block_size} exceeds the model's context of {model.cfg.block_size}")
     model.to(device).train()
     optimizer = make_optimizer(model, cfg, fused=device == "cuda")
     start_step = 0
@@ -189,7 +232,8 @@ def main():
     if use_compile:
         for block in model.layers:
             block.compile()
-    exits = parse_exits(cfg.eval_exits, model.n_layer)
+    eval_exits = parse_exits(cfg.eval_exits, model.n_layer)
+    L = model.n_layer
     os.makedirs(cfg.out_dir, exist_ok=True)
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.n_layer} layers; device {device}; "
           f"{cfg.micro_batch * cfg.grad_accum * cfg.block_size:,} tokens per step; starting at step {start_step}")
@@ -199,25 +243,28 @@ def main():
     bar = tqdm(range(start_step, cfg.max_steps + 1), initial=start_step, total=cfg.max_steps + 1, desc="train")
     for step in bar:
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-            losses = evaluate(model, val_data, cfg, exits, device, autocast)
+            losses = evaluate(model, val_batch, cfg, eval_exits, device, autocast)
             tqdm.write(f"step {step}: validation\n{format_exit_table(losses)}")
             with open(metrics_path, "a") as f:
                 f.write(json.dumps({"step": step, "val_loss": {str(e): v for e, v in losses.items()}}) + "\n")
             if step > start_step:
-                save_checkpoint(model, optimizer, step, cfg, os.path.join(cfg.data_dir, "tokenizer.model"))
+                save_checkpoint(model, optimizer, step, cfg, tokenizer_file)
             t0, timed_steps = time.time(), 0
         if step == cfg.max_steps:
             break
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = 0.0
+        exits = exit_weights(L, step, cfg.max_steps, cfg.e_scale, cfg.early_exit_curriculum, cfg.exit_period)
+        rates = dropout_rates(L, step, cfg.max_steps, cfg.p_max, cfg.dropout_scale, cfg.dropout_curriculum)
+        loss_sum = 0.0  # of the last layer's loss, comparable across curricula
         for micro in range(cfg.grad_accum):
-            x, y = get_batch(train_data, cfg.micro_batch, cfg.block_size, batch_seed(cfg.seed, step, micro))
+            x, y = train_batch(step, micro)
+            skip_mask = layer_dropout_mask(rates, x.shape[0], batch_seed(cfg.seed + 1, step, micro)) if cfg.p_max > 0 else None
             with autocast:
-                loss, _ = model(x.to(device), y.to(device))
+                loss, exit_losses = model(x.to(device), y.to(device), exits=exits, skip_mask=skip_mask)
             (loss / cfg.grad_accum).backward()
-            loss_sum += loss.item() / cfg.grad_accum
+            loss_sum += exit_losses[L].item() / cfg.grad_accum
         if not math.isfinite(loss_sum):
             raise ValueError(f"loss is {loss_sum} at step {step}; stopping, the last checkpoint in "
                              f"{cfg.out_dir} is kept as it was")

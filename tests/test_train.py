@@ -85,7 +85,8 @@ def saved_step(out_dir):
 
 
 def test_resume_after_sigkill_is_bitwise_exact(stdlib_data, tmp_path):
-    common = [*TINY, f"--data_dir={stdlib_data}", "--max_steps=60", "--eval_interval=10", "--grad_accum=2"]
+    common = [*TINY, f"--data_dir={stdlib_data}", "--max_steps=60", "--eval_interval=10", "--grad_accum=2",
+              "--p_max=0.3", "--early_exit_curriculum=rotational", "--exit_period=2"]  # LayerSkip on
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     assert run_script("train.py", *common, f"--out_dir={straight}").returncode == 0
 

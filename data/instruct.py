@@ -1,0 +1,136 @@
+"""
+Instruction data in Alpaca format (JSON list or JSONL of {"instruction", "input", "output"}).
+
+    python data/instruct.py          # builds data/stdlib_instruct/{train,val}.jsonl from the stdlib
+
+The default set needs no download: every stdlib function with a docstring becomes a record whose
+instruction is its signature and docstring and whose output is its body. Split by file, like the
+token corpus. For training, each record is [bos] + prompt + output + [eos], truncated to the block;
+prompt and padding positions get target -100 so only the response is in the loss. One record per
+row, right-padded: with causal attention the padding never reaches a real token.
+"""
+import argparse
+import ast
+import functools
+import json
+import os
+import sys
+import sysconfig
+import textwrap
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from data.prepare import HERE, is_val, list_files, read_texts  # noqa: E402
+from model import atomic_write  # noqa: E402
+
+IGNORE = -100
+PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+          "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                     "context. Write a response that appropriately completes the request.\n\n"
+                     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+
+
+def format_prompt(record):
+    template = PROMPT_WITH_INPUT if record.get("input") else PROMPT
+    return template.format(instruction=record["instruction"], input=record.get("input", ""))
+
+
+# ---- building the stdlib set ----
+
+def function_records(source):
+    """Alpaca records for the documented functions of one Python source file."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return []
+    lines = source.splitlines(keepends=True)
+    records = []
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or ast.get_docstring(node) is None:
+            continue
+        doc_node, body = node.body[0], node.body[1:]
+        if not body:
+            continue
+        header = textwrap.dedent("".join(lines[node.lineno - 1:doc_node.end_lineno]))
+        output = textwrap.dedent("".join(lines[doc_node.end_lineno:node.end_lineno]))
+        if output.strip() and len(output) < 1500:
+            records.append({"instruction": f"Complete this Python function.\n\n{header.rstrip()}",
+                            "input": "", "output": output.rstrip() + "\n"})
+    return records
+
+
+def build_stdlib(out_dir, val_percent=5):
+    texts, _ = read_texts(list_files([sysconfig.get_paths()["stdlib"]], (".py",)))
+    splits = {"train": [], "val": []}
+    for rel, text in texts:
+        splits["val" if is_val(rel, val_percent) else "train"].extend(function_records(text))
+    os.makedirs(out_dir, exist_ok=True)
+    for split, records in splits.items():
+        atomic_write(os.path.join(out_dir, f"{split}.jsonl"),
+                     lambda p: open(p, "w").writelines(json.dumps(r) + "\n" for r in records))
+    return {k: len(v) for k, v in splits.items()}
+
+
+# ---- loading and batching ----
+
+def load_records(path):
+    """Records from a .json list or a .jsonl file, each checked for the Alpaca fields."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"instruction data {path!r} not found")
+    with open(path, encoding="utf-8") as f:
+        try:
+            records = json.load(f) if path.endswith(".json") else [json.loads(l) for l in f if l.strip()]
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    for i, r in enumerate(records):
+        if not isinstance(r, dict) or not isinstance(r.get("instruction"), str) or not isinstance(r.get("output"), str):
+            raise ValueError(f"{path}: record {i} needs string fields 'instruction' and 'output'")
+    return records
+
+
+def encode_records(tok, records, block_size):
+    """[(ids, n_prompt)]: ids = [bos] + prompt + output + [eos], at most block_size + 1 tokens."""
+    examples = []
+    for r in records:
+        prompt = [tok.bos_id()] + tok.encode(format_prompt(r))
+        ids = (prompt + tok.encode(r["output"]) + [tok.eos_id()])[:block_size + 1]
+        if len(prompt) < len(ids):  # some response is left to learn from
+            examples.append((ids, len(prompt)))
+    return examples
+
+
+def make_batch(examples, indices, block_size, pad_id=0):
+    """x, y [B, block_size]: y is x shifted by one, -100 on prompt and padding positions."""
+    x = torch.full((len(indices), block_size), pad_id, dtype=torch.long)
+    y = torch.full((len(indices), block_size), IGNORE, dtype=torch.long)
+    for row, i in enumerate(indices):
+        ids, n_prompt = examples[i]
+        t = torch.tensor(ids)
+        x[row, :len(ids) - 1] = t[:-1]
+        y[row, n_prompt - 1:len(ids) - 1] = t[n_prompt:]  # predict response tokens (and eos) only
+    return x, y
+
+
+@functools.lru_cache(maxsize=2)
+def _permutation(n_examples, seed, epoch):
+    return torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+
+
+def epoch_indices(n_examples, start, count, seed):
+    """Example indices for global sample positions [start, start+count): a new permutation each epoch."""
+    return [_permutation(n_examples, seed, k // n_examples)[k % n_examples] for k in range(start, start + count)]
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Build the stdlib instruction set (Alpaca format).")
+    parser.add_argument("--out", default=os.path.join(HERE, "stdlib_instruct"))
+    args = parser.parse_args()
+    counts = build_stdlib(args.out)
+    print(f"{args.out}: {counts['train']} train and {counts['val']} val records")
+
+
+if __name__ == "__main__":
+    from configurator import run_main
+    run_main(main)

@@ -1,0 +1,41 @@
+"""Load a checkpoint's tokenizer: tokenizer.model (sentencepiece), else tokenizer.json (optional `tokenizers`)."""
+import os
+
+import sentencepiece as spm
+
+
+class JSONTokenizer:
+    """A tokenizer.json (OPT, Bloom) through the optional `tokenizers` package, with sentencepiece's API."""
+
+    def __init__(self, path, bos_id, eos_id):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ValueError(f"{path} needs the optional package tokenizers: pip install tokenizers") from None
+        self.tok, self._bos, self._eos = Tokenizer.from_file(path), bos_id, eos_id
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self.tok.decode(ids)
+
+    def bos_id(self):
+        return self._bos
+
+    def eos_id(self):
+        return self._eos
+
+
+def load_tokenizer(path, bos_id=1, eos_id=2):
+    """`path` is a tokenizer file or a directory holding tokenizer.model or tokenizer.json."""
+    if os.path.isdir(path):
+        for name in ("tokenizer.model", "tokenizer.json"):
+            if os.path.isfile(os.path.join(path, name)):
+                return load_tokenizer(os.path.join(path, name), bos_id, eos_id)
+        raise FileNotFoundError(f"{path!r} has no tokenizer.model or tokenizer.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer {path!r} not found")
+    if path.endswith(".json"):
+        return JSONTokenizer(path, bos_id, eos_id)
+    return spm.SentencePieceProcessor(model_file=path)

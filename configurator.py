@@ -29,7 +29,12 @@ def _parse_value(key, text, annotation):
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         value = text  # a bare word is a string
-    return _check_type(key, value, annotation)
+    try:
+        return _check_type(key, value, annotation)
+    except ValueError:
+        if str in allowed:  # "1,2" for a string key stays the text "1,2"
+            return text
+        raise
 
 
 def _check_type(key, value, annotation):

@@ -12,6 +12,7 @@ import argparse
 import io
 import json
 import os
+import random
 import sys
 import sysconfig
 import zlib
@@ -62,22 +63,19 @@ def is_val(rel_path, val_percent):
     return zlib.crc32(rel_path.encode()) % 100 < val_percent
 
 
-def train_tokenizer(texts, vocab_size):
+def train_tokenizer(texts, vocab_size, max_lines=300_000):
     """Byte-fallback BPE that keeps whitespace exactly (code indentation matters)."""
-    def lines():
-        for _, text in texts:
-            for line in text.split("\n"):
-                if line.strip():
-                    yield line
-    spm.set_random_generator_seed(1234)
+    lines = [line for _, text in texts for line in text.split("\n") if line.strip()]
+    if len(lines) > max_lines:  # our own seeded sample: sentencepiece's sampling is not reproducible
+        lines = random.Random(1234).sample(lines, max_lines)
     proto = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=lines(), model_writer=proto, model_type="bpe", vocab_size=vocab_size,
+        sentence_iterator=iter(lines), model_writer=proto, model_type="bpe", vocab_size=vocab_size,
         byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
         add_dummy_prefix=False, split_by_whitespace=False, allow_whitespace_only_pieces=True,
-        split_digits=True, user_defined_symbols=["\n", "\t"], input_sentence_size=300_000,
-        shuffle_input_sentence=True, max_sentence_length=8192, character_coverage=0.9999,
-        num_threads=os.cpu_count() or 1, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+        split_digits=True, user_defined_symbols=["\n", "\t"], input_sentence_size=0,
+        shuffle_input_sentence=False, max_sentence_length=8192, character_coverage=0.9999,
+        num_threads=1, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
     return proto.getvalue()
 
 

@@ -29,17 +29,15 @@ def test_corpus_files_and_meta(stdlib_data):
     assert (train == meta["bos_id"]).sum() == meta["train_files"]  # one bos per document
 
 
-def test_split_is_by_file_and_deterministic(tmp_path, stdlib_path):
+def test_split_is_by_file_and_deterministic(tmp_path, stdlib_path, stdlib_data):
     files = [rel for _, rel in list_files([stdlib_path], (".py",))]
     val = {f for f in files if is_val(f, 5)}
     assert 0 < len(val) < len(files) * 0.1
     assert val == {f for f in files if is_val(f, 5)}
-    src = os.path.join(stdlib_path, "json")
-    for out in ("a", "b"):
-        proc = run_script("data/prepare.py", src, "--out", str(tmp_path / out), "--vocab_size", "400")
-        assert proc.returncode == 0, proc.stderr
-    for name in ("train.bin", "val.bin", "tokenizer.model"):
-        assert filecmp.cmp(tmp_path / "a" / name, tmp_path / "b" / name, shallow=False), name
+    proc = run_script("data/prepare.py", "--out", str(tmp_path / "again"))  # the whole corpus, a second time
+    assert proc.returncode == 0, proc.stderr
+    for name in ("train.bin", "val.bin", "tokenizer.model", "meta.json"):
+        assert filecmp.cmp(tmp_path / "again" / name, os.path.join(stdlib_data, name), shallow=False), name
 
 
 def test_missing_source_is_one_line(tmp_path):

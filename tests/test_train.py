@@ -41,6 +41,18 @@ def test_training_lowers_validation_loss(trained):
                                            "tokenizer.model", "train_state.pt"]
 
 
+def test_early_exit_loss_lowers_the_middle_exit_loss(trained, stdlib_data, tmp_path):
+    """Same seed, data and steps as `trained`, plus LayerSkip: early-exit loss at every layer, p_max 0.1."""
+    proc = run_script("train.py", *TINY, f"--data_dir={stdlib_data}", f"--out_dir={tmp_path}", "--max_steps=400",
+                      "--eval_interval=200", "--early_exit_curriculum=none", "--e_scale=1.0", "--p_max=0.1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plain = {e: val_curve(trained, e)[-1][1] for e in (1, 2, 3, 4)}
+    layerskip = {e: val_curve(str(tmp_path), e)[-1][1] for e in (1, 2, 3, 4)}
+    assert layerskip[2] < plain[2] - 0.25, (plain, layerskip)   # the middle exit is clearly better
+    assert layerskip[1] < plain[1] - 0.25, (plain, layerskip)
+    assert layerskip[4] < plain[4] + 0.2, (plain, layerskip)    # at little cost to the last layer
+
+
 def test_sample_full_depth_and_exit_layer(trained):
     for extra in ([], ["--exit_layer", "2"], ["--skip_layers=1,2", "--temperature=0"]):
         proc = run_script("sample.py", f"--out_dir={trained}", "--prompt=def ", "--max_new_tokens=20", *extra)

@@ -77,13 +77,16 @@ def configure(defaults, argv=None):
             i += 1
             continue
         key, eq, text = arg[2:].partition("=")
-        if not eq:  # --key value
-            if i + 1 >= len(argv):
-                raise ValueError(f"--{key} needs a value")
-            text = argv[i + 1]
-            i += 1
         if key not in values:
             raise ValueError(f"unknown config key {key!r}")
+        if not eq:  # --key value, or a bare --flag for a bool key
+            if bool in _allowed_types(hints[key]) and (i + 1 >= len(argv) or argv[i + 1].startswith("--")):
+                text = "true"
+            elif i + 1 >= len(argv):
+                raise ValueError(f"--{key} needs a value")
+            else:
+                text = argv[i + 1]
+                i += 1
         values[key] = _parse_value(key, text, hints[key])
         i += 1
     return replace(defaults, **values)

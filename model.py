@@ -150,11 +150,11 @@ def rope_frequencies(cfg, seq_len):
 
 
 def rope_cos_sin(cfg, pos, T, dtype, device):
-    """cos, sin [T, head_dim] for positions [pos, pos+T): computed in fp32, cast to the activations' dtype."""
+    """cos, sin [T, head_dim] for positions [pos, pos+T): computed in fp32 on `device`, cast to `dtype`."""
     inv_freq, scale = rope_frequencies(cfg, pos + T)
-    t = torch.arange(pos, pos + T, dtype=torch.float32)
-    freqs = torch.outer(t, inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1).to(device)
+    t = torch.arange(pos, pos + T, dtype=torch.float32, device=device)
+    freqs = torch.outer(t, inv_freq.to(device))
+    emb = torch.cat((freqs, freqs), dim=-1)
     return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
@@ -341,11 +341,11 @@ class Transformer(nn.Module):
             if skip_mask is None:
                 x = block(x, cos, sin, attn_mask, cache, None, pos)
                 continue
-            run = ~skip_mask[:, l]                  # [B]
+            run = ~skip_mask[:, l]                  # [B], on the CPU: deciding costs no device sync
             if bool(run.all()):
                 x = block(x, cos, sin, attn_mask, cache, None, pos)
             elif bool(run.any()):
-                rows = run.nonzero().squeeze(1)      # [R]
+                rows = run.nonzero().squeeze(1).to(x.device, non_blocking=True)  # [R]
                 x = x.index_copy(0, rows, block(x[rows], cos, sin, attn_mask, cache, rows, pos))
         return x
 
@@ -366,11 +366,11 @@ class Transformer(nn.Module):
         if not isinstance(exit_layer, int) or not 1 <= exit_layer <= self.n_layer:
             raise ValueError(f"exit_layer must be an integer in [1, {self.n_layer}], got {exit_layer!r}")
 
-    def normalize_skip_mask(self, skip_mask, B, device):
-        """Accept [L] (whole batch) or [B, L]; return a bool [B, L] tensor on `device`."""
+    def normalize_skip_mask(self, skip_mask, B):
+        """Accept [L] (whole batch) or [B, L]; return a bool [B, L] tensor on the CPU (decisions are host-side)."""
         if skip_mask is None:
             return None
-        skip_mask = torch.as_tensor(skip_mask, dtype=torch.bool, device=device)
+        skip_mask = torch.as_tensor(skip_mask, dtype=torch.bool).cpu()
         if skip_mask.dim() == 1:
             skip_mask = skip_mask.expand(B, -1)
         if tuple(skip_mask.shape) != (B, self.n_layer):
@@ -390,7 +390,7 @@ class Transformer(nn.Module):
         B, T = idx.shape
         if pos + T > self.cfg.block_size:
             raise ValueError(f"sequence of {pos + T} tokens exceeds the context of {self.cfg.block_size}")
-        skip_mask = self.normalize_skip_mask(skip_mask, B, idx.device)
+        skip_mask = self.normalize_skip_mask(skip_mask, B)
         x = self.embed(idx, pos)
         attn_mask = self.attention_mask(T, pos, idx.device, x.dtype)
 

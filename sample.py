@@ -5,12 +5,13 @@ Generate from a trained model:  python sample.py [--out_dir out] [--prompt "def 
 those layers (0-based) for generated tokens. temperature 0 is greedy.
 """
 import os
+import time
 from dataclasses import dataclass
 
 import torch
 
 from configurator import configure, run_main
-from generate import generate
+from generate import generate, generate_speculative
 from model import Transformer
 from tokenizer import load_tokenizer
 
@@ -25,6 +26,8 @@ class SampleConfig:
     top_k: int | None = 200
     top_p: float | None = None
     exit_layer: int | None = None
+    speculative: bool = False        # self-speculative decoding: draft with [0, exit_layer), verify with the rest
+    num_speculations: int = 3        # d: tokens drafted per round
     skip_layers: str = ""            # comma-separated 0-based layers to skip while generating
     seed: int = 1337
     device: str = "auto"
@@ -62,11 +65,28 @@ def main():
     ids = [tok.bos_id()] + (tok.encode(prompt) if prompt else [])
     idx = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    sampling = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
+    if cfg.speculative:
+        if cfg.exit_layer is None:
+            raise ValueError("--speculative needs --exit_layer E (the draft depth)")
+        if cfg.num_speculations < 1:
+            raise ValueError(f"num_speculations must be at least 1, got {cfg.num_speculations}")
+        for row in idx:
+            t0 = time.perf_counter()
+            out, stats = generate_speculative(model, row[None], cfg.max_new_tokens, cfg.exit_layer,
+                                              cfg.num_speculations, **sampling)
+            dt = time.perf_counter() - t0
+            print(f"---------- self-speculative: draft {cfg.exit_layer} layers, d={cfg.num_speculations}, "
+                  f"acceptance {stats['acceptance_rate']:.1%}, {dt / cfg.max_new_tokens * 1e3:.1f} ms/token, "
+                  f"{cfg.max_new_tokens / dt:.1f} tokens/s")
+            print(tok.decode(out[0, 1:].tolist()))
+        return
     depth = f"exit layer {cfg.exit_layer}" if cfg.exit_layer else f"all {model.n_layer} layers"
-    out = generate(model, idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                   top_p=cfg.top_p, exit_layer=cfg.exit_layer, skip_mask=skip_mask, generator=generator)
+    t0 = time.perf_counter()
+    out = generate(model, idx, cfg.max_new_tokens, exit_layer=cfg.exit_layer, skip_mask=skip_mask, **sampling)
+    dt = time.perf_counter() - t0
     for row in out.tolist():
-        print(f"---------- {depth}")
+        print(f"---------- {depth}, {dt / cfg.max_new_tokens * 1e3:.1f} ms/token")
         print(tok.decode(row[1:]))
 
 

@@ -17,7 +17,9 @@ def _chunk_size(vocab_size, budget=2**24):
 
 
 class LinearCrossEntropy(torch.autograd.Function):
+    # custom_fwd/bwd: under CUDA autocast the backward's matmuls run in bf16 as the forward's do
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, h, weight, targets, ignore_index, chunk_size):
         # h [N, C], weight [V, C], targets [N]
         w = weight.to(h.dtype)
@@ -37,6 +39,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         return loss_sum / n_valid
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_loss):
         h, weight, targets, lse, n_valid = ctx.saved_tensors
         w = weight.to(h.dtype)

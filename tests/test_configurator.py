@@ -19,7 +19,9 @@ def test_both_override_forms_and_types():
     cfg = configure(Cfg(), ["--steps=5", "--lr", "2", "--flag", "true", "--exit_layer", "12", "--name=b c"])
     assert cfg == Cfg(name="b c", steps=5, lr=2.0, flag=True, exit_layer=12)
     assert isinstance(cfg.lr, float)
-    assert configure(Cfg(), ["--name=1,2"]).name == "1,2"  # text that looks like a tuple, for a string key
+    assert configure(Cfg(), ["--name=1,2"]).name == "1,2"
+    assert configure(Cfg(), ["--flag", "--steps", "3"]) == Cfg(flag=True, steps=3)  # a bare bool flag
+    assert configure(Cfg(), ["--flag"]).flag is True  # text that looks like a tuple, for a string key
 
 
 def test_config_file_then_override(tmp_path):

@@ -246,7 +246,8 @@ def main():
             losses = evaluate(model, val_batch, cfg, eval_exits, device, autocast)
             tqdm.write(f"step {step}: validation\n{format_exit_table(losses)}")
             with open(metrics_path, "a") as f:
-                f.write(json.dumps({"step": step, "val_loss": {str(e): v for e, v in losses.items()}}) + "\n")
+                f.write(json.dumps({"step": step, "val_loss": {str(e): v for e, v in losses.items()},
+                                    "val_ppl": {str(e): math.exp(min(v, 50)) for e, v in losses.items()}}) + "\n")
             if step > start_step:
                 save_checkpoint(model, optimizer, step, cfg, tokenizer_file)
             t0, timed_steps = time.time(), 0

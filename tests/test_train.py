@@ -1,5 +1,6 @@
 """End to end on the default corpus: train, resume after SIGKILL, sample, and bad inputs."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -35,8 +36,10 @@ def test_training_lowers_validation_loss(trained):
     (_, first), (_, last) = curve[0], curve[-1]
     assert [s for s, _ in curve] == [0, 200, 400]
     assert last < 0.6 * first, curve
-    for e in (1, 2, 3, 4):  # every exit layer is evaluated
+    for e in (1, 2, 3, 4):  # every exit layer is evaluated, loss and perplexity
         assert len(val_curve(trained, e)) == 3
+    last = json.loads(open(os.path.join(trained, "metrics.jsonl")).readlines()[-1])
+    assert abs(last["val_ppl"]["2"] - math.exp(last["val_loss"]["2"])) < 1e-6 * last["val_ppl"]["2"]
     assert sorted(os.listdir(trained)) == ["config.json", "metrics.jsonl", "model.safetensors",
                                            "tokenizer.model", "train_state.pt"]
 

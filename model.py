@@ -284,16 +284,21 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # scaled init of residual projections (GPT-2)
-            if name.endswith(("wo.weight", "w_down.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        self.init_weights()
 
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    @torch.no_grad()
+    def init_weights(self):
+        """GPT-2 style init; also used after sharding a model built on the meta device."""
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                std = 0.02 / math.sqrt(2 * self.n_layer) if name.endswith(("wo", "w_down")) else 0.02
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, (RMSNorm, nn.LayerNorm)):
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -416,11 +421,11 @@ class Transformer(nn.Module):
 
     # ---- checkpoints ----
 
-    def save_pretrained(self, out_dir, extra_files=()):
-        """config.json + model.safetensors, each written to a temporary name and renamed."""
+    def save_pretrained(self, out_dir, state=None):
+        """config.json + model.safetensors (of `state`, default this model's), each written to a temporary name and renamed."""
         from safetensors.torch import save_file
         os.makedirs(out_dir, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in (state or self.state_dict()).items()}
         if self.cfg.tie_embeddings:
             state.pop("lm_head.weight")
         atomic_write(os.path.join(out_dir, "model.safetensors"), lambda p: save_file(state, p))

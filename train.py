@@ -14,12 +14,17 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 from configurator import configure, run_main
 from data.instruct import encode_records, epoch_indices, load_records, make_batch
 from layerskip import dropout_rates, exit_weights, layer_dropout_mask
-from model import PRESETS, Transformer, atomic_write
+from model import PRESETS, Config, Transformer, atomic_write
 from tokenizer import load_tokenizer
 
 
@@ -57,6 +62,7 @@ class TrainConfig:
     eval_interval: int = 250         # also the checkpoint interval
     eval_batches: int = 20
     eval_exits: str = "all"          # "all" exit layers, "last", or a comma list like "4,8,16"
+    log_interval: int = 1            # train loss per exit into metrics.jsonl every this many steps
     # LayerSkip (layerskip.py): layer dropout p_{l,t} = S(t) D(l) p_max, and the early-exit loss
     p_max: float = 0.0               # 0: no layer dropout
     dropout_scale: str = "exp"       # D(l): exp | linear | uniform
@@ -91,13 +97,28 @@ def batch_seed(seed, step, micro):
     return (seed * 1_000_003 + step) * 1_009 + micro
 
 
-def load_data(cfg):
-    """(train_batch(step, micro), val_batch(i), n_train_records or None, vocab_size, tokenizer file)."""
+def load_data(cfg, rank=0, world=1):
+    """(train_batch(step, micro), val_batch(i), n_train_records or None, vocab_size, tokenizer file).
+
+    A training micro batch is drawn for all processes at once (world x micro_batch rows, a function of
+    seed, step and micro step) and each rank keeps its own rows, so 2 processes x b rows see exactly
+    the data of 1 process x 2b. Validation batches are the same on every rank."""
+    train_batch, val_batch, n_train, vocab_size, tok_file = _load_data(cfg, cfg.micro_batch * world)
+    rows = slice(rank * cfg.micro_batch, (rank + 1) * cfg.micro_batch)
+
+    def local_batch(step, micro):
+        x, y = train_batch(step, micro)
+        return x[rows], y[rows]
+    return local_batch, val_batch, n_train, vocab_size, tok_file
+
+
+def _load_data(cfg, global_batch):
     B, T = cfg.micro_batch, cfg.block_size
+    G = global_batch
     if cfg.dataset == "tokens":
         train, meta = load_split(cfg.data_dir, "train")
         val, _ = load_split(cfg.data_dir, "val")
-        return (lambda step, micro: get_batch(train, B, T, batch_seed(cfg.seed, step, micro)),
+        return (lambda step, micro: get_batch(train, G, T, batch_seed(cfg.seed, step, micro)),
                 lambda i: get_batch(val, B, T, batch_seed(cfg.seed, -1, i)),
                 None, meta["vocab_size"], os.path.join(cfg.data_dir, "tokenizer.model"))
     if cfg.dataset != "instruct":
@@ -110,7 +131,7 @@ def load_data(cfg):
     val = encode_records(tok, load_records(os.path.join(cfg.data_dir, "val.jsonl")), T)
     if not train or not val:
         raise ValueError(f"{cfg.data_dir}: no usable train or val records")
-    return (lambda step, micro: make_batch(train, epoch_indices(len(train), (step * cfg.grad_accum + micro) * B, B, cfg.seed), T),
+    return (lambda step, micro: make_batch(train, epoch_indices(len(train), (step * cfg.grad_accum + micro) * G, G, cfg.seed), T),
             lambda i: make_batch(val, [(i * B + j) % len(val) for j in range(B)], T),
             len(train), tok.vocab_size(), tok_file)
 
@@ -131,15 +152,19 @@ def lr_at(step, cfg):
 # ---- model and optimizer ----
 
 def build_model(cfg, vocab_size):
+    """From a checkpoint (init_from=DIR), or on the meta device: a preset (scratch) or out_dir's own config (resume)."""
     if cfg.init_from not in ("scratch", "resume"):
         return Transformer.from_pretrained(cfg.init_from)
+    if cfg.init_from == "resume":
+        with torch.device("meta"):
+            return Transformer(Config.from_dict(json.load(open(os.path.join(cfg.out_dir, "config.json")))))
     if cfg.model not in PRESETS:
         raise ValueError(f"unknown model preset {cfg.model!r}; choose from {sorted(PRESETS)}")
     shape = {k: getattr(cfg, k) for k in ("n_layer", "n_embd", "n_head", "n_kv_head", "intermediate_size")
              if getattr(cfg, k) is not None}
     model_cfg = replace(PRESETS[cfg.model], vocab_size=vocab_size, block_size=cfg.block_size, **shape)
-    torch.manual_seed(cfg.seed)
-    return Transformer(model_cfg)
+    with torch.device("meta"):  # weights are allocated after sharding, then initialized or loaded
+        return Transformer(model_cfg)
 
 
 def make_optimizer(model, cfg, fused):
@@ -183,73 +208,156 @@ def format_exit_table(losses):
     return "\n".join(lines)
 
 
-def save_checkpoint(model, optimizer, step, cfg, tokenizer_file):
-    """Model directory for sample.py plus train_state.pt for resume, each file written atomically."""
-    model.save_pretrained(cfg.out_dir)
-    tok_dst = os.path.join(cfg.out_dir, os.path.basename(tokenizer_file))
-    if os.path.abspath(tok_dst) != os.path.abspath(tokenizer_file):
-        atomic_write(tok_dst, lambda p: shutil.copyfile(tokenizer_file, p))
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-             "train_config": asdict(cfg)}
-    atomic_write(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(state, p))
+def save_checkpoint(model, optimizer, step, cfg, tokenizer_file, rank):
+    """out_dir/ for sample.py (config.json, model.safetensors, tokenizer) and out_dir/train_state/, the
+    sharded resumable state (torch.distributed.checkpoint: model, optimizer, step). Every file and the
+    state directory are written under a temporary name and renamed: a crash never leaves a partial one."""
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        model.save_pretrained(cfg.out_dir, state=full)
+        tok_dst = os.path.join(cfg.out_dir, os.path.basename(tokenizer_file))
+        if os.path.abspath(tok_dst) != os.path.abspath(tokenizer_file):
+            atomic_write(tok_dst, lambda p: shutil.copyfile(tokenizer_file, p))
+    final, tmp, old = (os.path.join(cfg.out_dir, n) for n in ("train_state", "train_state.tmp", "train_state.old"))
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state, "step": torch.tensor(step)}, checkpoint_id=tmp)
+    barrier()
+    if rank == 0:
+        atomic_write(os.path.join(tmp, "step.json"), lambda p: open(p, "w").write(json.dumps({"step": step})))
+        if os.path.isdir(final):
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
 
 
-def load_train_state(cfg):
-    path = os.path.join(cfg.out_dir, "train_state.pt")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"cannot resume: {path} does not exist")
+def load_train_state(model, optimizer, cfg):
+    """Restore model and optimizer (resharded to this run's process count); return the step."""
+    path = os.path.join(cfg.out_dir, "train_state")
+    if not os.path.isdir(path) and os.path.isdir(path + ".old"):  # a crash between the two renames
+        path += ".old"
+    if not os.path.isfile(os.path.join(path, "step.json")):
+        raise FileNotFoundError(f"cannot resume: {cfg.out_dir}/train_state does not exist")
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state, "step": torch.tensor(0)}
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file
+        dcp.load(state, checkpoint_id=path)
+    except Exception as e:  # a damaged or foreign checkpoint
         raise ValueError(f"cannot resume: {path} is not a valid training state ({type(e).__name__})") from None
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return int(state["step"])
+
+
+# ---- processes ----
+
+def setup_distributed(cfg):
+    """(rank, world size, device). Under torchrun: one process per device, nccl on CUDA, gloo on CPU."""
+    cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
+    if "RANK" not in os.environ:
+        return 0, 1, cfg.device if cfg.device != "auto" else ("cuda" if cuda else "cpu")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return dist.get_rank(), dist.get_world_size(), f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu"
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def collective_device():
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"
+
+
+def mean_over_ranks(values):
+    """Average a list of floats over processes (gloo has no AVG)."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
+
+
+def check_same_on_all_ranks(mask):
+    """Layer dropout must decide identically everywhere, or FSDP ranks wait on each other forever."""
+    if not dist.is_initialized():
+        return
+    mask = mask.to(collective_device(), torch.uint8)
+    gathered = [torch.empty_like(mask) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mask)
+    if any(not torch.equal(g, mask) for g in gathered):
+        raise RuntimeError("layer dropout masks differ between ranks")
+
+
+def shard(model, device):
+    """FSDP2 per block, then the root (torchtitan's recipe); bf16 compute, fp32 reductions on CUDA."""
+    mp = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)} \
+        if device.startswith("cuda") else {}
+    for i, block in enumerate(model.layers):
+        fully_shard(block, reshard_after_forward=i < len(model.layers) - 1, **mp)
+    fully_shard(model, **mp)
 
 
 # ---- main loop ----
 
 def main():
     cfg = configure(TrainConfig())
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    use_compile = cfg.compile if cfg.compile is not None else device == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
-    train_batch, val_batch, n_train, vocab_size, tokenizer_file = load_data(cfg)
+    rank, world, device = setup_distributed(cfg)
+    master = rank == 0
+    cuda = device.startswith("cuda")
+    use_compile = cfg.compile if cfg.compile is not None else cuda
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+    train_batch, val_batch, n_train, vocab_size, tokenizer_file = load_data(cfg, rank, world)
     if cfg.epochs is not None:
         if n_train is None:
             raise ValueError("epochs needs dataset=instruct; use max_steps for token data")
-        cfg = replace(cfg, max_steps=math.ceil(cfg.epochs * n_train / (cfg.micro_batch * cfg.grad_accum)))
+        cfg = replace(cfg, max_steps=math.ceil(cfg.epochs * n_train / (cfg.micro_batch * cfg.grad_accum * world)))
+    if cfg.init_from == "resume" and not os.path.isdir(os.path.join(cfg.out_dir, "train_state")) \
+            and not os.path.isdir(os.path.join(cfg.out_dir, "train_state.old")):
+        raise FileNotFoundError(f"cannot resume: {cfg.out_dir}/train_state does not exist")
 
-    state = load_train_state(cfg) if cfg.init_from == "resume" else None
     model = build_model(cfg, vocab_size)
-    if state is not None:
-        model.load_state_dict(state["model"])
     if cfg.block_size > model.cfg.block_size:
         raise ValueError(f"block_size {cfg.block_size} exceeds the model's context of {model.cfg.block_size}")
-    model.to(device).train()
-    optimizer = make_optimizer(model, cfg, fused=device == "cuda")
-    start_step = 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        start_step = state["step"]
+    on_meta = any(p.is_meta for p in model.parameters())
+    if not on_meta:
+        model.to(device)
     if use_compile:
         for block in model.layers:
             block.compile()
+    if dist.is_initialized():  # under torchrun, even with one process
+        shard(model, device)
+    if on_meta:  # allocate (each rank its shard), then initialize; resume overwrites it below
+        model.to_empty(device=device)
+        torch.manual_seed(cfg.seed)
+        model.init_weights()
+    model.train()
+    optimizer = make_optimizer(model, cfg, fused=cuda)
+    start_step = load_train_state(model, optimizer, cfg) if cfg.init_from == "resume" else 0
     eval_exits = parse_exits(cfg.eval_exits, model.n_layer)
     L = model.n_layer
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.n_layer} layers; device {device}; "
-          f"{cfg.micro_batch * cfg.grad_accum * cfg.block_size:,} tokens per step; starting at step {start_step}")
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        print(f"model: {model.num_params() / 1e6:.2f}M parameters, {L} layers; {world} process(es) on {device}; "
+              f"{cfg.micro_batch * cfg.grad_accum * world * cfg.block_size:,} tokens per step; starting at step {start_step}")
 
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    tokens_per_step = cfg.micro_batch * cfg.grad_accum * cfg.block_size
-    bar = tqdm(range(start_step, cfg.max_steps + 1), initial=start_step, total=cfg.max_steps + 1, desc="train")
+    tokens_per_step = cfg.micro_batch * cfg.grad_accum * world * cfg.block_size
+    bar = tqdm(range(start_step, cfg.max_steps + 1), initial=start_step, total=cfg.max_steps + 1, desc="train",
+               disable=not master)
     for step in bar:
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             losses = evaluate(model, val_batch, cfg, eval_exits, device, autocast)
-            tqdm.write(f"step {step}: validation\n{format_exit_table(losses)}")
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps({"step": step, "val_loss": {str(e): v for e, v in losses.items()},
-                                    "val_ppl": {str(e): math.exp(min(v, 50)) for e, v in losses.items()}}) + "\n")
+            if master:
+                tqdm.write(f"step {step}: validation\n{format_exit_table(losses)}")
+                log_metrics(metrics_path, {"step": step, "val_loss": {str(e): v for e, v in losses.items()},
+                                           "val_ppl": {str(e): math.exp(min(v, 50)) for e, v in losses.items()}})
             if step > start_step:
-                save_checkpoint(model, optimizer, step, cfg, tokenizer_file)
+                save_checkpoint(model, optimizer, step, cfg, tokenizer_file, rank)
             t0, timed_steps = time.time(), 0
         if step == cfg.max_steps:
             break
@@ -258,16 +366,23 @@ def main():
             group["lr"] = lr
         exits = exit_weights(L, step, cfg.max_steps, cfg.e_scale, cfg.early_exit_curriculum, cfg.exit_period)
         rates = dropout_rates(L, step, cfg.max_steps, cfg.p_max, cfg.dropout_scale, cfg.dropout_curriculum)
-        loss_sum = 0.0  # of the last layer's loss, comparable across curricula
+        exit_sums = {e: 0.0 for e in exits}
         for micro in range(cfg.grad_accum):
             x, y = train_batch(step, micro)
-            skip_mask = layer_dropout_mask(rates, x.shape[0], batch_seed(cfg.seed + 1, step, micro)) if cfg.p_max > 0 else None
+            skip_mask = None
+            if cfg.p_max > 0:  # the same seed on every rank: the same local sample positions drop
+                skip_mask = layer_dropout_mask(rates, x.shape[0], batch_seed(cfg.seed + 1, step, micro))
+                check_same_on_all_ranks(skip_mask)
+            if dist.is_initialized():  # reduce-scatter gradients only after the last micro step
+                model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
             with autocast:
                 loss, exit_losses = model(x.to(device), y.to(device), exits=exits, skip_mask=skip_mask)
             (loss / cfg.grad_accum).backward()
-            loss_sum += exit_losses[L].item() / cfg.grad_accum
-        if not math.isfinite(loss_sum):
-            raise ValueError(f"loss is {loss_sum} at step {step}; stopping, the last checkpoint in "
+            for e in exits:
+                exit_sums[e] += exit_losses[e].item() / cfg.grad_accum
+        exit_means = dict(zip(exit_sums, mean_over_ranks(list(exit_sums.values()))))
+        if not all(math.isfinite(v) for v in exit_means.values()):
+            raise ValueError(f"loss is {exit_means[L]} at step {step}; stopping, the last checkpoint in "
                              f"{cfg.out_dir} is kept as it was")
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -275,7 +390,18 @@ def main():
         optimizer.zero_grad(set_to_none=True)
         timed_steps += 1
         tok_s = tokens_per_step * timed_steps / (time.time() - t0)
-        bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+        if master:
+            bar.set_postfix(loss=f"{exit_means[L]:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+            if step % cfg.log_interval == 0:
+                log_metrics(metrics_path, {"step": step, "train_loss": {str(e): v for e, v in exit_means.items()},
+                                           "lr": lr, "tokens_per_s": tok_s})
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def log_metrics(path, row):
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

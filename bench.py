@@ -22,7 +22,9 @@ from model import PRESETS, Config, Transformer
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-H100_BF16_PEAK = 989e12  # dense bf16 datasheet peak (H100 SXM); MFU is reported against it
+from train import PEAK_BF16_FLOPS
+
+H100_BF16_PEAK = PEAK_BF16_FLOPS["H100"]  # MFU is reported against the dense bf16 datasheet peak
 
 
 BATCH = None  # --batch overrides the default batch size
@@ -237,8 +239,8 @@ def bench_train(steps):
     print(f"  transformers  {tokens / t_hf:10,.0f} tok/s  ({t_hf * 1e3:.1f} ms/step)")
     print(f"  ratio {t_hf / t_ours:.2f}x")
     if CUDA:
-        n_params = sum(p.numel() for p in hf.parameters()) - cfg.vocab_size * cfg.n_embd  # no embedding lookup
-        flops = 6 * n_params + 12 * cfg.n_layer * cfg.n_embd * T  # per token (PaLM appendix B)
+        with torch.device("meta"):
+            flops = Transformer(cfg).flops_per_token(T)
         print(f"  MFU {flops * tokens / t_ours / H100_BF16_PEAK:.1%} (nanoskip), "
               f"{flops * tokens / t_hf / H100_BF16_PEAK:.1%} (transformers) of {H100_BF16_PEAK / 1e12:.0f} TFLOP/s")
 

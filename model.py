@@ -303,6 +303,12 @@ class Transformer(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
+    def flops_per_token(self, T):
+        """Training FLOPs per token at sequence length T: 6 x parameters (less the embedding lookup)
+        + 12 x L x C x T for attention (PaLM, appendix B). Skipped layers and extra exits not counted."""
+        n = self.num_params() - self.tok_emb.weight.numel() * (not self.cfg.tie_embeddings)
+        return 6 * n + 12 * self.n_layer * self.cfg.n_embd * T
+
     # ---- the three primitives ----
 
     def embed(self, idx, pos=0):

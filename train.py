@@ -75,6 +75,17 @@ class TrainConfig:
     compile: bool | None = None      # per-block torch.compile; default on for CUDA
 
 
+# dense bf16 datasheet peaks for MFU, by GPU name; other devices report no MFU
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops(device):
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
 # ---- data ----
 
 def load_split(data_dir, split):
@@ -347,6 +358,8 @@ def main():
 
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     tokens_per_step = cfg.micro_batch * cfg.grad_accum * world * cfg.block_size
+    peak = peak_flops(device)  # per device; MFU = achieved FLOP/s per process / peak
+    flops_per_token = model.flops_per_token(cfg.block_size)
     bar = tqdm(range(start_step, cfg.max_steps + 1), initial=start_step, total=cfg.max_steps + 1, desc="train",
                disable=not master)
     for step in bar:
@@ -390,11 +403,13 @@ def main():
         optimizer.zero_grad(set_to_none=True)
         timed_steps += 1
         tok_s = tokens_per_step * timed_steps / (time.time() - t0)
+        mfu = flops_per_token * tok_s / world / peak if peak else None
         if master:
-            bar.set_postfix(loss=f"{exit_means[L]:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+            bar.set_postfix(loss=f"{exit_means[L]:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}",
+                            **({"mfu": f"{mfu:.1%}"} if mfu else {}))
             if step % cfg.log_interval == 0:
                 log_metrics(metrics_path, {"step": step, "train_loss": {str(e): v for e, v in exit_means.items()},
-                                           "lr": lr, "tokens_per_s": tok_s})
+                                           "lr": lr, "tokens_per_s": tok_s, "mfu": mfu})
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -39,7 +39,7 @@ def test_speculative_sampling_matches_the_model_distribution():
     torch.manual_seed(0)
     model = Transformer(replace(PRESETS["test-tiny"], vocab_size=4, n_layer=4)).eval()
     with torch.no_grad():
-        model.lm_head.weight.mul_(40)  # sharpen the distributions so the draft and the verifier differ
+        model.lm_head.weight.mul_(5)  # sharpen the distributions so the draft and the verifier differ
     idx = torch.tensor([[1]])
     # exact joint distribution P(t1) P(t2 | t1) of the full model at temperature 1
     p1 = probs_from_logits(model(idx)[:, -1])[0]
@@ -59,9 +59,10 @@ def test_speculative_sampling_matches_the_model_distribution():
     keep = expected > 5
     chi2 = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum().item()
     # chi-square 0.999 quantiles; degrees of freedom = kept cells - 1
-    critical = {15: 37.70, 14: 36.12, 13: 34.53, 12: 32.91, 11: 31.26, 10: 29.59, 9: 27.88, 8: 26.12, 7: 24.32}
+    critical = {15: 37.70, 14: 36.12, 13: 34.53, 12: 32.91, 11: 31.26, 10: 29.59, 9: 27.88, 8: 26.12, 7: 24.32,
+                6: 22.46, 5: 20.52, 4: 18.47, 3: 16.27}
     df = int(keep.sum()) - 1
-    assert df >= 7 and chi2 < critical[df], (chi2, df, counts, expected)
+    assert df >= 3 and chi2 < critical[df], (chi2, df, counts, expected)
 
 
 def test_speculation_errors():

@@ -420,7 +420,9 @@ class Transformer(nn.Module):
             x = self.run_layers(x, done, e, skip_mask, cache, pos, attn_mask)
             done = e
             h = self.final_hidden(x).reshape(B * T, -1)  # [B*T, C]
-            exit_loss = linear_cross_entropy(h, self.lm_head.weight, flat_targets)
+            # one exit: gradients formed in the forward (6CV FLOPs); several: recomputed in the backward,
+            # so that each exit keeps [N] floats rather than a [V, C] gradient buffer
+            exit_loss = linear_cross_entropy(h, self.lm_head.weight, flat_targets, recompute=len(exits) > 1)
             exit_losses[e] = exit_loss.detach()
             loss = loss + exits[e] * exit_loss
         return loss, exit_losses

@@ -3,9 +3,13 @@ Fused linear + cross-entropy, chunked over tokens.
 
 loss = mean over non-ignored tokens of  logsumexp(h W^T) - (h W^T)[target]
 
-The [N, V] logits are never held whole: the forward keeps only the per-token logsumexp [N]
-and the backward recomputes each chunk's logits to form (softmax - onehot). An early-exit loss at
-every layer therefore costs L x [N] floats of loss state instead of L x [N, V] logits.
+The [N, V] logits are never held whole. Two ways to get the gradients, both chunk by chunk:
+- recompute=True: the forward keeps nothing of size V; the backward recomputes each chunk's logits
+  to form (softmax - onehot). 8 x C x V FLOPs per token. An early-exit loss at every layer then
+  holds no [N, V] logits at all, where a naive loss holds L of them.
+- recompute=False: the forward forms the gradients right away and keeps grad_h [N, C] and
+  grad_W [V, C]; the backward only scales them. 6 x C x V FLOPs per token, as an unfused loss, for
+  one more [V, C] buffer per call: the choice for one exit.
 All-ignored input gives loss 0 and zero gradients (F.cross_entropy would give nan).
 """
 import torch
@@ -16,55 +20,73 @@ def _chunk_size(vocab_size, budget=2**24):
     return max(16, budget // vocab_size)
 
 
+def _chunks(N, size):
+    return ((s, min(s + size, N)) for s in range(0, N, size))
+
+
+def _grad_logits(probs, targets, ignore_index, scale, dtype):
+    """d loss / d logits for one chunk: (softmax - onehot(target)) x scale, zero on ignored rows.
+    `probs` [n, V] fp32 (the softmax) is overwritten."""
+    valid = (targets != ignore_index).unsqueeze(1)
+    probs.scatter_add_(1, targets.clamp(min=0).unsqueeze(1), -valid.float())
+    return probs.mul_(valid * scale).to(dtype)
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     # custom_fwd/bwd: under CUDA autocast the backward's matmuls run in bf16 as the forward's do
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, h, weight, targets, ignore_index, chunk_size):
+    def forward(ctx, h, weight, targets, ignore_index, chunk_size, recompute):
         # h [N, C], weight [V, C], targets [N]
         w = weight.to(h.dtype)
-        N = h.shape[0]
-        lse = torch.empty(N, dtype=torch.float32, device=h.device)
-        loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
         valid = targets != ignore_index
-        for s in range(0, N, chunk_size):
-            e = min(s + chunk_size, N)
-            logits = (h[s:e] @ w.T).float()                        # [n, V]
-            lse[s:e] = torch.logsumexp(logits, dim=-1)
-            target_logit = logits.gather(1, targets[s:e].clamp(min=0).unsqueeze(1)).squeeze(1)
-            loss_sum += ((lse[s:e] - target_logit) * valid[s:e]).sum()
         n_valid = valid.sum().clamp(min=1)
-        ctx.save_for_backward(h, weight, targets, lse, n_valid)
-        ctx.ignore_index, ctx.chunk_size = ignore_index, chunk_size
+        grads_now = not recompute and any(ctx.needs_input_grad[:2])
+        if grads_now:
+            grad_h = torch.empty_like(h)
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s, e in _chunks(h.shape[0], chunk_size):
+            logp = torch.log_softmax((h[s:e] @ w.T).float(), dim=-1)  # [n, V]
+            target_logp = logp.gather(1, targets[s:e].clamp(min=0).unsqueeze(1)).squeeze(1)
+            loss_sum -= (target_logp * valid[s:e]).sum()
+            if grads_now:  # gradients of the summed loss; the backward divides by n_valid
+                grad = _grad_logits(logp.exp_(), targets[s:e], ignore_index, 1.0, h.dtype)
+                grad_h[s:e] = grad @ w
+                grad_w += (grad.T @ h[s:e]).float()
+        ctx.precomputed = grads_now
+        if grads_now:
+            ctx.save_for_backward(grad_h, grad_w, n_valid)
+        else:
+            ctx.save_for_backward(h, weight, targets, n_valid)
+        ctx.ignore_index, ctx.chunk_size, ctx.weight_dtype = ignore_index, chunk_size, weight.dtype
         return loss_sum / n_valid
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_loss):
-        h, weight, targets, lse, n_valid = ctx.saved_tensors
+        if ctx.precomputed:
+            grad_h, grad_w, n_valid = ctx.saved_tensors
+            scale = grad_loss.float() / n_valid
+            return (grad_h * scale).to(grad_h.dtype), (grad_w * scale).to(ctx.weight_dtype), None, None, None, None
+        h, weight, targets, n_valid = ctx.saved_tensors
         w = weight.to(h.dtype)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[1] else None
         scale = grad_loss.float() / n_valid
-        N = h.shape[0]
-        for s in range(0, N, ctx.chunk_size):
-            e = min(s + ctx.chunk_size, N)
-            tgt = targets[s:e]
-            valid = (tgt != ctx.ignore_index).unsqueeze(1)
-            logits = (h[s:e] @ w.T).float()
-            grad_logits = torch.exp(logits - lse[s:e].unsqueeze(1))  # softmax [n, V]
-            grad_logits.scatter_add_(1, tgt.clamp(min=0).unsqueeze(1), -valid.float())
-            grad_logits = (grad_logits * (valid * scale)).to(h.dtype)
+        for s, e in _chunks(h.shape[0], ctx.chunk_size):
+            probs = torch.softmax((h[s:e] @ w.T).float(), dim=-1)  # the forward's chunk, recomputed
+            grad = _grad_logits(probs, targets[s:e], ctx.ignore_index, scale, h.dtype)
             if grad_h is not None:
-                grad_h[s:e] = grad_logits @ w
+                grad_h[s:e] = grad @ w
             if grad_w is not None:
-                grad_w += (grad_logits.T @ h[s:e]).float()  # fp32 accumulation across chunks
+                grad_w += (grad.T @ h[s:e]).float()  # fp32 accumulation across chunks
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
-def linear_cross_entropy(h, weight, targets, ignore_index=-100, chunk_size=None):
+def linear_cross_entropy(h, weight, targets, ignore_index=-100, chunk_size=None, recompute=True):
     """h [N, C], weight [V, C], targets [N] -> mean cross-entropy over non-ignored tokens."""
     chunk_size = chunk_size or _chunk_size(weight.shape[0])
-    return LinearCrossEntropy.apply(h, weight, targets, ignore_index, chunk_size)
+    return LinearCrossEntropy.apply(h, weight, targets, ignore_index, chunk_size, recompute)

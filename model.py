@@ -181,7 +181,6 @@ class KVCache:
         shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len = max_len
 
     def update(self, layer, rows, pos, k, v):
         """Write k, v [R, n_kv, T, hd] at positions [pos, pos+T); return keys/values [R, n_kv, pos+T, hd]."""

@@ -134,7 +134,8 @@ def _load_data(cfg, global_batch):
                 None, meta["vocab_size"], os.path.join(cfg.data_dir, "tokenizer.model"))
     if cfg.dataset != "instruct":
         raise ValueError(f"dataset must be tokens or instruct, got {cfg.dataset!r}")
-    source = cfg.tokenizer or (cfg.init_from if os.path.isdir(cfg.init_from) else "data/stdlib/tokenizer.model")
+    checkpoint = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from  # its tokenizer comes along
+    source = cfg.tokenizer or (checkpoint if os.path.isdir(checkpoint) else "data/stdlib/tokenizer.model")
     tok = load_tokenizer(source)
     tok_file = source if os.path.isfile(source) else next(
         os.path.join(source, f) for f in ("tokenizer.model", "tokenizer.json") if os.path.isfile(os.path.join(source, f)))

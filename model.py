@@ -420,7 +420,7 @@ class Transformer(nn.Module):
             done = e
             h = self.final_hidden(x).reshape(B * T, -1)  # [B*T, C]
             # one exit: gradients formed in the forward (6CV FLOPs); several: recomputed in the backward,
-            # so that each exit keeps [N] floats rather than a [V, C] gradient buffer
+            # so that no exit holds a [V, C] gradient buffer until the backward
             exit_loss = linear_cross_entropy(h, self.lm_head.weight, flat_targets, recompute=len(exits) > 1)
             exit_losses[e] = exit_loss.detach()
             loss = loss + exits[e] * exit_loss

@@ -246,13 +246,17 @@ def save_checkpoint(model, optimizer, step, cfg, tokenizer_file, rank):
     barrier()
 
 
+def train_state_dir(cfg):
+    """out_dir/train_state, or train_state.old after a crash between save_checkpoint's two renames."""
+    for path in (os.path.join(cfg.out_dir, "train_state"), os.path.join(cfg.out_dir, "train_state.old")):
+        if os.path.isfile(os.path.join(path, "step.json")):
+            return path
+    raise FileNotFoundError(f"cannot resume: {cfg.out_dir}/train_state does not exist")
+
+
 def load_train_state(model, optimizer, cfg):
     """Restore model and optimizer (resharded to this run's process count); return the step."""
-    path = os.path.join(cfg.out_dir, "train_state")
-    if not os.path.isdir(path) and os.path.isdir(path + ".old"):  # a crash between the two renames
-        path += ".old"
-    if not os.path.isfile(os.path.join(path, "step.json")):
-        raise FileNotFoundError(f"cannot resume: {cfg.out_dir}/train_state does not exist")
+    path = train_state_dir(cfg)
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state, "step": torch.tensor(0)}
     try:
@@ -328,9 +332,8 @@ def main():
         if n_train is None:
             raise ValueError("epochs needs dataset=instruct; use max_steps for token data")
         cfg = replace(cfg, max_steps=math.ceil(cfg.epochs * n_train / (cfg.micro_batch * cfg.grad_accum * world)))
-    if cfg.init_from == "resume" and not os.path.isdir(os.path.join(cfg.out_dir, "train_state")) \
-            and not os.path.isdir(os.path.join(cfg.out_dir, "train_state.old")):
-        raise FileNotFoundError(f"cannot resume: {cfg.out_dir}/train_state does not exist")
+    if cfg.init_from == "resume":
+        train_state_dir(cfg)  # fail with one line before anything is built
 
     model = build_model(cfg, vocab_size)
     if cfg.block_size > model.cfg.block_size:
@@ -392,9 +395,9 @@ def main():
             with autocast:
                 loss, exit_losses = model(x.to(device), y.to(device), exits=exits, skip_mask=skip_mask)
             (loss / cfg.grad_accum).backward()
-            for e in exits:
-                exit_sums[e] += exit_losses[e].item() / cfg.grad_accum
-        exit_means = dict(zip(exit_sums, mean_over_ranks(list(exit_sums.values()))))
+            for e in exits:  # device tensors: one host sync per step, not one per exit and micro step
+                exit_sums[e] = exit_sums[e] + exit_losses[e].double() / cfg.grad_accum
+        exit_means = dict(zip(exit_sums, mean_over_ranks(torch.stack(list(exit_sums.values())).tolist())))
         if not all(math.isfinite(v) for v in exit_means.values()):
             raise ValueError(f"loss is {exit_means[L]} at step {step}; stopping, the last checkpoint in "
                              f"{cfg.out_dir} is kept as it was")

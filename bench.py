@@ -3,6 +3,9 @@ Benchmarks that print ratios against a baseline measured in the same run (machin
 
     python bench.py --mode layerskip   # early-exit loss memory and time, layer dropout savings
     python bench.py --mode train       # train step tokens/s vs transformers' LlamaForCausalLM (+ MFU on CUDA)
+    python bench.py --mode decode [--ckpt out-layerskip]  # batch-1 decoding vs transformers.generate, on the
+                                       # same weights; self-speculation on a trained checkpoint
+    python bench.py --mode kernels     # each fused op and a whole train step, fused vs unfused (kernels/)
 
 CPU: fp32, a TinyLlama-shaped small model (vocab 32000). CUDA: bf16 autocast, TinyLlama-1.1B, seq 2048.
 Peak memory: CUDA max_memory_allocated; on CPU each configuration runs in a fresh process and reports
@@ -19,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from layerskip import dropout_rates, exit_weights, layer_dropout_mask
+from kernels import FUSED
 from model import PRESETS, Config, Transformer
 
 CUDA = torch.cuda.is_available()
@@ -111,7 +115,8 @@ def measure_memory(kind):
     """Peak bytes of one training step above the memory held before it (model, optimizer state, batch)."""
     cfg, B, T = bench_config()
     L = cfg.n_layer
-    exits = {L: 1.0} if kind == "last" else {e: 1.0 / L for e in range(1, L + 1)}
+    exits = {L: 1.0} if kind in ("last", "unfused") else {e: 1.0 / L for e in range(1, L + 1)}
+    FUSED.update(dict.fromkeys(FUSED, kind != "unfused"))  # "unfused": every kernels/ op off, full-logits loss
     model = make_model(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x, y = batch(cfg, B, T)
@@ -127,6 +132,7 @@ def measure_memory(kind):
     train_step(model, opt, x, y, exits, naive=kind == "naive")
     sync()
     peak = torch.cuda.max_memory_allocated() if CUDA else rss_bytes("VmHWM")
+    FUSED.update(dict.fromkeys(FUSED, True))
     return peak - base
 
 
@@ -250,9 +256,237 @@ def bench_train(steps):
               f"{flops * tokens / t_hf / H100_BF16_PEAK:.1%} (transformers) of {H100_BF16_PEAK / 1e12:.0f} TFLOP/s")
 
 
+def decode_configs():
+    """Two regimes of batch-1 CPU decoding: a model whose weights stay in cache (per-token cost is the
+    implementation's overhead) and a TinyLlama-shaped one whose fp32 weights (67 MB) stream from memory
+    every token (per-token cost is memory bandwidth, the same for any implementation)."""
+    return {"stdlib-16l shape (4M params)": PRESETS["stdlib-16l"],
+            "TinyLlama-shaped (17M params)": Config(vocab_size=32000, n_layer=12, n_head=8, n_kv_head=2, n_embd=256,
+                                                    intermediate_size=704, block_size=512)}
+
+
+def best_time(fn, repeats):
+    """Shortest of `repeats` timed calls after one warm-up: decoding has no per-step variety to average."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        result = fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return min(times), result
+
+
+def decode_flops(cfg, n_layers, T):
+    """Forward FLOPs per decoded token: 2 x (layer matmul params + attention over T keys) per layer + 2 x C x V."""
+    hd = cfg.head_dim
+    layer = cfg.n_embd * (cfg.n_head + 2 * cfg.n_kv_head) * hd + cfg.n_head * hd * cfg.n_embd \
+        + 3 * cfg.n_embd * cfg.intermediate_size
+    return n_layers * 2 * (layer + 2 * cfg.n_head * hd * T) + 2 * cfg.n_embd * cfg.vocab_size
+
+
+def converted_pair(cfg, E):
+    """A random transformers Llama and the same weights converted to nanoskip. Layers from E on get their
+    output projections scaled by 0.1, so that (like a LayerSkip-trained model) the exit at E mostly agrees
+    with the last layer and speculation has drafts to accept."""
+    import tempfile
+    from checkpoints_convert import from_hf
+    hf = hf_llama(cfg).eval()
+    with torch.no_grad():
+        for layer in hf.model.layers[E:]:
+            layer.self_attn.o_proj.weight.mul_(0.1)
+            layer.mlp.down_proj.weight.mul_(0.1)
+    hf.generation_config.eos_token_id = None  # random weights: never stop early, on either side
+    hf.generation_config.pad_token_id = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(os.path.join(tmp, "hf"))
+        from_hf(os.path.join(tmp, "hf"), os.path.join(tmp, "ours"))
+        return hf, Transformer.from_pretrained(os.path.join(tmp, "ours"), device=DEVICE)
+
+
+def bench_decode(repeats, ckpt, new_tokens=128, d=4):
+    from generate import generate, generate_speculative
+    n = new_tokens
+    print(f"device {DEVICE}{' (' + torch.cuda.get_device_name() + ')' if CUDA else ''}, {torch.get_num_threads()} "
+          f"threads; random Llama weights, fp32; batch 1, prompt 32, {n} new tokens, greedy; best of {repeats}")
+    for title, cfg in decode_configs().items():
+        E = cfg.n_layer // 4
+        hf, ours = converted_pair(cfg, E)
+        prompt = torch.randint(cfg.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+        print(f"\n{title}: {cfg.n_layer} layers, d {cfg.n_embd}, vocab {cfg.vocab_size}; draft E={E}, d={d}")
+
+        def hf_generate(**kw):
+            with torch.no_grad():
+                return hf.generate(prompt, max_new_tokens=n, do_sample=False, **kw)
+
+        runs = {
+            "transformers generate": lambda: hf_generate(),
+            f"transformers assistant_early_exit={E}": lambda: hf_generate(
+                assistant_early_exit=E, num_assistant_tokens=d, num_assistant_tokens_schedule="constant"),
+            "nanoskip full depth": lambda: generate(ours, prompt, n, temperature=0),
+            f"nanoskip self-speculative E={E}": lambda: generate_speculative(ours, prompt, n, E, d),
+            f"nanoskip exit layer {E}": lambda: generate(ours, prompt, n, temperature=0, exit_layer=E),
+        }
+        t, out = {}, {}
+        for name, fn in runs.items():
+            t[name], out[name] = best_time(fn, repeats)
+            print(f"  {name:38s} {n / t[name]:8.1f} tok/s  {t[name] / n * 1e3:6.2f} ms/token")
+        names = list(runs)
+        spec_out, stats = out[names[3]]
+        reference = out[names[0]]
+        same = [torch.equal(out[names[1]], reference), torch.equal(out[names[2]], reference),
+                torch.equal(spec_out, reference)]
+        print(f"  outputs identical to transformers greedy (assistant, ours, our speculation): {same}; "
+              f"our acceptance {stats['acceptance_rate']:.1%}")
+        print(f"  nanoskip greedy vs transformers generate:          {t[names[0]] / t[names[2]]:.2f}x (target >= 2x)")
+        print(f"  nanoskip self-speculation vs assistant_early_exit: {t[names[1]] / t[names[3]]:.2f}x (target >= 2x)")
+        T = 32 + n // 2  # average keys attended
+        predicted = decode_flops(cfg, cfg.n_layer, T) / decode_flops(cfg, E, T)
+        measured = t[names[2]] / t[names[4]]
+        print(f"  exit layer {E} vs full depth: {measured:.2f}x, FLOPs predict {predicted:.2f}x: "
+              f"{(measured - 1) / (predicted - 1):.0%} of the predicted speedup (target >= 80%)")
+    if ckpt:
+        bench_trained_speculation(ckpt, repeats, n)
+
+
+def bench_trained_speculation(ckpt, repeats, n):
+    """Self-speculation on a trained checkpoint: greedy, prompts from the stdlib's own source, one at a time."""
+    import sysconfig
+    from generate import generate, generate_speculative
+    from tokenizer import load_tokenizer
+    model = Transformer.from_pretrained(ckpt, device=DEVICE)
+    tok = load_tokenizer(ckpt, model.cfg.bos_id, model.cfg.eos_id)
+    stdlib = sysconfig.get_paths()["stdlib"]
+    texts = [open(os.path.join(stdlib, f), encoding="utf-8").read()[:400] for f in
+             ("argparse.py", "json/decoder.py", "textwrap.py", "heapq.py")]
+    prompts = [torch.tensor([[tok.bos_id()] + tok.encode(t)[:48]], device=DEVICE) for t in texts]
+    L = model.n_layer
+    print(f"\ntrained checkpoint {ckpt!r}: {L} layers; {len(prompts)} stdlib prompts of 48 tokens, {n} new "
+          f"tokens each, greedy, batch 1; best of {repeats}")
+    t_full, full = best_time(lambda: [generate(model, p, n, temperature=0) for p in prompts], repeats)
+    print(f"  full depth {t_full / (n * len(prompts)) * 1e3:.2f} ms/token")
+    for E in sorted({L // 4, L // 2, 3 * L // 4}):
+        for d in (2, 4, 6):
+            t_spec, res = best_time(lambda: [generate_speculative(model, p, n, E, d) for p in prompts], repeats)
+            same = all(torch.equal(o, f) for (o, _), f in zip(res, full))
+            rate = sum(s["accepted"] for _, s in res) / sum(s["drafted"] for _, s in res)
+            print(f"  E={E:2d} d={d}: {t_spec / (n * len(prompts)) * 1e3:.2f} ms/token, speedup {t_full / t_spec:.2f}x, "
+                  f"acceptance {rate:.1%}, identical to full depth: {same}")
+
+
+def saved_bytes(fn, *args):
+    """Bytes that autograd keeps from fn's forward for its backward (each storage counted once)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    inputs = {a.untyped_storage().data_ptr() for a in args if torch.is_tensor(a)}
+    return out, sum(n for ptr, n in storages.items() if ptr not in inputs)  # inputs are held anyway
+
+
+def op_cases(cfg, N):
+    """(name, fused fn, reference fn, inputs) per op on N tokens of a TinyLlama-shaped layer."""
+    from kernels.linear_cross_entropy import linear_cross_entropy
+    from kernels.rmsnorm import rms_norm, rms_norm_reference
+    from kernels.rotary import apply_rotary, apply_rotary_reference
+    from kernels.swiglu import swiglu, swiglu_reference
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    C, H, Hkv, hd, V = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.vocab_size
+
+    def leaf(*shape):
+        return torch.randn(*shape, device=DEVICE, dtype=dtype).requires_grad_()
+
+    qkv = leaf(1, N, H + 2 * Hkv, hd)
+    angle = torch.randn(N, hd // 2, device=DEVICE)
+    cos, sin = torch.cat((angle, angle), -1).cos().to(dtype), torch.cat((angle, angle), -1).sin().to(dtype)
+    weight = torch.ones(C, device=DEVICE, dtype=dtype, requires_grad=True)
+    targets = torch.randint(V, (N,), device=DEVICE)
+    head = (0.02 * torch.randn(V, C, device=DEVICE, dtype=dtype)).requires_grad_()
+    return [
+        ("RMSNorm + residual add", lambda x, r: rms_norm(x, weight, 1e-5, r)[0],
+         lambda x, r: rms_norm_reference(x, weight, 1e-5, r)[0], (leaf(N, C), leaf(N, C))),
+        ("rotary (q and k together)", lambda t: apply_rotary(t.transpose(1, 2)[:, :H + Hkv], cos, sin),
+         lambda t: apply_rotary_reference(t.transpose(1, 2)[:, :H + Hkv], cos, sin), (qkv,)),
+        ("SwiGLU (packed gate/up)", swiglu, swiglu_reference, (leaf(N, 2 * cfg.intermediate_size),)),
+        ("linear + cross-entropy", lambda h: linear_cross_entropy(h, head, targets, recompute=False),
+         lambda h: F.cross_entropy((h @ head.T).float(), targets), (leaf(N, C),)),
+    ]
+
+
+def time_and_memory(fn, inputs, steps):
+    """(median seconds of forward + backward, bytes saved for backward, peak CUDA bytes above the inputs or None)."""
+    def step(_):
+        out = fn(*inputs)
+        out.backward(torch.ones_like(out))
+
+    t = median_time(step, steps)
+    saved = saved_bytes(fn, *inputs)[1]
+    peak = None
+    if CUDA:
+        sync()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step(0)
+        sync()
+        peak = torch.cuda.max_memory_allocated() - base
+    for x in inputs:
+        x.grad = None
+    return t, saved, peak
+
+
+def whole_step(cfg, B, T, fused, steps):
+    """Median step time (and CUDA peak memory) of a train step with every kernels/ op on or off."""
+    FUSED.update(dict.fromkeys(FUSED, fused))
+    torch._dynamo.reset()
+    model = make_model(cfg, compile_blocks=CUDA)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=CUDA)
+    x, y = batch(cfg, B, T)
+    t = median_time(lambda s: train_step(model, opt, x, y), steps)
+    peak = memory_in_fresh_process("last" if fused else "unfused") if not CUDA else None
+    if CUDA:
+        sync()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        train_step(model, opt, x, y)
+        sync()
+        peak = torch.cuda.max_memory_allocated() - base
+        del model, opt
+        torch.cuda.empty_cache()
+    FUSED.update(dict.fromkeys(FUSED, True))
+    return t, peak
+
+
+def bench_kernels(steps):
+    cfg, B, T = bench_config()
+    MiB = 2**20
+    print(f"device {DEVICE}{' (' + torch.cuda.get_device_name() + ')' if CUDA else ''}; "
+          f"{'bf16, fused = torch.compile of the hand-written forward/backward' if CUDA else 'fp32, eager'}; "
+          f"TinyLlama-shaped layer (d {cfg.n_embd}, {cfg.n_head}/{cfg.n_kv_head} heads, MLP {cfg.intermediate_size}, "
+          f"vocab {cfg.vocab_size}), {B * T} tokens")
+    print(f"{'op':28s} {'fwd+bwd ms fused/unfused':>26s} {'speed':>7s} {'saved MiB fused/unfused':>25s} "
+          f"{'ratio':>6s}" + (f" {'peak MiB fused/unfused':>24s}" if CUDA else ""))
+    for name, fused, reference, inputs in op_cases(cfg, B * T):
+        tf, sf, pf = time_and_memory(fused, inputs, steps)
+        tr, sr, pr = time_and_memory(reference, inputs, steps)
+        line = (f"{name:28s} {tf * 1e3:12.2f} / {tr * 1e3:9.2f} {tr / tf:6.2f}x "
+                f"{sf / MiB:12.1f} / {sr / MiB:9.1f} {sf / max(sr, 1):6.2f}")
+        print(line + (f" {pf / MiB:12.1f} / {pr / MiB:9.1f}" if CUDA else ""))
+    t_f, m_f = whole_step(cfg, B, T, True, steps)
+    t_u, m_u = whole_step(cfg, B, T, False, steps)
+    print(f"\nwhole train step, batch {B} x {T} ({'per-block compile, ' if CUDA else ''}one exit, AdamW):")
+    print(f"  fused {t_f * 1e3:.1f} ms vs unfused {t_u * 1e3:.1f} ms: {t_u / t_f - 1:+.1%} speed")
+    print(f"  peak step memory fused {m_f / MiB:.1f} MiB vs unfused {m_u / MiB:.1f} MiB: {m_f / m_u - 1:+.1%}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--mode", choices=("layerskip", "train"), default="layerskip")
+    parser.add_argument("--mode", choices=("layerskip", "train", "decode", "kernels"), default="layerskip")
+    parser.add_argument("--ckpt", default=None, help="decode mode: a trained checkpoint to speculate with")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--_memory", default=None, help=argparse.SUPPRESS)
@@ -263,7 +497,9 @@ def main():
         print(measure_memory(args._memory))
         return
     torch.manual_seed(0)
-    {"layerskip": bench_layerskip, "train": bench_train}[args.mode](args.steps)
+    if args.mode == "decode":
+        return bench_decode(args.steps, args.ckpt)
+    {"layerskip": bench_layerskip, "train": bench_train, "kernels": bench_kernels}[args.mode](args.steps)
 
 
 if __name__ == "__main__":

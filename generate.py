@@ -34,110 +34,186 @@ def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None
     return torch.multinomial(probs_from_logits(logits, temperature, top_k, top_p), 1, generator=generator)
 
 
-@torch.no_grad()
-def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None,
-             exit_layer=None, skip_mask=None, generator=None):
-    """idx [B, T] prompt -> [B, T + max_new_tokens]."""
+def pad_prompts(prompts, pad_id=0):
+    """A list of token-id lists -> (idx [B, T] right-padded with pad_id, lengths [B] on the CPU)."""
+    if not prompts or min(len(p) for p in prompts) < 1:
+        raise ValueError("every prompt needs at least one token")
+    lens = torch.tensor([len(p) for p in prompts])
+    idx = torch.full((len(prompts), int(lens.max())), pad_id, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        idx[b, :len(p)] = torch.as_tensor(p)
+    return idx, lens
+
+
+def check_lengths(model, idx, prompt_lens, max_new_tokens):
+    """Prompt lengths [B] on the CPU (default: every row is T long), after checking the context fits."""
     B, T = idx.shape
-    total = T + max_new_tokens
-    if total > model.cfg.block_size:
-        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+    lens = torch.full((B,), T) if prompt_lens is None else torch.as_tensor(prompt_lens).cpu().long()
+    if tuple(lens.shape) != (B,) or int(lens.min()) < 1 or int(lens.max()) > T:
+        raise ValueError(f"prompt_lens must hold {B} lengths in [1, {T}]")
+    longest = int(lens.max())
+    if longest + max_new_tokens > model.cfg.block_size:
+        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                          f"model's context of {model.cfg.block_size}")
+    return lens
+
+
+def row_positions(n):
+    """Per-row positions [B] -> what the model takes: an int when every row is at the same place
+    (plain causal attention, no mask), else the per-row tensor."""
+    return int(n[0]) if bool((n == n[0]).all()) else n
+
+
+def prefill(model, idx, lens, end, cache):
+    """Run right-padded prompts idx [B, T] through layers [0, end) into the cache; return the hidden
+    state of each row's last prompt token [B, 1, C]. Pad positions get cache slots too, but a row
+    attends only to positions it has reached, and decoding overwrites them."""
+    x = model.embed(idx)
+    x = model.run_layers(x, 0, end, cache=cache, pos=0,
+                         attn_mask=model.attention_mask(idx.shape[1], 0, idx.device, x.dtype))
+    return x[torch.arange(len(lens), device=x.device), (lens - 1).to(x.device)].unsqueeze(1)
+
+
+def step(model, tokens, pos, start, end, cache, skip_mask=None):
+    """tokens [B, T] at positions pos (int or per-row [B]) through layers [start, end) -> hidden [B, T, C]."""
+    x = model.embed(tokens, pos)
+    return model.run_layers(x, start, end, skip_mask, cache, pos,
+                            model.attention_mask(tokens.shape[1], pos, tokens.device, x.dtype))
+
+
+def model_skip_plan(model):
+    """The skip plan stored in the checkpoint's config (layers generated tokens skip), as a mask [L]."""
+    if not model.cfg.skip_layers:
+        return None
+    mask = torch.zeros(model.n_layer, dtype=torch.bool)
+    mask[list(model.cfg.skip_layers)] = True
+    return mask
+
+
+@torch.inference_mode()
+def generate(model, idx, max_new_tokens, *, prompt_lens=None, temperature=1.0, top_k=None, top_p=None,
+             exit_layer=None, skip_mask=None, generator=None):
+    """idx [B, T] prompts (right-padded; prompt_lens [B] their lengths, default T) -> [B, T + max_new_tokens]:
+    row b holds its prompt, then max_new_tokens generated tokens, then eos padding.
+
+    Prompts run through every layer up to exit_layer; skip_mask ([L] or [B, L]; default: the plan in
+    the model's config) applies to generated tokens only.
+    """
+    B, T = idx.shape
+    exit_layer = model.n_layer if exit_layer is None else exit_layer
+    model.check_exit_layer(exit_layer)
+    lens = check_lengths(model, idx, prompt_lens, max_new_tokens)
+    skip_mask = model.normalize_skip_mask(model_skip_plan(model) if skip_mask is None else skip_mask, B, 1)
     dtype = next(model.parameters()).dtype
-    cache = KVCache(model.cfg, B, total, device=idx.device, dtype=dtype)
-    out = torch.empty(B, total, dtype=torch.long, device=idx.device)
-    out[:, :T] = idx
-    logits = model(idx, exit_layer=exit_layer, cache=cache, pos=0, last_only=True)
-    for pos in range(T, total):
-        out[:, pos:pos + 1] = sample_token(logits[:, -1], temperature, top_k, top_p, generator)
-        if pos + 1 < total:
-            logits = model(out[:, pos:pos + 1], exit_layer=exit_layer, skip_mask=skip_mask,
-                           cache=cache, pos=pos, last_only=True)
+    cache = KVCache(model.cfg, B, T + max_new_tokens, device=idx.device, dtype=dtype)
+    out = torch.full((B, T + max_new_tokens), model.cfg.eos_id, dtype=torch.long, device=idx.device)
+    in_prompt = torch.arange(T) < lens[:, None]  # [B, T]
+    out[:, :T] = idx.masked_fill(~in_prompt.to(idx.device), model.cfg.eos_id)
+    rows = torch.arange(B, device=idx.device)
+    h = prefill(model, idx, lens, exit_layer, cache)
+    for i in range(max_new_tokens):
+        token = sample_token(model.head(h)[:, -1], temperature, top_k, top_p, generator)  # [B, 1]
+        pos = lens + i
+        out[rows, pos.to(idx.device)] = token[:, 0]
+        if i + 1 < max_new_tokens:
+            h = step(model, token, row_positions(pos), 0, exit_layer, cache, skip_mask)
     return out
 
 
-@torch.no_grad()
-def generate_speculative(model, idx, max_new_tokens, exit_layer, num_speculations, *, temperature=0.0,
-                         top_k=None, top_p=None, generator=None):
-    """Self-speculative decoding (LayerSkip section 4.3), batch 1: idx [1, T] -> ([1, T + max_new_tokens], stats).
+def accept_drafts(logits, drafts, draft_probs, temperature, top_k, top_p, generator):
+    """Verifier logits [B, d+1, V] (row i predicts draft i; row d the bonus token), drafts [B, d]
+    -> (accepted count [B], next token [B]: the correction after the accepted prefix, or the bonus).
+
+    Greedy: accept the prefix where drafts equal the verifier's argmax. Sampling (draft_probs q
+    [B, d, V]): accept draft x with prob min(1, p(x)/q(x)); the first rejection resamples from
+    normalize(max(p - q, 0)), so the output follows p exactly.
+    """
+    B, d = drafts.shape
+    rows = torch.arange(B, device=drafts.device)
+    if temperature == 0:
+        verified = logits.argmax(-1)                                  # [B, d+1]
+        n_acc = (drafts == verified[:, :d]).long().cumprod(1).sum(1)  # [B]
+        return n_acc, verified[rows, n_acc]
+    p = probs_from_logits(logits.flatten(0, 1), temperature, top_k, top_p).view(B, d + 1, -1)
+    p_x = p[:, :d].gather(-1, drafts[..., None])[..., 0]              # [B, d]
+    q_x = draft_probs.gather(-1, drafts[..., None])[..., 0]
+    u = torch.rand(B, d, generator=generator, device=drafts.device)
+    n_acc = (u < (p_x / q_x).clamp(max=1.0)).long().cumprod(1).sum(1)  # [B]
+    q_pad = torch.cat([draft_probs, torch.zeros_like(draft_probs[:, :1])], dim=1)  # bonus row: q = 0
+    residual = (p[rows, n_acc] - q_pad[rows, n_acc]).clamp(min=0)   # [B, V]; equals p when all accepted
+    return n_acc, torch.multinomial(residual / residual.sum(-1, keepdim=True), 1, generator=generator)[:, 0]
+
+
+@torch.inference_mode()
+def generate_speculative(model, idx, max_new_tokens, exit_layer, num_speculations, *, prompt_lens=None,
+                         temperature=0.0, top_k=None, top_p=None, generator=None):
+    """Self-speculative decoding (LayerSkip section 4.3): idx [B, T] right-padded prompts (prompt_lens [B])
+    -> ([B, T + max_new_tokens] laid out as generate()'s, stats).
 
     Each round drafts d tokens with layers [0, E) + the shared head, keeping each drafted position's
     exit hidden state (output of layer E-1), then verifies all of them in one pass through layers
-    [E, L) only: the draft's KV cache for layers < E is reused. Greedy: drafts are accepted up to the
-    first mismatch with the verifier's argmax, plus the verifier's next token, so the output equals
-    greedy full-depth decoding. Sampling: draft x is accepted with prob min(1, p(x)/q(x)), else the
-    round ends with a sample from normalize(max(p - q, 0)).
-    Invariant at the start of a round: every layer's cache holds positions [0, n-1); token n-1 is unprocessed.
+    [E, L) only: the draft's KV cache for layers < E is reused. Rows accept different numbers of
+    drafts, so each row has its own position n[b]; a row that has all its tokens leaves the batch.
+    Invariant at the start of a round: every layer's cache holds a row's positions [0, n-1); token
+    n-1 is unprocessed. Later rounds overwrite rejected positions: cropping the cache is moving n.
     """
     B, T = idx.shape
-    if B != 1:
-        raise ValueError("self-speculative decoding takes one prompt at a time")
     model.check_exit_layer(exit_layer)
     E, L, d = exit_layer, model.n_layer, num_speculations
     if E >= L:
         raise ValueError(f"speculation needs exit_layer < {L} (the draft must be shallower than the model)")
     if d < 1:
         raise ValueError(f"num_speculations must be at least 1, got {d}")
-    total = T + max_new_tokens
-    if total > model.cfg.block_size:
-        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                         f"model's context of {model.cfg.block_size}")
+    lens = check_lengths(model, idx, prompt_lens, max_new_tokens)
     dtype = next(model.parameters()).dtype
-    cache = KVCache(model.cfg, 1, total + d + 1, device=idx.device, dtype=dtype)
-    out = torch.empty(1, total + d + 1, dtype=torch.long, device=idx.device)
-    out[:, :T] = idx
-    if T > 1:  # prefill all layers with every prompt token but the last
-        model.run_layers(model.embed(idx[:, :-1]), 0, L, cache=cache, pos=0,
-                         attn_mask=model.attention_mask(T - 1, 0, idx.device, dtype))
-    greedy = temperature == 0
-    n, drafted, accepted = T, 0, 0
+    cache = KVCache(model.cfg, B, T + max_new_tokens + d + 1, device=idx.device, dtype=dtype)
+    result = torch.full((B, T + max_new_tokens), model.cfg.eos_id, dtype=torch.long, device=idx.device)
+    out = torch.cat([idx, result[:, T:], idx.new_zeros(B, d + 1)], dim=1)  # working buffer, rows leave as they finish
+    if T > 1:  # prefill all layers with every prompt token but each row's last
+        prefill(model, idx[:, :-1], (lens - 1).clamp(min=1), L, cache)
+    n, end = lens.clone(), lens + max_new_tokens   # [B] on the CPU
+    row_ids = torch.arange(B)                      # original row of each row still in the batch
+    drafted, accepted = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
 
-    def draft_layers(p):  # token at position p through layers [0, E) -> exit hidden state [1, 1, C]
-        return model.run_layers(model.embed(out[:, p:p + 1], p), 0, E, cache=cache, pos=p,
-                                attn_mask=model.attention_mask(1, p, idx.device, dtype))
-
-    while n < total:
-        steps = min(d, total - n)  # never draft past the end
+    while len(row_ids):
+        steps = int((end[row_ids] - n).min().clamp(max=d))  # no row drafts past its end
+        rows = torch.arange(len(row_ids), device=idx.device)
         exit_states, draft_probs = [], []
-        for i in range(steps):  # draft: tokens n-1 .. n+steps-2 through layers [0, E)
-            p = n - 1 + i
-            h = draft_layers(p)
+        for i in range(steps + 1):  # tokens n-1 .. n+steps-1 through layers [0, E); the last is not sampled from
+            pos = n - 1 + i
+            h = step(model, out[rows, pos.to(idx.device)][:, None], row_positions(pos), 0, E, cache)
             exit_states.append(h)
-            logits = model.head(h)[:, -1]
-            if greedy:
-                out[:, p + 1] = logits.argmax(-1)
-            else:
-                q = probs_from_logits(logits, temperature, top_k, top_p)
-                draft_probs.append(q)
-                out[:, p + 1] = torch.multinomial(q, 1, generator=generator)[:, 0]
-        # the last draft token has not been through layers [0, E) yet: run it there first
-        exit_states.append(draft_layers(n - 1 + steps))
-        # verify: positions n-1 .. n+steps-1 in one pass through layers [E, L)
-        h = torch.cat(exit_states, dim=1)  # [1, steps+1, C]
-        h = model.run_layers(h, E, L, cache=cache, pos=n - 1,
-                             attn_mask=model.attention_mask(steps + 1, n - 1, idx.device, dtype))
-        logits = model.head(h)[0]  # [steps+1, V]: row i predicts the token at position n+i
-        drafts = out[0, n:n + steps]
-        if greedy:
-            verified = logits.argmax(-1)
-            n_acc = int((drafts == verified[:steps]).long().cumprod(0).sum())
-            next_token = verified[n_acc]
-        else:
-            probs = probs_from_logits(logits, temperature, top_k, top_p)
-            n_acc, next_token = 0, None
-            for i in range(steps):
-                x, q = drafts[i], draft_probs[i][0]
-                if torch.rand((), generator=generator, device=idx.device) < torch.clamp(probs[i, x] / q[x], max=1.0):
-                    n_acc += 1
-                    continue
-                residual = torch.clamp(probs[i] - q, min=0)
-                next_token = torch.multinomial(residual / residual.sum(), 1, generator=generator)[0]
+            if i == steps:
                 break
-            if next_token is None:  # every draft accepted: a bonus token from the verifier
-                next_token = torch.multinomial(probs[steps], 1, generator=generator)[0]
-        out[0, n + n_acc] = next_token
-        drafted += steps
-        accepted += n_acc
-        n += n_acc + 1  # later rounds overwrite the rejected positions: cropping is moving n
-    stats = {"drafted": drafted, "accepted": accepted, "acceptance_rate": accepted / max(drafted, 1)}
-    return out[:, :total], stats
+            logits = model.head(h)[:, -1]
+            if temperature == 0:
+                token = logits.argmax(-1)
+            else:
+                draft_probs.append(probs_from_logits(logits, temperature, top_k, top_p))
+                token = torch.multinomial(draft_probs[-1], 1, generator=generator)[:, 0]
+            out[rows, (pos + 1).to(idx.device)] = token
+        # verify positions n-1 .. n+steps-1 in one pass through layers [E, L)
+        pos = row_positions(n - 1)
+        h = model.run_layers(torch.cat(exit_states, dim=1), E, L, cache=cache, pos=pos,  # [B, steps+1, C]
+                             attn_mask=model.attention_mask(steps + 1, pos, idx.device, dtype))
+        at = (n[:, None] + torch.arange(steps)).to(idx.device)  # [B, steps]: draft positions
+        n_acc, next_token = accept_drafts(model.head(h), out[rows[:, None], at],
+                                          torch.stack(draft_probs, 1) if draft_probs else None, **sampling)
+        n_acc = n_acc.cpu()
+        out[rows, (n + n_acc).to(idx.device)] = next_token
+        drafted[row_ids] += steps
+        accepted[row_ids] += n_acc
+        n = n + n_acc + 1
+        done = n >= end[row_ids]
+        for r in done.nonzero()[:, 0].tolist():
+            b = int(row_ids[r])
+            result[b, :int(end[b])] = out[r, :int(end[b])]
+        if bool(done.any()):  # finished rows leave the batch and the cache
+            keep = (~done).nonzero()[:, 0]
+            out, n, row_ids = out[keep.to(idx.device)], n[keep], row_ids[keep]
+            cache.keep_rows(keep.to(idx.device))
+    stats = {"drafted": int(drafted.sum()), "accepted": int(accepted.sum()),
+             "acceptance_rate": int(accepted.sum()) / max(int(drafted.sum()), 1),
+             "row_acceptance_rate": (accepted / drafted.clamp(min=1)).tolist()}
+    return result, stats

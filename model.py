@@ -17,7 +17,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels import FUSED
 from kernels.linear_cross_entropy import linear_cross_entropy
+from kernels.rmsnorm import rms_norm, rms_norm_reference
+from kernels.rotary import apply_rotary, apply_rotary_reference
+from kernels.swiglu import swiglu, swiglu_reference
 
 
 @dataclass
@@ -47,6 +51,8 @@ class Config:
     emb_norm: bool = False         # LayerNorm right after the token embedding (Bloom)
     emb_dim: int | None = None     # token embedding width when it differs from n_embd (OPT-350m project_in/out)
     sliding_window: int | None = None  # each query sees its last `sliding_window` keys (Phi-3)
+    # a static skip plan: 0-based layers that generated tokens skip when decoding (unified layer skipping)
+    skip_layers: list | None = None
 
     @property
     def head_dim(self):
@@ -61,6 +67,8 @@ class Config:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"config: {key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if self.skip_layers and not all(0 <= l < self.n_layer for l in self.skip_layers):
+            raise ValueError(f"config: skip_layers {self.skip_layers} must lie in [0, {self.n_layer - 1}]")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ("default", "linear", "dynamic", "llama3", "longrope"):
             raise ValueError(f"config: unsupported rope_scaling type {rope_type!r}")
@@ -93,22 +101,17 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        # normalize in fp32, cast back to the input dtype, then scale (as transformers does)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x, residual=None):
+        """Normalize in fp32, cast back to the input dtype, then scale (as transformers does).
+        With a residual: normalize h = x + residual and return (normalized, h)."""
+        norm = rms_norm if FUSED["rmsnorm"] else rms_norm_reference
+        return norm(x, self.weight, self.eps, residual)
 
 
 def make_norm(cfg, dim):
     if cfg.norm == "rmsnorm":
         return RMSNorm(dim, cfg.norm_eps)
     return nn.LayerNorm(dim, eps=cfg.norm_eps)
-
-
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 def rope_frequencies(cfg, seq_len):
@@ -149,12 +152,26 @@ def rope_frequencies(cfg, seq_len):
     return inv_freq, scale
 
 
+def positions(pos, T, device=None):
+    """Positions of T new tokens: [T] from an int start, or [B, T] from per-row starts pos [B] (CPU LongTensor)."""
+    if torch.is_tensor(pos):
+        return (pos[:, None] + torch.arange(T)).to(device, non_blocking=True)
+    return torch.arange(pos, pos + T, device=device)
+
+
+def end_position(pos, T):
+    """One past the last position written: the key length S of this forward."""
+    return (int(pos.max()) if torch.is_tensor(pos) else pos) + T
+
+
 def rope_cos_sin(cfg, pos, T, dtype, device):
-    """cos, sin [T, head_dim] for positions [pos, pos+T): computed in fp32 on `device`, cast to `dtype`."""
-    inv_freq, scale = rope_frequencies(cfg, pos + T)
-    t = torch.arange(pos, pos + T, dtype=torch.float32, device=device)
-    freqs = torch.outer(t, inv_freq.to(device))
+    """cos, sin for the new tokens' positions, computed in fp32 on `device`, cast to `dtype`:
+    [T, head_dim] for an int start, [B, 1, T, head_dim] (broadcast over heads) for per-row starts."""
+    inv_freq, scale = rope_frequencies(cfg, end_position(pos, T))
+    freqs = positions(pos, T, device).float()[..., None] * inv_freq.to(device)  # [(B,) T, hd/2]
     emb = torch.cat((freqs, freqs), dim=-1)
+    if torch.is_tensor(pos):
+        emb = emb.unsqueeze(1)
     return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
@@ -172,9 +189,10 @@ def alibi_slopes(n_head):
 class KVCache:
     """Keys and values of every layer, preallocated: k, v [L, B, n_kv_head, max_len, head_dim].
 
-    Indexed by position: the caller says where new tokens go (`pos`), so cropping after a
-    speculation round is just writing at an earlier position next time. Rows that skip a layer
-    do not write that layer's slot for those positions.
+    Indexed by position: the caller says where new tokens go (`pos`: an int, or per-row starts [B]
+    when rows are at different lengths), so cropping after a speculation round is just writing at
+    an earlier position next time; slots past a row's position are never attended to. Rows that
+    skip a layer do not write that layer's slot for those positions.
     """
 
     def __init__(self, cfg, batch_size, max_len, device=None, dtype=torch.float32):
@@ -183,15 +201,30 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
     def update(self, layer, rows, pos, k, v):
-        """Write k, v [R, n_kv, T, hd] at positions [pos, pos+T); return keys/values [R, n_kv, pos+T, hd]."""
-        end = pos + k.shape[2]
+        """Write k, v [R, n_kv, T, hd] at positions [pos, pos+T) of rows `rows` (None: all);
+        return keys/values [R, n_kv, S, hd], S = one past the last position written."""
+        T = k.shape[2]
+        if torch.is_tensor(pos):  # per-row positions: scatter each row's T tokens at its own offset
+            b = torch.arange(k.shape[0], device=k.device) if rows is None else rows
+            at = positions(pos, T, k.device)                      # [R, T]
+            self.k[layer, b[:, None], :, at] = k.transpose(1, 2)  # indexed view: [R, T, n_kv, hd]
+            self.v[layer, b[:, None], :, at] = v.transpose(1, 2)
+        else:
+            b = slice(None) if rows is None else rows
+            self.k[layer, b, :, pos:pos + T] = k
+            self.v[layer, b, :, pos:pos + T] = v
+        end = end_position(pos, T)
         if rows is None:
-            self.k[layer, :, :, pos:end] = k
-            self.v[layer, :, :, pos:end] = v
             return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-        self.k[layer, rows, :, pos:end] = k
-        self.v[layer, rows, :, pos:end] = v
         return self.k[layer, rows, :, :end], self.v[layer, rows, :, :end]
+
+    def keep_rows(self, rows):
+        """Drop every batch row not in `rows` [R] (finished generations leave the batch)."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+
+
+def rotary(x, cos, sin):
+    return (apply_rotary if FUSED["rope"] else apply_rotary_reference)(x, cos, sin)
 
 
 class Attention(nn.Module):
@@ -205,20 +238,28 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, attn_mask, cache, rows, pos):
         B, T, _ = x.shape
-        hd = self.head_dim
-        q, k, v = self.wqkv(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=-1)
-        q = q.view(B, T, self.n_head, hd).transpose(1, 2)      # [B, H, T, hd]
-        k = k.view(B, T, self.n_kv_head, hd).transpose(1, 2)   # [B, Hkv, T, hd]
-        v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)
-        if self.use_rope:
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+        H, Hkv, hd = self.n_head, self.n_kv_head, self.head_dim
+        qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, hd).transpose(1, 2)  # [B, H + 2 Hkv, T, hd]: q heads, k heads, v heads
+        qk, v = qkv[:, :H + Hkv], qkv[:, H + Hkv:]
+        if self.use_rope:  # q and k rotated together
+            qk = rotary(qk, cos, sin)
+        q, k = qk[:, :H], qk[:, H:]                                    # [B, H, T, hd], [B, Hkv, T, hd]
         if cache is not None:
             k, v = cache.update(self.layer, rows, pos, k, v)   # [B, Hkv, pos+T, hd]
         is_causal = attn_mask is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                           enable_gqa=self.n_kv_head != self.n_head)
-        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_head * hd))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=Hkv != H)
+        return self.wo(y.transpose(1, 2).reshape(B, T, H * hd))
+
+    def write_kv(self, x, cos, sin, cache, rows, pos):
+        """Only the keys and values of x [B, T, C] into the cache: the K/V rows of the packed projection."""
+        B, T, _ = x.shape
+        q_dim = self.n_head * self.head_dim
+        bias = None if self.wqkv.bias is None else self.wqkv.bias[q_dim:]
+        kv = F.linear(x, self.wqkv.weight[q_dim:], bias).view(B, T, 2 * self.n_kv_head, self.head_dim)
+        k, v = kv.transpose(1, 2).chunk(2, dim=1)              # [B, Hkv, T, hd] each
+        if self.use_rope:
+            k = rotary(k, cos, sin)
+        cache.update(self.layer, rows, pos, k, v)
 
 
 def gelu_tanh(x):
@@ -240,8 +281,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.kind == "swiglu":
-            gate, up = self.w_gate_up(x).chunk(2, dim=-1)
-            return self.w_down(F.silu(gate) * up)
+            return self.w_down((swiglu if FUSED["swiglu"] else swiglu_reference)(self.w_gate_up(x)))
         act = F.relu if self.kind == "relu" else gelu_tanh
         return self.w_down(act(self.w_up(x)))
 
@@ -254,13 +294,34 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer)
         self.mlp_norm = make_norm(cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
+        self.fold_residual = not self.post_norm and cfg.norm == "rmsnorm"  # the add goes into the MLP's norm
 
-    def forward(self, x, cos, sin, attn_mask=None, cache=None, rows=None, pos=0):
+    def forward(self, x, cos, sin, attn_mask=None, cache=None, rows=None, pos=0, run=None):
+        """run [B, T] bool on the CPU (per-token skipping): only those tokens take the block's update,
+        the others keep x. Attention still runs for every token, because tokens that run this layer
+        attend to the keys and values of tokens that skip it; the MLP runs on running tokens only."""
+        if run is None and self.fold_residual:
+            normed, h = self.mlp_norm(self.attn(self.attn_norm(x), cos, sin, attn_mask, cache, rows, pos), residual=x)
+            return h + self.mlp(normed)
+        h = self.attention_part(x, cos, sin, attn_mask, cache, rows, pos)
+        if run is None:
+            return self.mlp_part(h)
+        at = run.flatten().nonzero()[:, 0].to(x.device, non_blocking=True)  # flat indices of running tokens
+        return x.flatten(0, 1).index_copy(0, at, self.mlp_part(h.flatten(0, 1)[at])).view_as(x)
+
+    def attention_part(self, x, cos, sin, attn_mask, cache, rows, pos):
         if self.post_norm:  # OPT-350m: residual add, then norm
-            x = self.attn_norm(x + self.attn(x, cos, sin, attn_mask, cache, rows, pos))
-            return self.mlp_norm(x + self.mlp(x))
-        x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask, cache, rows, pos)
-        return x + self.mlp(self.mlp_norm(x))
+            return self.attn_norm(x + self.attn(x, cos, sin, attn_mask, cache, rows, pos))
+        return x + self.attn(self.attn_norm(x), cos, sin, attn_mask, cache, rows, pos)
+
+    def mlp_part(self, h):
+        if self.post_norm:
+            return self.mlp_norm(h + self.mlp(h))
+        return h + self.mlp(self.mlp_norm(h))
+
+    def write_kv(self, x, cos, sin, cache, rows, pos):
+        """For tokens that skip this layer: keys and values from their unchanged residual stream, nothing else."""
+        self.attn.write_kv(x if self.post_norm else self.attn_norm(x), cos, sin, cache, rows, pos)
 
 
 class Transformer(nn.Module):
@@ -278,6 +339,7 @@ class Transformer(nn.Module):
         if cfg.emb_norm:
             self.emb_norm = make_norm(cfg, cfg.n_embd)
         self.layers = nn.ModuleList(Block(cfg, l) for l in range(cfg.n_layer))
+        self.rope_tables = {}  # (device, dtype) -> (cos, sin) [block_size, head_dim]: not weights, never saved
         if cfg.final_norm:
             self.norm = make_norm(cfg, cfg.n_embd)
         self.lm_head = nn.Linear(emb_dim, cfg.vocab_size, bias=False)
@@ -311,52 +373,88 @@ class Transformer(nn.Module):
     # ---- the three primitives ----
 
     def embed(self, idx, pos=0):
-        """Token ids [B, T] at positions [pos, pos+T) -> residual stream [B, T, C]."""
+        """Token ids [B, T] at positions [pos, pos+T) (pos: int or per-row [B]) -> residual stream [B, T, C]."""
         x = self.tok_emb(idx)
         if hasattr(self, "proj_in"):
             x = self.proj_in(x)
         if self.cfg.pos_emb == "learned":
-            offset = pos + self.cfg.pos_offset
-            x = x + self.pos_emb.weight[offset:offset + idx.shape[1]]
+            x = x + self.pos_emb(positions(pos, idx.shape[1], idx.device) + self.cfg.pos_offset)
         if self.cfg.emb_norm:
             x = self.emb_norm(x)
         return x
 
     def attention_mask(self, T, pos, device, dtype):
-        """Mask for T queries at [pos, pos+T) over keys [0, pos+T): None where plain causal attention
-        does (SDPA's is_causal); else bool [T, S], or with ALiBi an additive float [H, T, S]."""
-        cfg, S = self.cfg, pos + T
-        window = cfg.sliding_window
-        if cfg.pos_emb != "alibi" and (window is None or S <= window) and (pos == 0 or T == 1):
+        """Mask for T queries at [pos, pos+T) over keys [0, S): None where plain causal attention
+        does (SDPA's is_causal); else bool [T, S], or with ALiBi an additive float [H, T, S].
+        Per-row positions pos [B] always get a mask with a batch dim: [B, 1, T, S] or [B, H, T, S]."""
+        cfg, S = self.cfg, end_position(pos, T)
+        window, per_row = cfg.sliding_window, torch.is_tensor(pos)
+        if (not per_row and cfg.pos_emb != "alibi" and (window is None or S <= window)
+                and (pos == 0 or T == 1)):
             return None
-        q = torch.arange(pos, S, device=device).unsqueeze(1)
-        k = torch.arange(S, device=device).unsqueeze(0)
-        allowed = k <= q
+        q = positions(pos, T, device).unsqueeze(-1)  # [(B,) T, 1]
+        k = torch.arange(S, device=device)            # [S]
+        allowed = k <= q                               # [(B,) T, S]
         if window is not None:
             allowed = allowed & (k > q - window)
+        if per_row:
+            allowed = allowed.unsqueeze(1)             # [B, 1, T, S]
         if cfg.pos_emb != "alibi":
             return allowed
         bias = alibi_slopes(cfg.n_head).to(device)[:, None, None] * k.float()  # [H, 1, S]: slope x key position
         return bias.masked_fill(~allowed, float("-inf")).to(dtype)
 
+    def rope(self, pos, T, dtype, device):
+        """cos, sin for positions [pos, pos+T), sliced from a table over the whole context (built once per
+        device and dtype) unless the frequencies depend on the length (dynamic NTK, LongRoPE)."""
+        if (self.cfg.rope_scaling or {}).get("rope_type") in ("dynamic", "longrope"):
+            return rope_cos_sin(self.cfg, pos, T, dtype, device)
+        key = (str(device), dtype)
+        if key not in self.rope_tables:
+            self.rope_tables[key] = rope_cos_sin(self.cfg, 0, self.cfg.block_size, dtype, device)  # [S, hd] each
+        cos, sin = self.rope_tables[key]
+        if torch.is_tensor(pos):
+            at = positions(pos, T, device)                                   # [B, T]
+            return cos[at].unsqueeze(1), sin[at].unsqueeze(1)                 # [B, 1, T, hd]
+        return cos[pos:pos + T], sin[pos:pos + T]
+
     def run_layers(self, x, start, end, skip_mask=None, cache=None, pos=0, attn_mask=None):
-        """Blocks [start, end). skip_mask [B, L] bool: True rows pass through block l untouched;
-        the other rows are gathered, run and scattered back, so skipping saves real compute."""
-        T = x.shape[1]
+        """Blocks [start, end) at positions [pos, pos+T) (pos: int, or per-row starts [B] on the CPU).
+
+        skip_mask (bool, on the CPU; True = skip): [B, L] per sample: skipping rows pass through block l
+        untouched, the others are gathered, run and scattered back, so skipping saves real compute; a
+        skipped slot of the cache is never written (static plans never read it). [B, T, L] per token:
+        a skipping token keeps its residual stream, but its keys and values are still computed, since
+        later tokens that run the layer attend to it. In one-token decode steps a skipping row computes
+        only those keys and values; over several tokens attention runs for all and the MLP is saved.
+        """
+        B, T = x.shape[:2]
         cos = sin = None
         if self.cfg.pos_emb == "rope":
-            cos, sin = rope_cos_sin(self.cfg, pos, T, x.dtype, x.device)
+            cos, sin = self.rope(pos, T, x.dtype, x.device)
+        per_token = skip_mask is not None and skip_mask.dim() == 3
         for l in range(start, end):
             block = self.layers[l]
-            if skip_mask is None:
+            run = None if skip_mask is None else ~skip_mask[..., l]  # [B] or [B, T]: host-side, no device sync
+            if run is None or bool(run.all()):
                 x = block(x, cos, sin, attn_mask, cache, None, pos)
                 continue
-            run = ~skip_mask[:, l]                  # [B], on the CPU: deciding costs no device sync
-            if bool(run.all()):
-                x = block(x, cos, sin, attn_mask, cache, None, pos)
-            elif bool(run.any()):
-                rows = run.nonzero().squeeze(1).to(x.device, non_blocking=True)  # [R]
-                x = x.index_copy(0, rows, block(x[rows], cos, sin, attn_mask, cache, rows, pos))
+            if per_token and T > 1 and bool(run.any()):  # per-token update (attention for all tokens)
+                x = block(x, cos, sin, attn_mask, cache, None, pos, run=run)
+                continue
+            if per_token:
+                run = run.any(-1)  # one token per row, or none running: a row runs the block or writes K/V only
+            for keep, rows in ((True, run), (False, ~run)):
+                if not bool(rows.any()) or (not keep and not per_token):
+                    continue
+                idx = rows.nonzero()[:, 0].to(x.device, non_blocking=True)  # [R]
+                args = (cos, sin, attn_mask, pos)
+                if torch.is_tensor(pos):  # per-row positions: rope, mask and positions follow the rows
+                    args = (cos[idx], sin[idx], attn_mask[idx], pos[rows])
+                if keep:
+                    x = x.index_copy(0, idx, block(x[idx], *args[:3], cache, idx, args[3]))
+                elif cache is not None:
+                    block.write_kv(x[idx], args[0], args[1], cache, idx, args[3])
         return x
 
     def final_hidden(self, x):
@@ -376,21 +474,22 @@ class Transformer(nn.Module):
         if not isinstance(exit_layer, int) or not 1 <= exit_layer <= self.n_layer:
             raise ValueError(f"exit_layer must be an integer in [1, {self.n_layer}], got {exit_layer!r}")
 
-    def normalize_skip_mask(self, skip_mask, B):
-        """Accept [L] (whole batch) or [B, L]; return a bool [B, L] tensor on the CPU (decisions are host-side)."""
+    def normalize_skip_mask(self, skip_mask, B, T):
+        """Accept [L] (whole batch), [B, L] (per sample) or [B, T, L] (per token); return a bool tensor
+        [B, L] or [B, T, L] on the CPU (decisions are host-side)."""
         if skip_mask is None:
             return None
         skip_mask = torch.as_tensor(skip_mask, dtype=torch.bool).cpu()
         if skip_mask.dim() == 1:
             skip_mask = skip_mask.expand(B, -1)
-        if tuple(skip_mask.shape) != (B, self.n_layer):
-            raise ValueError(f"skip_mask must have shape [{self.n_layer}] or [{B}, {self.n_layer}], "
-                             f"got {list(skip_mask.shape)}")
+        if tuple(skip_mask.shape) not in ((B, self.n_layer), (B, T, self.n_layer)):
+            raise ValueError(f"skip_mask must have shape [{self.n_layer}], [{B}, {self.n_layer}] or "
+                             f"[{B}, {T}, {self.n_layer}], got {list(skip_mask.shape)}")
         return skip_mask
 
     def forward(self, idx, targets=None, *, exit_layer=None, exits=None, skip_mask=None,
                 cache=None, pos=0, last_only=False):
-        """idx [B, T] token ids at positions [pos, pos+T).
+        """idx [B, T] token ids at positions [pos, pos+T) (pos: int, or per-row starts [B] on the CPU).
 
         No targets: logits [B, T, V] of the exit after `exit_layer` layers (default: all L).
         With targets [B, T]: (loss, {exit_layer: loss}) where `exits` maps exit layers
@@ -398,9 +497,9 @@ class Transformer(nn.Module):
         exit is computed chunk by chunk from the hidden state, never holding [B*T, V] logits per exit.
         """
         B, T = idx.shape
-        if pos + T > self.cfg.block_size:
-            raise ValueError(f"sequence of {pos + T} tokens exceeds the context of {self.cfg.block_size}")
-        skip_mask = self.normalize_skip_mask(skip_mask, B)
+        if end_position(pos, T) > self.cfg.block_size:
+            raise ValueError(f"sequence of {end_position(pos, T)} tokens exceeds the context of {self.cfg.block_size}")
+        skip_mask = self.normalize_skip_mask(skip_mask, B, T)
         x = self.embed(idx, pos)
         attn_mask = self.attention_mask(T, pos, idx.device, x.dtype)
 
@@ -421,7 +520,10 @@ class Transformer(nn.Module):
             h = self.final_hidden(x).reshape(B * T, -1)  # [B*T, C]
             # one exit: gradients formed in the forward (6CV FLOPs); several: recomputed in the backward,
             # so that no exit holds a [V, C] gradient buffer until the backward
-            exit_loss = linear_cross_entropy(h, self.lm_head.weight, flat_targets, recompute=len(exits) > 1)
+            if FUSED["loss"]:
+                exit_loss = linear_cross_entropy(h, self.lm_head.weight, flat_targets, recompute=len(exits) > 1)
+            else:  # reference: the whole [B*T, V] logits
+                exit_loss = F.cross_entropy(self.lm_head(h).float(), flat_targets)
             exit_losses[e] = exit_loss.detach()
             loss = loss + exits[e] * exit_loss
         return loss, exit_losses

@@ -1,9 +1,15 @@
 """
 Generate from a trained model:  python sample.py [--out_dir out] [--prompt "def "] [--exit_layer 12]
 
---exit_layer E decodes with the first E layers and the shared exit. --skip_layers 3,5,7 skips
-those layers (0-based) for generated tokens. temperature 0 is greedy.
+--exit_layer E decodes with the first E layers and the shared exit. --skip_layers 3,5,7 skips those
+layers (0-based) for generated tokens; without it, a plan stored in the checkpoint's config applies
+(--skip_layers none turns it off). --speculative drafts with [0, E) and verifies with the rest.
+--prompts FILE (a JSON list of strings) decodes several prompts as one batch. temperature 0 is greedy.
+--sweep times self-speculation over a grid of (exit_layer, num_speculations), one prompt at a time,
+prints a table, writes it as CSV and names the fastest setting.
 """
+import csv
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -11,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from configurator import configure, run_main
-from generate import generate, generate_speculative
-from model import Transformer
+from generate import generate, generate_speculative, pad_prompts
+from model import Transformer, atomic_write
 from tokenizer import load_tokenizer
 
 
@@ -20,7 +26,8 @@ from tokenizer import load_tokenizer
 class SampleConfig:
     out_dir: str = "out"
     prompt: str | None = None        # None: start from the bos token; "FILE:path" reads a file
-    num_samples: int = 1
+    prompts: str | None = None       # a JSON file holding a list of prompt strings, decoded as one batch
+    num_samples: int = 1             # samples per prompt
     max_new_tokens: int = 200
     temperature: float = 0.8
     top_k: int | None = 200
@@ -28,23 +35,97 @@ class SampleConfig:
     exit_layer: int | None = None
     speculative: bool = False        # self-speculative decoding: draft with [0, exit_layer), verify with the rest
     num_speculations: int = 3        # d: tokens drafted per round
-    skip_layers: str = ""            # comma-separated 0-based layers to skip while generating
+    skip_layers: str = ""            # comma-separated 0-based layers to skip while generating; "none": no plan
+    sweep: bool = False              # time self-speculation over sweep_exit_layers x sweep_num_speculations
+    sweep_exit_layers: str = ""      # default: up to 6 depths spread over [1, L)
+    sweep_num_speculations: str = "1,2,4,6,8"
+    sweep_csv: str = "sweep.csv"
     seed: int = 1337
     device: str = "auto"
 
 
-def parse_skip_layers(spec, n_layer):
-    if not spec:
-        return None
+def parse_layers(spec, name, low, high):
+    """'3,5,7' -> [3, 5, 7], each checked to lie in [low, high]."""
     try:
         layers = [int(s) for s in str(spec).split(",")]
     except ValueError:
-        raise ValueError(f"skip_layers {spec!r}: expected comma-separated layer indices") from None
-    if not all(0 <= l < n_layer for l in layers):
-        raise ValueError(f"skip_layers {spec!r}: layers must lie in [0, {n_layer - 1}]")
+        raise ValueError(f"{name} {spec!r}: expected comma-separated integers") from None
+    if not all(low <= l <= high for l in layers):
+        raise ValueError(f"{name} {spec!r}: values must lie in [{low}, {high}]")
+    return layers
+
+
+def parse_skip_layers(spec, n_layer):
+    """--skip_layers -> mask [L], or None for the checkpoint's own plan; 'none' -> no skipping."""
+    if not spec:
+        return None
     skip = torch.zeros(n_layer, dtype=torch.bool)
-    skip[layers] = True
+    if spec != "none":
+        skip[parse_layers(spec, "skip_layers", 0, n_layer - 1)] = True
     return skip
+
+
+def read_prompts(cfg):
+    """The prompt strings of this run: --prompts FILE, or --prompt (FILE:path reads one), or [None] for bos only."""
+    if cfg.prompts is not None:
+        try:
+            prompts = json.load(open(cfg.prompts, encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"prompts file {cfg.prompts!r}: {e}") from None
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
+            raise ValueError(f"prompts file {cfg.prompts!r} must hold a JSON list of non-empty strings")
+        return prompts
+    prompt = cfg.prompt
+    if prompt is not None and prompt.startswith("FILE:"):
+        prompt = open(prompt[5:], encoding="utf-8").read()
+    if prompt == "":
+        raise ValueError("the prompt is empty; leave --prompt out to start from the bos token")
+    return [prompt]
+
+
+def check_speculation(cfg, n_layer):
+    if cfg.exit_layer is None:
+        raise ValueError("--speculative needs --exit_layer E (the draft depth)")
+    if cfg.exit_layer >= n_layer:
+        raise ValueError(f"exit_layer {cfg.exit_layer}: speculation needs a draft shallower than the "
+                         f"model, in [1, {n_layer - 1}]")
+    if cfg.num_speculations < 1:
+        raise ValueError(f"num_speculations must be at least 1, got {cfg.num_speculations}")
+
+
+def sweep(cfg, model, prompts, sampling):
+    """Time plain decoding and self-speculation for every (E, d), averaged over prompts run one at a time."""
+    L = model.n_layer
+    spread = sorted({max(1, round(i * L / 6)) for i in range(1, 6)} | {1})
+    exits = parse_layers(cfg.sweep_exit_layers, "sweep_exit_layers", 1, L - 1) if cfg.sweep_exit_layers else spread
+    ds = parse_layers(cfg.sweep_num_speculations, "sweep_num_speculations", 1, cfg.max_new_tokens)
+    n = cfg.max_new_tokens
+
+    def timed(fn):
+        t0 = time.perf_counter()
+        stats = [fn(p)[1] for p in prompts]
+        dt = (time.perf_counter() - t0) / len(prompts)
+        rate = sum(s["accepted"] for s in stats) / max(sum(s["drafted"] for s in stats), 1)
+        return rate, dt / n, n / dt
+
+    _, base_tpt, _ = timed(lambda p: (generate(model, p, n, **sampling), {"accepted": 0, "drafted": 0}))
+    rows = [(E, d, *timed(lambda p: generate_speculative(model, p, n, E, d, **sampling)))
+            for E in exits for d in ds]
+    header = ["exit_layer", "num_speculations", "acceptance_rate", "time_per_token", "tokens_per_second"]
+    print(f"full depth: {base_tpt * 1e3:.2f} ms/token")
+    print(" ".join(f"{h:>17}" for h in header) + "           speedup")
+    for E, d, rate, tpt, tps in rows:
+        print(f"{E:>17} {d:>17} {rate:>17.3f} {tpt * 1e3:>14.2f} ms {tps:>17.1f} {base_tpt / tpt:>17.2f}x")
+
+    def write(path):
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            w.writerows([E, d, f"{rate:.4f}", f"{tpt:.6f}", f"{tps:.2f}"] for E, d, rate, tpt, tps in rows)
+    atomic_write(cfg.sweep_csv, write)
+    E, d, rate, tpt, _ = min(rows, key=lambda r: r[3])
+    print(f"fastest: --exit_layer {E} --num_speculations {d}: {base_tpt / tpt:.2f}x over full depth, "
+          f"acceptance {rate:.1%} (table in {cfg.sweep_csv})")
 
 
 def main():
@@ -57,37 +138,32 @@ def main():
         model.check_exit_layer(cfg.exit_layer)
     skip_mask = parse_skip_layers(cfg.skip_layers, model.n_layer)
     tok = load_tokenizer(cfg.out_dir, model.cfg.bos_id, model.cfg.eos_id)
-    prompt = cfg.prompt
-    if prompt is not None and prompt.startswith("FILE:"):
-        prompt = open(prompt[5:], encoding="utf-8").read()
-    if prompt == "":
-        raise ValueError("the prompt is empty; leave --prompt out to start from the bos token")
-    ids = [tok.bos_id()] + (tok.encode(prompt) if prompt else [])
-    idx = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=device)
+    texts = read_prompts(cfg)
+    ids = [[tok.bos_id()] + (tok.encode(t) if t else []) for t in texts for _ in range(cfg.num_samples)]
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     sampling = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
-    if cfg.speculative:
-        if cfg.exit_layer is None:
-            raise ValueError("--speculative needs --exit_layer E (the draft depth)")
-        if cfg.num_speculations < 1:
-            raise ValueError(f"num_speculations must be at least 1, got {cfg.num_speculations}")
-        for row in idx:
-            t0 = time.perf_counter()
-            out, stats = generate_speculative(model, row[None], cfg.max_new_tokens, cfg.exit_layer,
-                                              cfg.num_speculations, **sampling)
-            dt = time.perf_counter() - t0
-            print(f"---------- self-speculative: draft {cfg.exit_layer} layers, d={cfg.num_speculations}, "
-                  f"acceptance {stats['acceptance_rate']:.1%}, {dt / cfg.max_new_tokens * 1e3:.1f} ms/token, "
-                  f"{cfg.max_new_tokens / dt:.1f} tokens/s")
-            print(tok.decode(out[0, 1:].tolist()))
-        return
-    depth = f"exit layer {cfg.exit_layer}" if cfg.exit_layer else f"all {model.n_layer} layers"
+    if cfg.sweep:
+        return sweep(cfg, model, [torch.tensor([p], device=device) for p in ids], sampling)
+    idx, lens = pad_prompts(ids)
+    idx = idx.to(device)
     t0 = time.perf_counter()
-    out = generate(model, idx, cfg.max_new_tokens, exit_layer=cfg.exit_layer, skip_mask=skip_mask, **sampling)
+    if cfg.speculative:
+        check_speculation(cfg, model.n_layer)
+        out, stats = generate_speculative(model, idx, cfg.max_new_tokens, cfg.exit_layer, cfg.num_speculations,
+                                          prompt_lens=lens, **sampling)
+        header = (f"self-speculative: draft {cfg.exit_layer} layers, d={cfg.num_speculations}, "
+                  f"acceptance {stats['acceptance_rate']:.1%}")
+    else:
+        out = generate(model, idx, cfg.max_new_tokens, prompt_lens=lens, exit_layer=cfg.exit_layer,
+                       skip_mask=skip_mask, **sampling)
+        plan = model.cfg.skip_layers if skip_mask is None else skip_mask.nonzero()[:, 0].tolist()
+        header = f"exit layer {cfg.exit_layer}" if cfg.exit_layer else f"all {model.n_layer} layers"
+        header += f", skipping layers {plan}" if plan else ""
     dt = time.perf_counter() - t0
-    for row in out.tolist():
-        print(f"---------- {depth}, {dt / cfg.max_new_tokens * 1e3:.1f} ms/token")
-        print(tok.decode(row[1:]))
+    new_tokens = cfg.max_new_tokens * len(ids)
+    for row, n in zip(out.tolist(), lens.tolist()):
+        print(f"---------- {header}, {dt / cfg.max_new_tokens * 1e3:.1f} ms/step, {new_tokens / dt:.1f} tokens/s")
+        print(tok.decode(row[1:n + cfg.max_new_tokens]))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from data.instruct import encode_records, epoch_indices, load_records, make_batc
 from layerskip import dropout_rates, exit_weights, layer_dropout_mask
 from model import PRESETS, Config, Transformer, atomic_write
 from tokenizer import load_tokenizer
+from unified import response_skip_mask, skipped_layers
 
 
 @dataclass
@@ -70,6 +71,9 @@ class TrainConfig:
     early_exit_curriculum: str = "off"    # off (last layer only) | none (all exits) | rotational | gradual
     e_scale: float = 1.0
     exit_period: int = 8             # R of the rotational curriculum
+    # unified layer skipping (unified.py): response tokens skip the layers of a target speedup's plan
+    skip_speedup: float = 0.0        # 0: off; e.g. 2 or 3 (dataset=instruct); the plan is saved in config.json
+    freeze_embeddings: bool = False  # keep the token embedding (and a tied head) fixed
     seed: int = 1337
     device: str = "auto"             # auto: cuda if available
     compile: bool | None = None      # per-block torch.compile; default on for CUDA
@@ -200,14 +204,16 @@ def parse_exits(spec, n_layer):
 # ---- evaluation and checkpoints ----
 
 @torch.no_grad()
-def evaluate(model, val_batch, cfg, exits, device, autocast):
-    """Mean validation loss at each exit layer, over fixed batches; no layer dropout (eval mode)."""
+def evaluate(model, val_batch, cfg, exits, device, autocast, plan=False):
+    """Mean validation loss at each exit layer, over fixed batches; no layer dropout (eval mode).
+    plan: only the last exit, with response tokens skipping the model's skip plan."""
     model.eval()
     totals = {e: 0.0 for e in exits}
     for i in range(cfg.eval_batches):
         x, y = val_batch(i)
+        skip_mask = response_skip_mask(y, model.cfg.skip_layers, model.n_layer) if plan else None
         with autocast:
-            _, exit_losses = model(x.to(device), y.to(device), exits={e: 1.0 for e in exits})
+            _, exit_losses = model(x.to(device), y.to(device), exits={e: 1.0 for e in exits}, skip_mask=skip_mask)
         for e in exits:
             totals[e] += exit_losses[e].item() / cfg.eval_batches
     model.train()
@@ -227,9 +233,7 @@ def save_checkpoint(model, optimizer, step, cfg, tokenizer_file, rank):
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         model.save_pretrained(cfg.out_dir, state=full)
-        tok_dst = os.path.join(cfg.out_dir, os.path.basename(tokenizer_file))
-        if os.path.abspath(tok_dst) != os.path.abspath(tokenizer_file):
-            atomic_write(tok_dst, lambda p: shutil.copyfile(tokenizer_file, p))
+        copy_tokenizer(tokenizer_file, cfg.out_dir)
     final, tmp, old = (os.path.join(cfg.out_dir, n) for n in ("train_state", "train_state.tmp", "train_state.old"))
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -244,6 +248,13 @@ def save_checkpoint(model, optimizer, step, cfg, tokenizer_file, rank):
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     barrier()
+
+
+def copy_tokenizer(tokenizer_file, out_dir):
+    """Put the tokenizer next to the weights, so that sample.py finds it."""
+    dst = os.path.join(out_dir, os.path.basename(tokenizer_file))
+    if os.path.abspath(dst) != os.path.abspath(tokenizer_file):
+        atomic_write(dst, lambda p: shutil.copyfile(tokenizer_file, p))
 
 
 def train_state_dir(cfg):
@@ -351,6 +362,12 @@ def main():
         torch.manual_seed(cfg.seed)
         model.init_weights()
     model.train()
+    if cfg.skip_speedup:
+        if cfg.dataset != "instruct" or cfg.p_max > 0:
+            raise ValueError("skip_speedup needs dataset=instruct (prompt and response) and p_max=0")
+        model.cfg.skip_layers = skipped_layers(model.n_layer, cfg.skip_speedup)
+    if cfg.freeze_embeddings:
+        model.tok_emb.weight.requires_grad_(False)
     optimizer = make_optimizer(model, cfg, fused=cuda)
     start_step = load_train_state(model, optimizer, cfg) if cfg.init_from == "resume" else 0
     eval_exits = parse_exits(cfg.eval_exits, model.n_layer)
@@ -366,13 +383,19 @@ def main():
     flops_per_token = model.flops_per_token(cfg.block_size)
     bar = tqdm(range(start_step, cfg.max_steps + 1), initial=start_step, total=cfg.max_steps + 1, desc="train",
                disable=not master)
+    t0, timed_steps = time.time(), 0  # tokens/s over the steps since the last evaluation
     for step in bar:
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             losses = evaluate(model, val_batch, cfg, eval_exits, device, autocast)
+            row = {"step": step, "val_loss": {str(e): v for e, v in losses.items()},
+                   "val_ppl": {str(e): math.exp(min(v, 50)) for e, v in losses.items()}}
+            if cfg.skip_speedup:
+                row["val_loss_plan"] = evaluate(model, val_batch, cfg, [L], device, autocast, plan=True)[L]
             if master:
-                tqdm.write(f"step {step}: validation\n{format_exit_table(losses)}")
-                log_metrics(metrics_path, {"step": step, "val_loss": {str(e): v for e, v in losses.items()},
-                                           "val_ppl": {str(e): math.exp(min(v, 50)) for e, v in losses.items()}})
+                tqdm.write(f"step {step}: validation\n{format_exit_table(losses)}" + (
+                    f"\nskipping layers {model.cfg.skip_layers}: val loss {row['val_loss_plan']:.4f}"
+                    if cfg.skip_speedup else ""))
+                log_metrics(metrics_path, row)
             if step > start_step:
                 save_checkpoint(model, optimizer, step, cfg, tokenizer_file, rank)
             t0, timed_steps = time.time(), 0
@@ -390,6 +413,8 @@ def main():
             if cfg.p_max > 0:  # the same seed on every rank: the same local sample positions drop
                 skip_mask = layer_dropout_mask(rates, x.shape[0], batch_seed(cfg.seed + 1, step, micro))
                 check_same_on_all_ranks(skip_mask)
+            if cfg.skip_speedup:  # prompt through every layer, response through the plan's layers
+                skip_mask = response_skip_mask(y, model.cfg.skip_layers, L)
             if dist.is_initialized():  # reduce-scatter gradients only after the last micro step
                 model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
             with autocast:

@@ -14,22 +14,31 @@ All-ignored input gives loss 0 and zero gradients (F.cross_entropy would give na
 """
 import torch
 
+from kernels import on_device
 
-def _chunk_size(vocab_size, budget=2**24):
-    """Tokens per chunk so that one chunk of fp32 logits is about `budget` elements (64 MiB)."""
-    return max(16, budget // vocab_size)
+
+def _chunk_size(vocab_size, cuda):
+    """Tokens per chunk so that one chunk of fp32 logits is about 64 MiB on the CPU, 256 MiB on CUDA, where
+    fewer, larger chunks keep the head's matmuls efficient and the fp32 weight-gradient accumulation rare."""
+    return max(16, (2**26 if cuda else 2**24) // vocab_size)
 
 
 def _chunks(N, size):
     return ((s, min(s + size, N)) for s in range(0, N, size))
 
 
-def _grad_logits(probs, targets, ignore_index, scale, dtype):
-    """d loss / d logits for one chunk: (softmax - onehot(target)) x scale, zero on ignored rows.
-    `probs` [n, V] fp32 (the softmax) is overwritten."""
-    valid = (targets != ignore_index).unsqueeze(1)
-    probs.scatter_add_(1, targets.clamp(min=0).unsqueeze(1), -valid.float())
-    return probs.mul_(valid * scale).to(dtype)
+@on_device
+def _loss_and_grad(logits, targets, ignore_index, scale, want_grad):
+    """One chunk: logits [n, V] -> (summed loss fp32, d loss / d logits x scale in logits' dtype, or None).
+    The gradient is softmax - onehot(target), zero on ignored rows, formed in place over the fp32 buffer."""
+    valid = targets != ignore_index
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [n, V]
+    loss_sum = -(logp.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1) * valid).sum()
+    if not want_grad:
+        return loss_sum, None
+    probs = logp.exp_()
+    probs.scatter_add_(1, targets.clamp(min=0).unsqueeze(1), -valid.float().unsqueeze(1))
+    return loss_sum, probs.mul_(valid.unsqueeze(1) * scale).to(logits.dtype)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -39,19 +48,18 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, weight, targets, ignore_index, chunk_size, recompute):
         # h [N, C], weight [V, C], targets [N]
         w = weight.to(h.dtype)
-        valid = targets != ignore_index
-        n_valid = valid.sum().clamp(min=1)
+        n_valid = (targets != ignore_index).sum().clamp(min=1)
+        one = torch.ones((), device=h.device)
         grads_now = not recompute and any(ctx.needs_input_grad[:2])
         if grads_now:
             grad_h = torch.empty_like(h)
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
         loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
         for s, e in _chunks(h.shape[0], chunk_size):
-            logp = torch.log_softmax((h[s:e] @ w.T).float(), dim=-1)  # [n, V]
-            target_logp = logp.gather(1, targets[s:e].clamp(min=0).unsqueeze(1)).squeeze(1)
-            loss_sum -= (target_logp * valid[s:e]).sum()
-            if grads_now:  # gradients of the summed loss; the backward divides by n_valid
-                grad = _grad_logits(logp.exp_(), targets[s:e], ignore_index, 1.0, h.dtype)
+            # gradients of the summed loss when grads_now; the backward divides by n_valid
+            chunk_loss, grad = _loss_and_grad(h[s:e] @ w.T, targets[s:e], ignore_index, one, grads_now)
+            loss_sum += chunk_loss
+            if grads_now:
                 grad_h[s:e] = grad @ w
                 grad_w += (grad.T @ h[s:e]).float()
         ctx.precomputed = grads_now
@@ -75,8 +83,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[1] else None
         scale = grad_loss.float() / n_valid
         for s, e in _chunks(h.shape[0], ctx.chunk_size):
-            probs = torch.softmax((h[s:e] @ w.T).float(), dim=-1)  # the forward's chunk, recomputed
-            grad = _grad_logits(probs, targets[s:e], ctx.ignore_index, scale, h.dtype)
+            # the forward's chunk of logits, recomputed
+            _, grad = _loss_and_grad(h[s:e] @ w.T, targets[s:e], ctx.ignore_index, scale, True)
             if grad_h is not None:
                 grad_h[s:e] = grad @ w
             if grad_w is not None:
@@ -88,5 +96,5 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(h, weight, targets, ignore_index=-100, chunk_size=None, recompute=True):
     """h [N, C], weight [V, C], targets [N] -> mean cross-entropy over non-ignored tokens."""
-    chunk_size = chunk_size or _chunk_size(weight.shape[0])
+    chunk_size = chunk_size or _chunk_size(weight.shape[0], h.is_cuda)
     return LinearCrossEntropy.apply(h, weight, targets, ignore_index, chunk_size, recompute)

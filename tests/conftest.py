@@ -23,15 +23,40 @@ def assert_one_line_error(proc, *words):
         assert w in lines[0], lines[0]
 
 
-@pytest.fixture(scope="session")
-def stdlib_data(tmp_path_factory):
-    """The default corpus (stdlib source), prepared once per test session."""
-    out = tmp_path_factory.mktemp("stdlib")
-    proc = run_script("data/prepare.py", "--out", str(out))
+def built_data(tmp_path_factory, name, script):
+    """Run a data script into a fresh temporary directory; return the directory."""
+    out = tmp_path_factory.mktemp(name)
+    proc = run_script(script, "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     return str(out)
 
 
 @pytest.fixture(scope="session")
+def stdlib_data(tmp_path_factory):
+    """The default corpus (stdlib source), prepared once per test session."""
+    return built_data(tmp_path_factory, "stdlib", "data/prepare.py")
+
+
+@pytest.fixture(scope="session")
 def stdlib_path():
     return sysconfig.get_paths()["stdlib"]
+
+
+TINY = ["--model=test-tiny", "--micro_batch=16", "--block_size=128", "--warmup_steps=30",
+        "--lr=1e-2", "--min_lr=1e-3", "--eval_batches=4"]
+
+
+@pytest.fixture(scope="session")
+def trained(stdlib_data, tmp_path_factory):
+    """test-tiny (4 layers) trained 400 steps on the default corpus: a checkpoint directory."""
+    out = str(tmp_path_factory.mktemp("trained"))
+    proc = run_script("train.py", *TINY, f"--data_dir={stdlib_data}", f"--out_dir={out}",
+                      "--max_steps=400", "--eval_interval=200")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def stdlib_instruct(tmp_path_factory):
+    """The stdlib instruction set (Alpaca format), built once per test session."""
+    return built_data(tmp_path_factory, "instruct", "data/instruct.py")

@@ -66,6 +66,43 @@ def test_skipping_rows_do_not_reach_the_block():
 
 
 @torch.no_grad()
+def test_per_token_skipping_keeps_skipping_tokens_and_their_keys():
+    """A token that skips keeps its residual exactly; a running token gets exactly the full block's
+    output, because the skipping tokens' keys and values are still computed for it to attend to."""
+    model = tiny()
+    x = torch.randn(2, 10, 64)
+    mask = torch.zeros(2, 10, 4, dtype=torch.bool)
+    mask[0, 3:7, 1] = True
+    mask[1, 1::2, 1] = True
+    out, full = model.run_layers(x, 1, 2, skip_mask=mask), model.run_layers(x, 1, 2)
+    skip = mask[..., 1]
+    assert torch.equal(out[skip], x[skip])
+    torch.testing.assert_close(out[~skip], full[~skip], **TOL)
+    # a mask constant over the tokens of each row is per-sample skipping
+    rows = torch.tensor([[0, 1, 0, 1], [0, 0, 1, 0]], dtype=torch.bool)
+    idx = tokens(B=2)
+    torch.testing.assert_close(model(idx, skip_mask=rows[:, None].expand(2, 12, 4)), model(idx, skip_mask=rows), **TOL)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(norm_position="post", norm="layernorm", bias=True, mlp="relu",
+                                                pos_emb="learned", pos_offset=2)])
+@torch.no_grad()
+def test_per_token_skipping_decodes_like_the_full_forward(kw):
+    """Token-by-token decoding with per-token masks (skipping rows write only K/V) equals one forward
+    over the whole sequence with the same [B, T, L] mask."""
+    model = tiny(**kw)
+    idx = tokens(B=3, T=14)
+    mask = torch.rand(3, 14, 4, generator=torch.Generator().manual_seed(5)) < 0.5
+    mask[:, :4] = False  # a prompt through every layer, then random per-token skipping
+    full = model(idx, skip_mask=mask)
+    cache = KVCache(model.cfg, 3, 14)
+    pieces = [model(idx[:, :4], skip_mask=mask[:, :4], cache=cache)]
+    for t in range(4, 14):
+        pieces.append(model(idx[:, t:t + 1], skip_mask=mask[:, t:t + 1], cache=cache, pos=t))
+    assert (torch.cat(pieces, dim=1) - full).abs().max() <= 1e-5
+
+
+@torch.no_grad()
 def test_exit_layer_logits():
     model = tiny()
     idx = tokens()

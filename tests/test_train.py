@@ -11,10 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, assert_one_line_error, run_script
-
-TINY = ["--model=test-tiny", "--micro_batch=16", "--block_size=128", "--warmup_steps=30",
-        "--lr=1e-2", "--min_lr=1e-3", "--eval_batches=4"]
+from conftest import ROOT, TINY, assert_one_line_error, run_script
 
 
 def val_rows(out_dir):
@@ -23,15 +20,6 @@ def val_rows(out_dir):
 
 def val_curve(out_dir, exit_layer):
     return [(r["step"], r["val_loss"][str(exit_layer)]) for r in val_rows(out_dir)]
-
-
-@pytest.fixture(scope="module")
-def trained(stdlib_data, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("trained"))
-    proc = run_script("train.py", *TINY, f"--data_dir={stdlib_data}", f"--out_dir={out}",
-                      "--max_steps=400", "--eval_interval=200")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return out
 
 
 def test_training_lowers_validation_loss(trained):

@@ -1,0 +1,120 @@
+"""
+Skip-layer distillation: a frozen full-model teacher teaches a student to survive skipped layers.
+
+    python distill.py config/distill_cpu.py     # the stdlib model; any checkpoint works, e.g. a converted Phi-3
+
+Top-down over every other layer, l = L-2, L-4, ..., 2 (never the first or the last), for
+steps_per_layer steps each, the student minimizes
+
+    KL(teacher || student with every layer) + w * KL(teacher || student without layer l)
+
+(T = 1, the teacher's distribution as the target, as in the reference code). "Without layer l" also
+skips the layers distilled before it: a distilled layer stays skippable, and the final student is
+meant to run with all of them skipped. We train every block of the student (embedding and head stay
+frozen): the reference trains block l alone, but block l is absent from the "without" path, so the
+second term would give it no gradient; the blocks around it are what can learn to do without it.
+After each layer, the validation perplexity of the student and of the original model with the same
+layers skipped is printed; the student (and the distilled layers, in metrics.jsonl) land in out_dir.
+"""
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from configurator import configure, run_main
+from data.instruct import IGNORE
+from model import Transformer
+from train import TrainConfig, copy_tokenizer, load_data, log_metrics
+
+
+@dataclass
+class DistillConfig(TrainConfig):
+    init_from: str = "out"           # the teacher (and the student's starting point)
+    out_dir: str = "out-distill"
+    kl_weight: float = 0.01          # w: weight of the KL of the student without the layer
+    steps_per_layer: int = 40
+    layers: str = ""                 # default L-2, L-4, ..., 2; or a comma list, distilled in that order
+    lr: float = 3e-4
+    eval_batches: int = 10
+
+
+def distill_layers(spec, n_layer):
+    if not spec:
+        return list(range(n_layer - 2, 1, -2))
+    layers = [int(s) for s in spec.split(",")]
+    if not all(0 < l < n_layer - 1 for l in layers):
+        raise ValueError(f"layers {spec!r}: distilled layers must lie in [1, {n_layer - 2}] (never the first or last)")
+    return layers
+
+
+def kl_to_teacher(student_logits, teacher_logits, targets):
+    """KL(teacher || student) averaged over the tokens that have a target ([B, T, V] logits, fp32):
+    every token of plain text; the response tokens of instruction data (never padding)."""
+    s = F.log_softmax(student_logits.float(), dim=-1)
+    t = F.log_softmax(teacher_logits.float(), dim=-1)
+    kl = (t.exp() * (t - s)).sum(-1)  # [B, T]
+    keep = targets != IGNORE
+    return kl[keep].mean()
+
+
+def skip_mask_of(layers, n_layer):
+    mask = torch.zeros(n_layer, dtype=torch.bool)
+    mask[list(layers)] = True
+    return mask
+
+
+@torch.no_grad()
+def val_loss(model, val_batch, batches, skip_layers=()):
+    mask = skip_mask_of(skip_layers, model.n_layer)
+    return sum(model(x, y, skip_mask=mask)[0].item() for x, y in map(val_batch, range(batches))) / batches
+
+
+def main():
+    cfg = configure(DistillConfig())
+    torch.manual_seed(cfg.seed)
+    train_batch, val_batch, _, _, tok_file = load_data(cfg)
+    teacher = Transformer.from_pretrained(cfg.init_from).requires_grad_(False)
+    student = Transformer.from_pretrained(cfg.init_from).train()
+    student.tok_emb.requires_grad_(False)
+    student.lm_head.requires_grad_(False)
+    L = student.n_layer
+    layers = distill_layers(cfg.layers, L)
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.0)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
+    base = val_loss(teacher, val_batch, cfg.eval_batches)
+    print(f"distilling layers {layers} of {L}, {cfg.steps_per_layer} steps each; teacher val loss {base:.4f}")
+    done, step = [], 0
+    for layer in layers:
+        without = skip_mask_of(done + [layer], L)
+        for _ in range(cfg.steps_per_layer):
+            x, y = train_batch(step, 0)
+            teacher_logits = teacher(x)
+            loss = kl_to_teacher(student(x), teacher_logits, y) + \
+                cfg.kl_weight * kl_to_teacher(student(x, skip_mask=without), teacher_logits, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+        done.append(layer)
+        student.eval()
+        row = {"layer": layer, "skipped": list(done), "teacher": base,
+               "student_full": val_loss(student, val_batch, cfg.eval_batches),
+               "student_skipping": val_loss(student, val_batch, cfg.eval_batches, done),
+               "original_skipping": val_loss(teacher, val_batch, cfg.eval_batches, done)}
+        student.train()
+        log_metrics(metrics, row)
+        print(f"layer {layer:2d}: perplexity with layers {done} skipped: student "
+              f"{math.exp(row['student_skipping']):.2f}, original {math.exp(row['original_skipping']):.2f}; "
+              f"all layers: student {math.exp(row['student_full']):.2f}, teacher {math.exp(base):.2f}")
+    student.save_pretrained(cfg.out_dir)
+    copy_tokenizer(tok_file, cfg.out_dir)
+    print(f"saved the student to {cfg.out_dir}/; sample with --skip_layers {','.join(map(str, sorted(done)))}")
+
+
+if __name__ == "__main__":
+    run_main(main)

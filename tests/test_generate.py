@@ -1,0 +1,132 @@
+"""Decoding: batched generation (ragged prompts) equals each row alone, skip plans, and self-speculative
+decoding: greedy output equals full-depth greedy (batch 1 and batch > 1); sampling keeps the model's distribution."""
+from dataclasses import replace
+
+import pytest
+import torch
+
+from generate import generate, generate_speculative, pad_prompts, probs_from_logits
+from model import PRESETS, Transformer
+
+
+def model_with(**kw):
+    torch.manual_seed(0)
+    return Transformer(replace(PRESETS["test-tiny"], n_layer=6, **kw)).eval()
+
+
+FAMILIES = [dict(), dict(pos_emb="alibi", norm="layernorm", bias=True, mlp="gelu_tanh"),
+            dict(sliding_window=5), dict(pos_emb="learned", pos_offset=2, norm="layernorm", mlp="relu")]
+
+
+def ragged_prompts(lengths=(1, 7, 3, 5), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(256, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("kw", FAMILIES)
+def test_batched_generation_equals_each_row_alone(kw):
+    """Ragged prompts decoded together, each row at its own position, give every row what it gets alone,
+    at full depth, at an exit and under a skip plan; rows end in eos padding."""
+    model = model_with(**kw)
+    prompts = ragged_prompts()
+    idx, lens = pad_prompts(prompts)
+    for extra in (dict(), dict(exit_layer=3), dict(skip_mask=torch.tensor([0, 1, 0, 1, 1, 0], dtype=torch.bool))):
+        out = generate(model, idx, 12, prompt_lens=lens, temperature=0, **extra)
+        assert out.shape == (4, 7 + 12)
+        for b, p in enumerate(prompts):
+            alone = generate(model, torch.tensor([p]), 12, temperature=0, **extra)
+            assert out[b, :len(p) + 12].tolist() == alone[0].tolist(), (kw, extra, b)
+            assert (out[b, len(p) + 12:] == model.cfg.eos_id).all()
+
+
+@pytest.mark.parametrize("kw", FAMILIES)
+def test_batched_greedy_speculation_equals_greedy_decoding(kw):
+    """Rows accept different numbers of drafts and finish at different rounds; output is still plain greedy."""
+    model = model_with(**kw)
+    idx, lens = pad_prompts(ragged_prompts(seed=3))
+    expected = generate(model, idx, 20, prompt_lens=lens, temperature=0)
+    for E in (1, 3, 5):
+        for d in (1, 2, 4):
+            out, stats = generate_speculative(model, idx, 20, E, d, prompt_lens=lens)
+            assert out.tolist() == expected.tolist(), (kw, E, d)
+            assert len(stats["row_acceptance_rate"]) == 4
+
+
+def test_skip_plan_in_the_config_is_honoured():
+    model = model_with()
+    idx = torch.randint(256, (2, 5), generator=torch.Generator().manual_seed(2))
+    planned = generate(model, idx, 10, temperature=0, skip_mask=torch.tensor([0, 1, 1, 0, 1, 0], dtype=torch.bool))
+    assert planned.tolist() != generate(model, idx, 10, temperature=0).tolist()
+    model.cfg.skip_layers = [1, 2, 4]
+    assert generate(model, idx, 10, temperature=0).tolist() == planned.tolist()
+
+
+@pytest.mark.parametrize("prompt_len", [1, 7])
+def test_greedy_speculation_equals_greedy_decoding(prompt_len):
+    model = model_with()
+    idx = torch.randint(256, (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+    expected = generate(model, idx, 30, temperature=0)
+    for E in (1, 2, 3, 5):
+        for d in (1, 2, 3, 6):
+            out, stats = generate_speculative(model, idx, 30, E, d, temperature=0)
+            assert out.tolist() == expected.tolist(), (E, d)
+            assert 0 <= stats["accepted"] <= stats["drafted"]
+
+
+def test_greedy_speculation_with_alibi_and_sliding_window():
+    for kw in (dict(pos_emb="alibi", norm="layernorm", bias=True, mlp="gelu_tanh"), dict(sliding_window=5)):
+        model = model_with(**kw)
+        idx = torch.randint(256, (1, 4), generator=torch.Generator().manual_seed(1))
+        expected = generate(model, idx, 24, temperature=0)
+        for E, d in ((2, 3), (4, 5)):
+            assert generate_speculative(model, idx, 24, E, d)[0].tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_speculative_sampling_matches_the_model_distribution(batched):
+    """Chi-square test on the joint distribution of the first two sampled tokens (V=4: 16 cells),
+    from N calls with one prompt, or one call with N rows."""
+    torch.manual_seed(0)
+    model = Transformer(replace(PRESETS["test-tiny"], vocab_size=4, n_layer=4)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(5)  # sharpen the distributions so the draft and the verifier differ
+    idx = torch.tensor([[1]])
+    # exact joint distribution P(t1) P(t2 | t1) of the full model at temperature 1
+    p1 = probs_from_logits(model(idx)[:, -1])[0]
+    exact = torch.zeros(4, 4, dtype=torch.float64)
+    for a in range(4):
+        p2 = probs_from_logits(model(torch.tensor([[1, a]]))[:, -1])[0]
+        exact[a] = (p1[a] * p2).double()
+    draft_p1 = probs_from_logits(model(idx, exit_layer=1)[:, -1])[0]
+    assert (draft_p1 - p1).abs().max() > 0.1  # the draft really is a different distribution
+    g = torch.Generator().manual_seed(123)
+    N = 3000
+    counts = torch.zeros(4, 4, dtype=torch.float64)
+    runs = [idx.expand(N, 1)] if batched else [idx] * N
+    for prompts in runs:
+        out, _ = generate_speculative(model, prompts, 2, exit_layer=1, num_speculations=2, temperature=1.0, generator=g)
+        for row in out.tolist():
+            counts[row[1], row[2]] += 1
+    expected = N * exact
+    keep = expected > 5
+    chi2 = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum().item()
+    # chi-square 0.999 quantiles; degrees of freedom = kept cells - 1
+    critical = {15: 37.70, 14: 36.12, 13: 34.53, 12: 32.91, 11: 31.26, 10: 29.59, 9: 27.88, 8: 26.12, 7: 24.32,
+                6: 22.46, 5: 20.52, 4: 18.47, 3: 16.27}
+    df = int(keep.sum()) - 1
+    assert df >= 3 and chi2 < critical[df], (chi2, df, counts, expected)
+
+
+def test_speculation_errors():
+    model = model_with()
+    idx = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="exit_layer"):
+        generate_speculative(model, idx, 5, 6, 2)      # E = L: nothing to verify
+    with pytest.raises(ValueError, match="exit_layer"):
+        generate_speculative(model, idx, 5, 0, 2)
+    with pytest.raises(ValueError, match="num_speculations"):
+        generate_speculative(model, idx, 5, 2, 0)
+    with pytest.raises(ValueError, match="prompt_lens"):
+        generate_speculative(model, torch.zeros(2, 3, dtype=torch.long), 5, 2, 2, prompt_lens=[3, 4])
+    with pytest.raises(ValueError, match="context"):
+        generate_speculative(model, idx, 100, 2, 2)

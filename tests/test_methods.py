@@ -1,0 +1,119 @@
+"""The other skipping methods: unified layer skipping, skip-layer distillation, dynamic layer selection."""
+import json
+import os
+import re
+from dataclasses import replace
+
+import pytest
+import torch
+
+from conftest import run_script
+from data.instruct import IGNORE
+from dynamic import Controllers, controlled_layers
+from model import PRESETS, Transformer
+from unified import response_skip_mask, response_tokens, skipped_layers, unified_plan
+
+
+def test_unified_plans_equal_the_reference_lists():
+    assert unified_plan(22, 2) == [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 21]
+    assert unified_plan(22, 3) == [0, 3, 6, 9, 12, 15, 21]
+    assert unified_plan(22, 5) == [0, 7, 14, 21]
+    assert unified_plan(22, 10) == [0, 21]
+    # L = 30, worked by hand from the rule: n_keep = int(30/s), interval = int(30/(n_keep-1))
+    assert unified_plan(30, 2) == [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 29]
+    assert unified_plan(30, 3) == [0, 3, 6, 9, 12, 15, 18, 21, 24, 29]
+    assert unified_plan(30, 5) == [0, 6, 12, 18, 24, 29]
+    assert unified_plan(30, 10) == [0, 15, 29]
+    assert skipped_layers(22, 5) == [l for l in range(22) if l not in (0, 7, 14, 21)]
+    with pytest.raises(ValueError, match="at least the first and the last"):
+        unified_plan(22, 12)
+
+
+def instruct_targets(prompt_lens, T=16, answer=5):
+    """Targets laid out as data/instruct.make_batch does: IGNORE on the prompt and the padding."""
+    y = torch.full((len(prompt_lens), T), IGNORE)
+    for b, n in enumerate(prompt_lens):
+        y[b, n - 1:n - 1 + answer] = 7
+    return y
+
+
+@torch.no_grad()
+def test_prompt_tokens_never_skip():
+    torch.manual_seed(0)
+    model = Transformer(replace(PRESETS["test-tiny"], n_layer=6)).eval()
+    prompt_lens = [3, 6, 1]
+    y = instruct_targets(prompt_lens)
+    response = response_tokens(y)
+    for b, n in enumerate(prompt_lens):
+        assert not response[b, :n].any() and response[b, n:].all()
+    mask = response_skip_mask(y, skipped_layers(6, 2), 6)
+    assert not mask[~response].any() and mask[response].any()
+    idx = torch.randint(256, (3, 16), generator=torch.Generator().manual_seed(1))
+    full, planned = model(idx), model(idx, skip_mask=mask)
+    for b, n in enumerate(prompt_lens):  # prompt positions see only prompt tokens, all through every layer
+        torch.testing.assert_close(planned[b, :n], full[b, :n], rtol=0, atol=1e-5)
+        assert not torch.allclose(planned[b, n:], full[b, n:])
+
+
+@torch.no_grad()
+def test_per_sequence_decisions_in_a_batch_equal_each_row_alone():
+    torch.manual_seed(0)
+    model = Transformer(replace(PRESETS["test-tiny"], n_layer=8)).eval()
+    ctrl = Controllers(8, 64, per_sequence=True)
+    for head in ctrl.heads:  # random controllers, so that rows decide differently
+        torch.nn.init.normal_(head.weight, std=2.0)
+        torch.nn.init.normal_(head.bias)
+    prompt_lens = [2, 9, 5, 4]
+    y = instruct_targets(prompt_lens)
+    idx = torch.randint(256, (4, 16), generator=torch.Generator().manual_seed(2))
+    response = response_tokens(y)
+    x, mask = controlled_layers(model, ctrl, idx, response)
+    assert len({tuple(m[n].tolist()) for m, n in zip(mask, prompt_lens)}) > 1  # rows chose different layers
+    for b in range(4):
+        xb, mb = controlled_layers(model, ctrl, idx[b:b + 1], response[b:b + 1])
+        assert torch.equal(mb[0], mask[b])
+        torch.testing.assert_close(xb[0], x[b], rtol=0, atol=1e-5)
+        n = prompt_lens[b]
+        assert not mask[b, :n].any() and (mask[b, n:] == mask[b, n]).all()  # one decision per sequence
+
+
+def test_unified_training_stores_its_plan_and_decoding_honours_it(trained, stdlib_instruct, tmp_path):
+    out = tmp_path / "unified"
+    proc = run_script("train.py", f"--init_from={trained}", "--dataset=instruct", f"--data_dir={stdlib_instruct}",
+                      f"--out_dir={out}", "--skip_speedup=2", "--freeze_embeddings", "--micro_batch=8",
+                      "--block_size=128", "--max_steps=40", "--eval_interval=20", "--eval_batches=4",
+                      "--lr=3e-3", "--warmup_steps=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.load(open(out / "config.json"))["skip_layers"] == [1, 2]  # L=4 at 2x keeps layers 0 and 3
+    rows = [json.loads(l) for l in open(out / "metrics.jsonl") if "val_loss_plan" in l]
+    assert rows[-1]["val_loss_plan"] < rows[0]["val_loss_plan"] - 0.1, rows
+    proc = run_script("sample.py", f"--out_dir={out}", "--prompt=def ", "--max_new_tokens=10", "--temperature=0")
+    assert proc.returncode == 0 and "skipping layers [1, 2]" in proc.stdout, proc.stderr
+
+
+def test_distilled_layer_is_cheaper_to_skip(trained, stdlib_data, tmp_path):
+    out = tmp_path / "distill"
+    proc = run_script("distill.py", f"--init_from={trained}", f"--data_dir={stdlib_data}", f"--out_dir={out}",
+                      "--steps_per_layer=60", "--micro_batch=8", "--block_size=128", "--eval_batches=4", "--lr=1e-3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(open(out / "metrics.jsonl").read().splitlines()[-1])
+    assert row["skipped"] == [2]  # L=4: every other layer from L-2 down to 2
+    assert row["student_skipping"] < row["original_skipping"] - 0.02, row
+    assert row["student_full"] < row["teacher"] + 0.05, row  # and the full student stays close to the teacher
+    assert os.path.isfile(out / "model.safetensors") and os.path.isfile(out / "tokenizer.model")
+
+
+def test_controllers_meet_the_layer_budget(trained, stdlib_instruct, tmp_path):
+    out = tmp_path / "dynamic"
+    proc = run_script("dynamic.py", f"--init_from={trained}", f"--data_dir={stdlib_instruct}", f"--out_dir={out}",
+                      "--budget=0.75", "--alpha=5", "--max_steps=80", "--eval_interval=40", "--eval_batches=4",
+                      "--micro_batch=8", "--block_size=128", "--lr=3e-2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = float(re.search(r"val: ([\d.]+)% of layers run", proc.stdout).group(1)) / 100
+    assert abs(run - 0.75) <= 0.05, proc.stdout
+    proc = run_script("evaluate.py", f"--ckpt={trained}", f"--data_dir={stdlib_instruct}", f"--dynamic={out}",
+                      "--eval_batches=2", "--block_size=128")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = proc.stdout
+    for name in ("full depth", "early exit at layer 2", "unified 2x plan", "LayerSkip dropout", "learned controllers"):
+        assert name in table, table

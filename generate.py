@@ -64,21 +64,14 @@ def row_positions(n):
     return int(n[0]) if bool((n == n[0]).all()) else n
 
 
-def prefill(model, idx, lens, end, cache):
-    """Run right-padded prompts idx [B, T] through layers [0, end) into the cache; return the hidden
-    state of each row's last prompt token [B, 1, C]. Pad positions get cache slots too, but a row
-    attends only to positions it has reached, and decoding overwrites them."""
-    x = model.embed(idx)
-    x = model.run_layers(x, 0, end, cache=cache, pos=0,
-                         attn_mask=model.attention_mask(idx.shape[1], 0, idx.device, x.dtype))
-    return x[torch.arange(len(lens), device=x.device), (lens - 1).to(x.device)].unsqueeze(1)
+def layers(model, x, pos, start, end, cache, skip_mask=None):
+    """Hidden states x [B, T, C] at positions pos (int or per-row [B]) through layers [start, end)."""
+    return model.run_layers(x, start, end, skip_mask, cache, pos, model.attention_mask(x.shape[1], pos, x.device, x.dtype))
 
 
 def step(model, tokens, pos, start, end, cache, skip_mask=None):
     """tokens [B, T] at positions pos (int or per-row [B]) through layers [start, end) -> hidden [B, T, C]."""
-    x = model.embed(tokens, pos)
-    return model.run_layers(x, start, end, skip_mask, cache, pos,
-                            model.attention_mask(tokens.shape[1], pos, tokens.device, x.dtype))
+    return layers(model, model.embed(tokens, pos), pos, start, end, cache, skip_mask)
 
 
 def model_skip_plan(model):
@@ -90,14 +83,29 @@ def model_skip_plan(model):
     return mask
 
 
+def prefill(model, idx, lens, end, cache):
+    """Run right-padded prompts idx [B, T] through layers [0, end) into the cache; return the hidden
+    state of each row's last prompt token [B, 1, C]. Pad positions get cache slots too, but a row
+    attends only to positions it has reached, and decoding overwrites them."""
+    x = step(model, idx, 0, 0, end, cache)
+    return x[torch.arange(len(lens), device=x.device), (lens - 1).to(x.device)].unsqueeze(1)
+
+
+# Decode steps as torch.compile'd graphs (positions and lengths as symbolic ints, so one compile serves
+# every step): Python and dispatch overhead per layer is most of a small model's decode time.
+compiled_step = torch.compile(step, dynamic=True)
+compiled_layers = torch.compile(layers, dynamic=True)
+
+
 @torch.inference_mode()
 def generate(model, idx, max_new_tokens, *, prompt_lens=None, temperature=1.0, top_k=None, top_p=None,
-             exit_layer=None, skip_mask=None, generator=None):
+             exit_layer=None, skip_mask=None, generator=None, compile=False):
     """idx [B, T] prompts (right-padded; prompt_lens [B] their lengths, default T) -> [B, T + max_new_tokens]:
     row b holds its prompt, then max_new_tokens generated tokens, then eos padding.
 
     Prompts run through every layer up to exit_layer; skip_mask ([L] or [B, L]; default: the plan in
-    the model's config) applies to generated tokens only.
+    the model's config) applies to generated tokens only. compile: decode steps through compiled_step
+    (prompts of one length, no skip mask; the first call compiles).
     """
     B, T = idx.shape
     exit_layer = model.n_layer if exit_layer is None else exit_layer
@@ -110,13 +118,16 @@ def generate(model, idx, max_new_tokens, *, prompt_lens=None, temperature=1.0, t
     in_prompt = torch.arange(T) < lens[:, None]  # [B, T]
     out[:, :T] = idx.masked_fill(~in_prompt.to(idx.device), model.cfg.eos_id)
     rows = torch.arange(B, device=idx.device)
+    if compile and (skip_mask is not None or bool((lens != T).any())):
+        raise ValueError("compile needs prompts of one length and no skip mask")
+    decode_step = compiled_step if compile else step
     h = prefill(model, idx, lens, exit_layer, cache)
     for i in range(max_new_tokens):
         token = sample_token(model.head(h)[:, -1], temperature, top_k, top_p, generator)  # [B, 1]
         pos = lens + i
         out[rows, pos.to(idx.device)] = token[:, 0]
         if i + 1 < max_new_tokens:
-            h = step(model, token, row_positions(pos), 0, exit_layer, cache, skip_mask)
+            h = decode_step(model, token, row_positions(pos), 0, exit_layer, cache, skip_mask)
     return out
 
 
@@ -146,7 +157,7 @@ def accept_drafts(logits, drafts, draft_probs, temperature, top_k, top_p, genera
 
 @torch.inference_mode()
 def generate_speculative(model, idx, max_new_tokens, exit_layer, num_speculations, *, prompt_lens=None,
-                         temperature=0.0, top_k=None, top_p=None, generator=None):
+                         temperature=0.0, top_k=None, top_p=None, generator=None, compile=False):
     """Self-speculative decoding (LayerSkip section 4.3): idx [B, T] right-padded prompts (prompt_lens [B])
     -> ([B, T + max_new_tokens] laid out as generate()'s, stats).
 
@@ -156,6 +167,7 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer, num_speculation
     drafts, so each row has its own position n[b]; a row that has all its tokens leaves the batch.
     Invariant at the start of a round: every layer's cache holds a row's positions [0, n-1); token
     n-1 is unprocessed. Later rounds overwrite rejected positions: cropping the cache is moving n.
+    compile: draft steps and verification through compiled_step / compiled_layers.
     """
     B, T = idx.shape
     model.check_exit_layer(exit_layer)
@@ -175,6 +187,7 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer, num_speculation
     row_ids = torch.arange(B)                      # original row of each row still in the batch
     drafted, accepted = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    draft_step, verify_layers = (compiled_step, compiled_layers) if compile else (step, layers)
 
     while len(row_ids):
         steps = int((end[row_ids] - n).min().clamp(max=d))  # no row drafts past its end
@@ -182,7 +195,7 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer, num_speculation
         exit_states, draft_probs = [], []
         for i in range(steps + 1):  # tokens n-1 .. n+steps-1 through layers [0, E); the last is not sampled from
             pos = n - 1 + i
-            h = step(model, out[rows, pos.to(idx.device)][:, None], row_positions(pos), 0, E, cache)
+            h = draft_step(model, out[rows, pos.to(idx.device)][:, None], row_positions(pos), 0, E, cache)
             exit_states.append(h)
             if i == steps:
                 break
@@ -194,9 +207,7 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer, num_speculation
                 token = torch.multinomial(draft_probs[-1], 1, generator=generator)[:, 0]
             out[rows, (pos + 1).to(idx.device)] = token
         # verify positions n-1 .. n+steps-1 in one pass through layers [E, L)
-        pos = row_positions(n - 1)
-        h = model.run_layers(torch.cat(exit_states, dim=1), E, L, cache=cache, pos=pos,  # [B, steps+1, C]
-                             attn_mask=model.attention_mask(steps + 1, pos, idx.device, dtype))
+        h = verify_layers(model, torch.cat(exit_states, dim=1), row_positions(n - 1), E, L, cache)  # [B, steps+1, C]
         at = (n[:, None] + torch.arange(steps)).to(idx.device)  # [B, steps]: draft positions
         n_acc, next_token = accept_drafts(model.head(h), out[rows[:, None], at],
                                           torch.stack(draft_probs, 1) if draft_probs else None, **sampling)

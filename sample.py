@@ -6,7 +6,8 @@ layers (0-based) for generated tokens; without it, a plan stored in the checkpoi
 (--skip_layers none turns it off). --speculative drafts with [0, E) and verifies with the rest.
 --prompts FILE (a JSON list of strings) decodes several prompts as one batch. temperature 0 is greedy.
 --sweep times self-speculation over a grid of (exit_layer, num_speculations), one prompt at a time,
-prints a table, writes it as CSV and names the fastest setting.
+prints a table, writes it as CSV and names the fastest setting. --compile runs decode steps as
+torch.compile'd graphs (one prompt length, no skip plan).
 """
 import csv
 import json
@@ -40,6 +41,7 @@ class SampleConfig:
     sweep_exit_layers: str = ""      # default: up to 6 depths spread over [1, L)
     sweep_num_speculations: str = "1,2,4,6,8"
     sweep_csv: str = "sweep.csv"
+    compile: bool = False            # torch.compile the decode steps: pays off over long generations (compiles first)
     seed: int = 1337
     device: str = "auto"
 
@@ -108,6 +110,7 @@ def sweep(cfg, model, prompts, sampling):
         rate = sum(s["accepted"] for s in stats) / max(sum(s["drafted"] for s in stats), 1)
         return rate, dt / n, n / dt
 
+    generate_speculative(model, prompts[0], 4, 1, 2, **sampling)  # warm-up, with --compile the compilation
     _, base_tpt, _ = timed(lambda p: (generate(model, p, n, **sampling), {"accepted": 0, "drafted": 0}))
     rows = [(E, d, *timed(lambda p: generate_speculative(model, p, n, E, d, **sampling)))
             for E in exits for d in ds]
@@ -141,7 +144,8 @@ def main():
     texts = read_prompts(cfg)
     ids = [[tok.bos_id()] + (tok.encode(t) if t else []) for t in texts for _ in range(cfg.num_samples)]
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    sampling = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
+    sampling = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator,
+                    compile=cfg.compile)
     if cfg.sweep:
         return sweep(cfg, model, [torch.tensor([p], device=device) for p in ids], sampling)
     idx, lens = pad_prompts(ids)

@@ -29,3 +29,8 @@ def on_device(fn):
 def upcast(x):
     """x in at least fp32 (bf16/fp16 -> fp32; fp32 and fp64 unchanged): the precision norms and gates compute in."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def needs_grad(*tensors):
+    """Whether autograd must record this call; when not (decoding), ops skip torch.autograd.Function's overhead."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -9,7 +9,7 @@ The fused op returns (y, h) and saves only h and the per-row 1/rms for its backw
 import torch
 import torch.nn.functional as F
 
-from kernels import on_device, upcast
+from kernels import needs_grad, on_device, upcast
 
 
 def rms_norm_reference(x, weight, eps, residual=None):
@@ -56,5 +56,9 @@ class FusedRMSNorm(torch.autograd.Function):
 
 def rms_norm(x, weight, eps, residual=None):
     """Fused RMSNorm: y, or (y, h = x + residual) when residual is given."""
-    y, h = FusedRMSNorm.apply(x, residual, weight, eps)
+    if needs_grad(x, residual, weight):
+        y, h = FusedRMSNorm.apply(x, residual, weight, eps)
+    else:
+        h = x if residual is None else x + residual
+        y = _forward(h, weight, eps)[0]
     return y if residual is None else (y, h)

@@ -9,7 +9,7 @@ nothing but cos and sin (rotate_half is linear and antisymmetric: its transpose 
 """
 import torch
 
-from kernels import on_device
+from kernels import needs_grad, on_device
 
 
 def rotate_half(x):
@@ -46,4 +46,4 @@ class FusedRotary(torch.autograd.Function):
 
 def apply_rotary(x, cos, sin):
     """Fused rotary embedding; cos and sin take no gradient."""
-    return FusedRotary.apply(x, cos, sin)
+    return FusedRotary.apply(x, cos, sin) if needs_grad(x) else _rotate(x, cos, sin)

@@ -9,7 +9,7 @@ The fused op saves only the packed input; its backward recomputes sigmoid:
 import torch
 import torch.nn.functional as F
 
-from kernels import on_device, upcast
+from kernels import needs_grad, on_device, upcast
 
 
 def swiglu_reference(gate_up):
@@ -46,4 +46,4 @@ class FusedSwiGLU(torch.autograd.Function):
 
 def swiglu(gate_up):
     """Fused SwiGLU: gate_up [..., 2I] -> [..., I]."""
-    return FusedSwiGLU.apply(gate_up)
+    return FusedSwiGLU.apply(gate_up) if needs_grad(gate_up) else _forward(gate_up)

@@ -61,6 +61,19 @@ def test_skip_plan_in_the_config_is_honoured():
     assert generate(model, idx, 10, temperature=0).tolist() == planned.tolist()
 
 
+def test_compiled_decode_steps_give_the_eager_tokens():
+    """compile=True: decode steps (and speculation's drafts and verification) through torch.compile'd graphs."""
+    model = model_with()
+    idx = torch.randint(256, (2, 5), generator=torch.Generator().manual_seed(4))
+    expected = generate(model, idx, 12, temperature=0)
+    assert generate(model, idx, 12, temperature=0, compile=True).tolist() == expected.tolist()
+    for E, d in ((2, 3), (4, 1)):
+        out, _ = generate_speculative(model, idx[:1], 12, E, d, compile=True)
+        assert out.tolist() == expected[:1].tolist()
+    with pytest.raises(ValueError, match="compile needs"):
+        generate(model, idx, 4, prompt_lens=[5, 3], temperature=0, compile=True)
+
+
 @pytest.mark.parametrize("prompt_len", [1, 7])
 def test_greedy_speculation_equals_greedy_decoding(prompt_len):
     model = model_with()

@@ -117,3 +117,23 @@ def test_controllers_meet_the_layer_budget(trained, stdlib_instruct, tmp_path):
     table = proc.stdout
     for name in ("full depth", "early exit at layer 2", "unified 2x plan", "LayerSkip dropout", "learned controllers"):
         assert name in table, table
+
+
+def test_distillation_runs_from_a_converted_phi3_checkpoint(stdlib_data, tmp_path):
+    """Skip-layer distillation starts from a checkpoint converted from transformers (a random 4-layer Phi-3
+    over the corpus's vocabulary) and leaves a student whose distilled layer is skippable."""
+    transformers = pytest.importorskip("transformers")
+    from checkpoints_convert import from_hf
+    torch.manual_seed(0)
+    hf = transformers.Phi3ForCausalLM(transformers.Phi3Config(
+        vocab_size=4096, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+    hf.save_pretrained(tmp_path / "hf")
+    from_hf(str(tmp_path / "hf"), str(tmp_path / "ours"))
+    out = tmp_path / "distill"
+    proc = run_script("distill.py", f"--init_from={tmp_path / 'ours'}", f"--data_dir={stdlib_data}", f"--out_dir={out}",
+                      "--steps_per_layer=3", "--micro_batch=2", "--block_size=64", "--eval_batches=1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(open(out / "metrics.jsonl").read().splitlines()[-1])
+    assert row["skipped"] == [2] and all(row[k] > 0 for k in ("student_skipping", "original_skipping", "teacher"))
+    assert Transformer.from_pretrained(str(out)).cfg.family == "phi3"

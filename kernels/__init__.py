@@ -32,5 +32,6 @@ def upcast(x):
 
 
 def needs_grad(*tensors):
-    """Whether autograd must record this call; when not (decoding), ops skip torch.autograd.Function's overhead."""
+    """Whether autograd must record this call. When not (decoding, evaluation) an op runs its eager reference:
+    with nothing to save for a backward, that is the same computation in fewer eager ops."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

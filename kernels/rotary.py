@@ -46,4 +46,4 @@ class FusedRotary(torch.autograd.Function):
 
 def apply_rotary(x, cos, sin):
     """Fused rotary embedding; cos and sin take no gradient."""
-    return FusedRotary.apply(x, cos, sin) if needs_grad(x) else _rotate(x, cos, sin)
+    return FusedRotary.apply(x, cos, sin) if needs_grad(x) else apply_rotary_reference(x, cos, sin)

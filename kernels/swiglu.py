@@ -46,4 +46,4 @@ class FusedSwiGLU(torch.autograd.Function):
 
 def swiglu(gate_up):
     """Fused SwiGLU: gate_up [..., 2I] -> [..., I]."""
-    return FusedSwiGLU.apply(gate_up) if needs_grad(gate_up) else _forward(gate_up)
+    return FusedSwiGLU.apply(gate_up) if needs_grad(gate_up) else swiglu_reference(gate_up)

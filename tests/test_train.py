@@ -84,6 +84,16 @@ def test_resume_without_state_is_one_line(tmp_path, stdlib_data):
                                      f"--out_dir={tmp_path}", "--init_from=resume"), "resume")
 
 
+def test_resume_from_a_final_step_off_the_eval_grid(tmp_path, stdlib_data):
+    """A run that ended at max_steps between evaluations resumes with a larger max_steps (a regression:
+    the tokens/s clock was only started at evaluation steps)."""
+    common = [*TINY, f"--data_dir={stdlib_data}", f"--out_dir={tmp_path}", "--eval_interval=4"]
+    assert run_script("train.py", *common, "--max_steps=5").returncode == 0
+    proc = run_script("train.py", *common, "--max_steps=7", "--init_from=resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert saved_step(str(tmp_path)) == 7
+
+
 def saved_step(out_dir):
     path = os.path.join(out_dir, "train_state", "step.json")
     return json.load(open(path))["step"] if os.path.exists(path) else -1

@@ -224,25 +224,36 @@ def hf_llama(cfg):
 
 
 def bench_train(steps):
+    """Our train step vs transformers'. On CUDA one model at a time (memory); on the CPU both live at once
+    and their steps alternate, so that the machine's drift over minutes hits both alike."""
     cfg, B, T = bench_config()
     x, y = batch(cfg, B, T)
     ours = make_model(cfg, compile_blocks=CUDA)
     opt = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=CUDA)
-    t_ours = median_time(lambda s: train_step(ours, opt, x, y), steps)
-    del ours, opt
+
+    def our_step(_):
+        train_step(ours, opt, x, y)
+
     if CUDA:
+        t_ours = median_time(our_step, steps)
+        del ours, opt
         torch.cuda.empty_cache()
     hf = hf_llama(cfg)
-    opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=CUDA)
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=CUDA)
 
     def hf_step(_):
         with autocast():
             loss = hf(input_ids=x, labels=x).loss  # transformers shifts labels itself
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        hf_opt.step()
+        hf_opt.zero_grad(set_to_none=True)
 
-    t_hf = median_time(hf_step, steps)
+    if CUDA:
+        t_hf = median_time(hf_step, steps)
+    else:
+        pairs = [(median_time(our_step, 1, warmup=2 * (s == 0)), median_time(hf_step, 1, warmup=2 * (s == 0)))
+                 for s in range(steps)]  # [(ours, transformers)] step by step
+        t_ours, t_hf = (statistics.median(t) for t in zip(*pairs))
     tokens = B * T
     print(f"device {DEVICE}{' (' + torch.cuda.get_device_name() + ')' if CUDA else ''}; {cfg.n_layer} layers, "
           f"d {cfg.n_embd}, vocab {cfg.vocab_size}; batch {B} x {T}; {'bf16 autocast, per-block compile' if CUDA else 'fp32'}")

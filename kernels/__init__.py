@@ -6,6 +6,7 @@ RMSNORM, ROPE, SWIGLU, LOSS. All are on by default. A fused op is a torch.autogr
 backward is written by hand and saves only what it needs; on CUDA its forward and backward bodies
 go through torch.compile, which turns each into one generated kernel (inside a compiled block they
 are simply inlined into the block's kernels). On the CPU they run eagerly: same numbers, less memory.
+Without gradients (decoding, evaluation) each op runs its reference: there is nothing to save.
 """
 import functools
 import os

@@ -92,7 +92,8 @@ def prefill(model, idx, lens, end, cache):
 
 
 # Decode steps as torch.compile'd graphs (positions and lengths as symbolic ints, so one compile serves
-# every step): Python and dispatch overhead per layer is most of a small model's decode time.
+# every step). On CUDA, where launches and Python dominate a small model's step, this measured 3-4x faster;
+# on the CPU it does not pay (BENCHMARKS.md).
 compiled_step = torch.compile(step, dynamic=True)
 compiled_layers = torch.compile(layers, dynamic=True)
 

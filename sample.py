@@ -41,7 +41,7 @@ class SampleConfig:
     sweep_exit_layers: str = ""      # default: up to 6 depths spread over [1, L)
     sweep_num_speculations: str = "1,2,4,6,8"
     sweep_csv: str = "sweep.csv"
-    compile: bool = False            # torch.compile the decode steps: pays off over long generations (compiles first)
+    compile: bool = False            # torch.compile the decode steps: pays on CUDA, not on the CPU (compiles first)
     seed: int = 1337
     device: str = "auto"
 

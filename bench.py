@@ -120,20 +120,21 @@ def measure_memory(kind):
     model = make_model(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x, y = batch(cfg, B, T)
-    train_step(model, opt, x, y, exits, naive=kind == "naive")  # allocates the optimizer state
+
+    def step():
+        train_step(model, opt, x, y, exits, naive=kind == "naive")
+
+    step()  # allocates the optimizer state
     if CUDA:
-        sync()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+        peak = cuda_peak(step)
     else:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current resident set
         base = rss_bytes("VmRSS")
-    train_step(model, opt, x, y, exits, naive=kind == "naive")
-    sync()
-    peak = torch.cuda.max_memory_allocated() if CUDA else rss_bytes("VmHWM")
+        step()
+        peak = rss_bytes("VmHWM") - base
     FUSED.update(dict.fromkeys(FUSED, True))
-    return peak - base
+    return peak
 
 
 def memory_in_fresh_process(kind):
@@ -400,9 +401,9 @@ def saved_bytes(fn, *args):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn(*args)
+        fn(*args)
     inputs = {a.untyped_storage().data_ptr() for a in args if torch.is_tensor(a)}
-    return out, sum(n for ptr, n in storages.items() if ptr not in inputs)  # inputs are held anyway
+    return sum(n for ptr, n in storages.items() if ptr not in inputs)  # inputs are held anyway
 
 
 def op_cases(cfg, N):
@@ -441,38 +442,38 @@ def time_and_memory(fn, inputs, steps):
         out.backward(torch.ones_like(out))
 
     t = median_time(step, steps)
-    saved = saved_bytes(fn, *inputs)[1]
-    peak = None
-    if CUDA:
-        sync()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step(0)
-        sync()
-        peak = torch.cuda.max_memory_allocated() - base
+    saved = saved_bytes(fn, *inputs)
+    peak = cuda_peak(lambda: step(0)) if CUDA else None
     for x in inputs:
         x.grad = None
     return t, saved, peak
 
 
+def cuda_peak(fn):
+    """Peak CUDA bytes allocated while fn() runs, above what was allocated before it."""
+    sync()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    sync()
+    return torch.cuda.max_memory_allocated() - base
+
+
 def whole_step(cfg, B, T, fused, steps):
-    """Median step time (and CUDA peak memory) of a train step with every kernels/ op on or off."""
+    """(median step time, peak step memory) of a train step with every kernels/ op on or off; on the CPU
+    the memory is measured in a fresh process (memory_in_fresh_process)."""
     FUSED.update(dict.fromkeys(FUSED, fused))
     torch._dynamo.reset()
     model = make_model(cfg, compile_blocks=CUDA)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=CUDA)
     x, y = batch(cfg, B, T)
     t = median_time(lambda s: train_step(model, opt, x, y), steps)
-    peak = memory_in_fresh_process("last" if fused else "unfused") if not CUDA else None
     if CUDA:
-        sync()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        train_step(model, opt, x, y)
-        sync()
-        peak = torch.cuda.max_memory_allocated() - base
+        peak = cuda_peak(lambda: train_step(model, opt, x, y))
         del model, opt
         torch.cuda.empty_cache()
+    else:
+        peak = memory_in_fresh_process("last" if fused else "unfused")
     FUSED.update(dict.fromkeys(FUSED, True))
     return t, peak
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from configurator import configure, run_main
 from data.instruct import IGNORE
-from model import Transformer
+from model import Transformer, layer_mask
 from train import TrainConfig, copy_tokenizer, load_data, log_metrics
 
 
@@ -59,15 +59,9 @@ def kl_to_teacher(student_logits, teacher_logits, targets):
     return kl[keep].mean()
 
 
-def skip_mask_of(layers, n_layer):
-    mask = torch.zeros(n_layer, dtype=torch.bool)
-    mask[list(layers)] = True
-    return mask
-
-
 @torch.no_grad()
 def val_loss(model, val_batch, batches, skip_layers=()):
-    mask = skip_mask_of(skip_layers, model.n_layer)
+    mask = layer_mask(skip_layers, model.n_layer)
     return sum(model(x, y, skip_mask=mask)[0].item() for x, y in map(val_batch, range(batches))) / batches
 
 
@@ -89,7 +83,7 @@ def main():
     print(f"distilling layers {layers} of {L}, {cfg.steps_per_layer} steps each; teacher val loss {base:.4f}")
     done, step = [], 0
     for layer in layers:
-        without = skip_mask_of(done + [layer], L)
+        without = layer_mask(done + [layer], L)
         for _ in range(cfg.steps_per_layer):
             x, y = train_batch(step, 0)
             teacher_logits = teacher(x)

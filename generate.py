@@ -7,7 +7,7 @@ complete and generated tokens never read a slot the plan skipped.
 """
 import torch
 
-from model import KVCache
+from model import KVCache, layer_mask
 
 
 def probs_from_logits(logits, temperature=1.0, top_k=None, top_p=None):
@@ -76,11 +76,7 @@ def step(model, tokens, pos, start, end, cache, skip_mask=None):
 
 def model_skip_plan(model):
     """The skip plan stored in the checkpoint's config (layers generated tokens skip), as a mask [L]."""
-    if not model.cfg.skip_layers:
-        return None
-    mask = torch.zeros(model.n_layer, dtype=torch.bool)
-    mask[list(model.cfg.skip_layers)] = True
-    return mask
+    return layer_mask(model.cfg.skip_layers, model.n_layer) if model.cfg.skip_layers else None
 
 
 def prefill(model, idx, lens, end, cache):

@@ -108,6 +108,13 @@ class RMSNorm(nn.Module):
         return norm(x, self.weight, self.eps, residual)
 
 
+def layer_mask(layers, n_layer):
+    """0-based layer indices -> skip mask [L] (True = skip), as run_layers takes it for a whole batch."""
+    mask = torch.zeros(n_layer, dtype=torch.bool)
+    mask[list(layers)] = True
+    return mask
+
+
 def make_norm(cfg, dim):
     if cfg.norm == "rmsnorm":
         return RMSNorm(dim, cfg.norm_eps)

@@ -19,7 +19,7 @@ import torch
 
 from configurator import configure, run_main
 from generate import generate, generate_speculative, pad_prompts
-from model import Transformer, atomic_write
+from model import Transformer, atomic_write, layer_mask
 from tokenizer import load_tokenizer
 
 
@@ -61,10 +61,7 @@ def parse_skip_layers(spec, n_layer):
     """--skip_layers -> mask [L], or None for the checkpoint's own plan; 'none' -> no skipping."""
     if not spec:
         return None
-    skip = torch.zeros(n_layer, dtype=torch.bool)
-    if spec != "none":
-        skip[parse_layers(spec, "skip_layers", 0, n_layer - 1)] = True
-    return skip
+    return layer_mask([] if spec == "none" else parse_layers(spec, "skip_layers", 0, n_layer - 1), n_layer)
 
 
 def read_prompts(cfg):
@@ -83,16 +80,6 @@ def read_prompts(cfg):
     if prompt == "":
         raise ValueError("the prompt is empty; leave --prompt out to start from the bos token")
     return [prompt]
-
-
-def check_speculation(cfg, n_layer):
-    if cfg.exit_layer is None:
-        raise ValueError("--speculative needs --exit_layer E (the draft depth)")
-    if cfg.exit_layer >= n_layer:
-        raise ValueError(f"exit_layer {cfg.exit_layer}: speculation needs a draft shallower than the "
-                         f"model, in [1, {n_layer - 1}]")
-    if cfg.num_speculations < 1:
-        raise ValueError(f"num_speculations must be at least 1, got {cfg.num_speculations}")
 
 
 def sweep(cfg, model, prompts, sampling):
@@ -151,8 +138,9 @@ def main():
     idx, lens = pad_prompts(ids)
     idx = idx.to(device)
     t0 = time.perf_counter()
-    if cfg.speculative:
-        check_speculation(cfg, model.n_layer)
+    if cfg.speculative:  # generate_speculative checks the draft depth and d itself
+        if cfg.exit_layer is None:
+            raise ValueError("--speculative needs --exit_layer E (the draft depth)")
         out, stats = generate_speculative(model, idx, cfg.max_new_tokens, cfg.exit_layer, cfg.num_speculations,
                                           prompt_lens=lens, **sampling)
         header = (f"self-speculative: draft {cfg.exit_layer} layers, d={cfg.num_speculations}, "

@@ -12,6 +12,7 @@ cache work unchanged.
 import torch
 
 from data.instruct import IGNORE  # the target of prompt and padding positions
+from model import layer_mask
 
 
 def unified_plan(n_layer, speedup):
@@ -46,6 +47,4 @@ def response_tokens(targets):
 
 def response_skip_mask(targets, skip_layers, n_layer):
     """[B, T, L] skip mask: response tokens skip `skip_layers`, prompt tokens run every layer."""
-    plan = torch.zeros(n_layer, dtype=torch.bool)
-    plan[list(skip_layers)] = True
-    return response_tokens(targets.cpu())[..., None] & plan
+    return response_tokens(targets.cpu())[..., None] & layer_mask(skip_layers, n_layer)

@@ -32,12 +32,13 @@ def _loss_and_grad(logits, targets, ignore_index, scale, want_grad):
     """One chunk: logits [n, V] -> (summed loss fp32, d loss / d logits x scale in logits' dtype, or None).
     The gradient is softmax - onehot(target), zero on ignored rows, formed in place over the fp32 buffer."""
     valid = targets != ignore_index
+    at = targets.clamp(min=0).unsqueeze(1)            # [n, 1]: ignored rows point at 0, masked by valid
     logp = torch.log_softmax(logits.float(), dim=-1)  # [n, V]
-    loss_sum = -(logp.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1) * valid).sum()
+    loss_sum = -(logp.gather(1, at).squeeze(1) * valid).sum()
     if not want_grad:
         return loss_sum, None
     probs = logp.exp_()
-    probs.scatter_add_(1, targets.clamp(min=0).unsqueeze(1), -valid.float().unsqueeze(1))
+    probs.scatter_add_(1, at, -valid.float().unsqueeze(1))
     return loss_sum, probs.mul_(valid.unsqueeze(1) * scale).to(logits.dtype)
 
 

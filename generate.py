@@ -74,6 +74,11 @@ def step(model, tokens, pos, start, end, cache, skip_mask=None):
     return layers(model, model.embed(tokens, pos), pos, start, end, cache, skip_mask)
 
 
+def next_logits(model, tokens, pos, end, cache, skip_mask=None):
+    """One decode step: tokens [B, 1] through layers [0, end) and the exit -> next-token logits [B, V]."""
+    return model.head(step(model, tokens, pos, 0, end, cache, skip_mask))[:, -1]
+
+
 def model_skip_plan(model):
     """The skip plan stored in the checkpoint's config (layers generated tokens skip), as a mask [L]."""
     return layer_mask(model.cfg.skip_layers, model.n_layer) if model.cfg.skip_layers else None
@@ -87,11 +92,19 @@ def prefill(model, idx, lens, end, cache):
     return x[torch.arange(len(lens), device=x.device), (lens - 1).to(x.device)].unsqueeze(1)
 
 
-# Decode steps as torch.compile'd graphs (positions and lengths as symbolic ints, so one compile serves
-# every step). On CUDA, where launches and Python dominate a small model's step, this measured 3-4x faster;
-# on the CPU it does not pay (BENCHMARKS.md).
-compiled_step = torch.compile(step, dynamic=True)
-compiled_layers = torch.compile(layers, dynamic=True)
+_compiled = {}
+
+
+def compiled(fn, device):
+    """fn (next_logits, step or layers) as a torch.compile'd graph for `device`. With compile=True the cache
+    spans the model's whole context, so shapes are static; positions turn symbolic at the second call (one
+    recompile), and from then on one graph serves every step of every call with the same batch size and
+    depth. On the CPU with Inductor's C++ wrapper, since the Python wrapper's per-call overhead is most of a
+    small model's step there. Speedups in BENCHMARKS.md; the first calls compile (tens of seconds on a CPU)."""
+    if (fn, device.type) not in _compiled:
+        options = {"cpp_wrapper": True} if device.type == "cpu" else None
+        _compiled[fn, device.type] = torch.compile(fn, options=options)
+    return _compiled[fn, device.type]
 
 
 @torch.inference_mode()
@@ -101,30 +114,33 @@ def generate(model, idx, max_new_tokens, *, prompt_lens=None, temperature=1.0, t
     row b holds its prompt, then max_new_tokens generated tokens, then eos padding.
 
     Prompts run through every layer up to exit_layer; skip_mask ([L] or [B, L]; default: the plan in
-    the model's config) applies to generated tokens only. compile: decode steps through compiled_step
+    the model's config) applies to generated tokens only. compile: decode steps as a compiled graph
     (prompts of one length, no skip mask; the first call compiles).
     """
     B, T = idx.shape
     exit_layer = model.n_layer if exit_layer is None else exit_layer
     model.check_exit_layer(exit_layer)
     lens = check_lengths(model, idx, prompt_lens, max_new_tokens)
+    if idx.device.type == "cpu":
+        model.decode_layout()
     skip_mask = model.normalize_skip_mask(model_skip_plan(model) if skip_mask is None else skip_mask, B, 1)
     dtype = next(model.parameters()).dtype
-    cache = KVCache(model.cfg, B, T + max_new_tokens, device=idx.device, dtype=dtype)
+    max_len = model.cfg.block_size if compile else T + max_new_tokens  # compiled: one cache shape for every call
+    cache = KVCache(model.cfg, B, max_len, device=idx.device, dtype=dtype)
     out = torch.full((B, T + max_new_tokens), model.cfg.eos_id, dtype=torch.long, device=idx.device)
     in_prompt = torch.arange(T) < lens[:, None]  # [B, T]
     out[:, :T] = idx.masked_fill(~in_prompt.to(idx.device), model.cfg.eos_id)
     rows = torch.arange(B, device=idx.device)
     if compile and (skip_mask is not None or bool((lens != T).any())):
         raise ValueError("compile needs prompts of one length and no skip mask")
-    decode_step = compiled_step if compile else step
-    h = prefill(model, idx, lens, exit_layer, cache)
+    decode_step = compiled(next_logits, idx.device) if compile else next_logits
+    logits = model.head(prefill(model, idx, lens, exit_layer, cache))[:, -1]
     for i in range(max_new_tokens):
-        token = sample_token(model.head(h)[:, -1], temperature, top_k, top_p, generator)  # [B, 1]
+        token = sample_token(logits, temperature, top_k, top_p, generator)  # [B, 1]
         pos = lens + i
         out[rows, pos.to(idx.device)] = token[:, 0]
         if i + 1 < max_new_tokens:
-            h = decode_step(model, token, row_positions(pos), 0, exit_layer, cache, skip_mask)
+            logits = decode_step(model, token, row_positions(pos), exit_layer, cache, skip_mask)
     return out
 
 
@@ -164,7 +180,7 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer, num_speculation
     drafts, so each row has its own position n[b]; a row that has all its tokens leaves the batch.
     Invariant at the start of a round: every layer's cache holds a row's positions [0, n-1); token
     n-1 is unprocessed. Later rounds overwrite rejected positions: cropping the cache is moving n.
-    compile: draft steps and verification through compiled_step / compiled_layers.
+    compile: draft steps and verification as compiled graphs.
     """
     B, T = idx.shape
     model.check_exit_layer(exit_layer)
@@ -174,8 +190,11 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer, num_speculation
     if d < 1:
         raise ValueError(f"num_speculations must be at least 1, got {d}")
     lens = check_lengths(model, idx, prompt_lens, max_new_tokens)
+    if idx.device.type == "cpu":
+        model.decode_layout()
     dtype = next(model.parameters()).dtype
-    cache = KVCache(model.cfg, B, T + max_new_tokens + d + 1, device=idx.device, dtype=dtype)
+    max_len = model.cfg.block_size if compile else T + max_new_tokens  # positions written stay below T + max_new_tokens
+    cache = KVCache(model.cfg, B, max_len, device=idx.device, dtype=dtype)
     result = torch.full((B, T + max_new_tokens), model.cfg.eos_id, dtype=torch.long, device=idx.device)
     out = torch.cat([idx, result[:, T:], idx.new_zeros(B, d + 1)], dim=1)  # working buffer, rows leave as they finish
     if T > 1:  # prefill all layers with every prompt token but each row's last
@@ -184,7 +203,7 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer, num_speculation
     row_ids = torch.arange(B)                      # original row of each row still in the batch
     drafted, accepted = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-    draft_step, verify_layers = (compiled_step, compiled_layers) if compile else (step, layers)
+    draft_step, verify_layers = (compiled(step, idx.device), compiled(layers, idx.device)) if compile else (step, layers)
 
     while len(row_ids):
         steps = int((end[row_ids] - n).min().clamp(max=d))  # no row drafts past its end

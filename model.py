@@ -194,7 +194,7 @@ def alibi_slopes(n_head):
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated: k, v [L, B, n_kv_head, max_len, head_dim].
+    """Keys and values of every layer, preallocated: k[l], v[l] [B, n_kv_head, max_len, head_dim] for layer l.
 
     Indexed by position: the caller says where new tokens go (`pos`: an int, or per-row starts [B]
     when rows are at different lengths), so cropping after a speculation round is just writing at
@@ -203,31 +203,33 @@ class KVCache:
     """
 
     def __init__(self, cfg, batch_size, max_len, device=None, dtype=torch.float32):
-        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
 
     def update(self, layer, rows, pos, k, v):
         """Write k, v [R, n_kv, T, hd] at positions [pos, pos+T) of rows `rows` (None: all);
         return keys/values [R, n_kv, S, hd], S = one past the last position written."""
-        T = k.shape[2]
+        keys, values, T = self.k[layer], self.v[layer], k.shape[2]
         if torch.is_tensor(pos):  # per-row positions: scatter each row's T tokens at its own offset
             b = torch.arange(k.shape[0], device=k.device) if rows is None else rows
-            at = positions(pos, T, k.device)                      # [R, T]
-            self.k[layer, b[:, None], :, at] = k.transpose(1, 2)  # indexed view: [R, T, n_kv, hd]
-            self.v[layer, b[:, None], :, at] = v.transpose(1, 2)
+            at = positions(pos, T, k.device)                 # [R, T]
+            keys[b[:, None], :, at] = k.transpose(1, 2)      # indexed view: [R, T, n_kv, hd]
+            values[b[:, None], :, at] = v.transpose(1, 2)
+        elif rows is None:
+            keys[:, :, pos:pos + T] = k
+            values[:, :, pos:pos + T] = v
         else:
-            b = slice(None) if rows is None else rows
-            self.k[layer, b, :, pos:pos + T] = k
-            self.v[layer, b, :, pos:pos + T] = v
+            keys[rows, :, pos:pos + T] = k
+            values[rows, :, pos:pos + T] = v
         end = end_position(pos, T)
         if rows is None:
-            return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-        return self.k[layer, rows, :, :end], self.v[layer, rows, :, :end]
+            return keys[:, :, :end], values[:, :, :end]
+        return keys[rows, :, :end], values[rows, :, :end]
 
     def keep_rows(self, rows):
         """Drop every batch row not in `rows` [R] (finished generations leave the batch)."""
-        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self.k, self.v = [k[rows] for k in self.k], [v[rows] for v in self.v]
 
 
 def rotary(x, cos, sin):
@@ -367,6 +369,17 @@ class Transformer(nn.Module):
                 nn.init.ones_(module.weight)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+
+    @torch.no_grad()
+    def decode_layout(self):
+        """Lay every projection weight out input-major in memory (each [out, in] weight becomes the transposed
+        view of an [in, out] tensor): batch-1 decoding is a chain of matrix-vector products, which MKL runs
+        1.5-3x faster from that layout on the CPU (BENCHMARKS.md). Values, names, shapes and saved
+        checkpoints are unchanged; training speed is too. generate() calls it for CPU models. Returns self."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module.weight.is_contiguous():
+                module.weight.data = module.weight.data.t().contiguous().t()  # [out, in] with strides (1, out)
+        return self
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

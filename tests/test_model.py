@@ -158,6 +158,25 @@ def test_gqa_and_tied_head_round_trip(tmp_path):
     assert not [f for f in os.listdir(tmp_path / "m") if ".tmp" in f]
 
 
+
+def test_decode_layout_changes_memory_not_values(tmp_path):
+    """decode_layout re-lays projection weights input-major: same values, logits, gradients and checkpoint."""
+    for kw in (dict(), dict(tie_embeddings=True, bias=True)):
+        model, laid_out = tiny(**kw), tiny(**kw).decode_layout()
+        weight = laid_out.layers[0].mlp.w_down.weight
+        assert weight.stride() == (1, weight.shape[0])  # [out, in] over [in, out] memory
+        for (name, a), b in zip(model.state_dict().items(), laid_out.state_dict().values()):
+            assert torch.equal(a, b), name
+        idx = tokens()
+        with torch.no_grad():
+            torch.testing.assert_close(laid_out(idx), model(idx), **TOL)
+        laid_out.train()(idx, idx)[0].backward()
+        model.train()(idx, idx)[0].backward()
+        torch.testing.assert_close(laid_out.layers[1].attn.wqkv.weight.grad, model.layers[1].attn.wqkv.weight.grad, **TOL)
+        laid_out.save_pretrained(tmp_path / "m")
+        torch.testing.assert_close(Transformer.from_pretrained(tmp_path / "m").lm_head.weight, model.lm_head.weight,
+                                   rtol=0, atol=0)
+
 def test_from_pretrained_errors(tmp_path):
     model = tiny()
     good = tmp_path / "good"

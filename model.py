@@ -216,12 +216,10 @@ class KVCache:
             at = positions(pos, T, k.device)                 # [R, T]
             keys[b[:, None], :, at] = k.transpose(1, 2)      # indexed view: [R, T, n_kv, hd]
             values[b[:, None], :, at] = v.transpose(1, 2)
-        elif rows is None:
-            keys[:, :, pos:pos + T] = k
-            values[:, :, pos:pos + T] = v
         else:
-            keys[rows, :, pos:pos + T] = k
-            values[rows, :, pos:pos + T] = v
+            b = slice(None) if rows is None else rows
+            keys[b, :, pos:pos + T] = k
+            values[b, :, pos:pos + T] = v
         end = end_position(pos, T)
         if rows is None:
             return keys[:, :, :end], values[:, :, :end]
@@ -374,7 +372,7 @@ class Transformer(nn.Module):
     def decode_layout(self):
         """Lay every projection weight out input-major in memory (each [out, in] weight becomes the transposed
         view of an [in, out] tensor): batch-1 decoding is a chain of matrix-vector products, which MKL runs
-        1.5-3x faster from that layout on the CPU (BENCHMARKS.md). Values, names, shapes and saved
+        2-3x faster from that layout on the CPU (BENCHMARKS.md). Values, names, shapes and saved
         checkpoints are unchanged; training speed is too. generate() calls it for CPU models. Returns self."""
         for module in self.modules():
             if isinstance(module, nn.Linear) and module.weight.is_contiguous():

@@ -92,6 +92,15 @@ def prefill(model, idx, lens, end, cache):
     return x[torch.arange(len(lens), device=x.device), (lens - 1).to(x.device)].unsqueeze(1)
 
 
+def decode_cache(model, idx, max_len, compile):
+    """The KV cache for decoding prompts idx [B, T]: max_len positions, or the whole context when compiled (one
+    shape for every call). On the CPU the weights are laid out for matrix-vector products first (decode_layout)."""
+    if idx.device.type == "cpu":
+        model.decode_layout()
+    dtype = next(model.parameters()).dtype
+    return KVCache(model.cfg, idx.shape[0], model.cfg.block_size if compile else max_len, device=idx.device, dtype=dtype)
+
+
 _compiled = {}
 
 
@@ -121,12 +130,8 @@ def generate(model, idx, max_new_tokens, *, prompt_lens=None, temperature=1.0, t
     exit_layer = model.n_layer if exit_layer is None else exit_layer
     model.check_exit_layer(exit_layer)
     lens = check_lengths(model, idx, prompt_lens, max_new_tokens)
-    if idx.device.type == "cpu":
-        model.decode_layout()
     skip_mask = model.normalize_skip_mask(model_skip_plan(model) if skip_mask is None else skip_mask, B, 1)
-    dtype = next(model.parameters()).dtype
-    max_len = model.cfg.block_size if compile else T + max_new_tokens  # compiled: one cache shape for every call
-    cache = KVCache(model.cfg, B, max_len, device=idx.device, dtype=dtype)
+    cache = decode_cache(model, idx, T + max_new_tokens, compile)
     out = torch.full((B, T + max_new_tokens), model.cfg.eos_id, dtype=torch.long, device=idx.device)
     in_prompt = torch.arange(T) < lens[:, None]  # [B, T]
     out[:, :T] = idx.masked_fill(~in_prompt.to(idx.device), model.cfg.eos_id)
@@ -190,11 +195,7 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer, num_speculation
     if d < 1:
         raise ValueError(f"num_speculations must be at least 1, got {d}")
     lens = check_lengths(model, idx, prompt_lens, max_new_tokens)
-    if idx.device.type == "cpu":
-        model.decode_layout()
-    dtype = next(model.parameters()).dtype
-    max_len = model.cfg.block_size if compile else T + max_new_tokens  # positions written stay below T + max_new_tokens
-    cache = KVCache(model.cfg, B, max_len, device=idx.device, dtype=dtype)
+    cache = decode_cache(model, idx, T + max_new_tokens, compile)  # positions written stay below T + max_new_tokens
     result = torch.full((B, T + max_new_tokens), model.cfg.eos_id, dtype=torch.long, device=idx.device)
     out = torch.cat([idx, result[:, T:], idx.new_zeros(B, d + 1)], dim=1)  # working buffer, rows leave as they finish
     if T > 1:  # prefill all layers with every prompt token but each row's last

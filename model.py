@@ -372,7 +372,7 @@ class Transformer(nn.Module):
     def decode_layout(self):
         """Lay every projection weight out input-major in memory (each [out, in] weight becomes the transposed
         view of an [in, out] tensor): batch-1 decoding is a chain of matrix-vector products, which MKL runs
-        2-3x faster from that layout on the CPU (BENCHMARKS.md). Values, names, shapes and saved
+        1.8x-3.4x faster from that layout on the CPU (BENCHMARKS.md). Values, names, shapes and saved
         checkpoints are unchanged; training speed is too. generate() calls it for CPU models. Returns self."""
         for module in self.modules():
             if isinstance(module, nn.Linear) and module.weight.is_contiguous():

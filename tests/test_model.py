@@ -158,7 +158,6 @@ def test_gqa_and_tied_head_round_trip(tmp_path):
     assert not [f for f in os.listdir(tmp_path / "m") if ".tmp" in f]
 
 
-
 def test_decode_layout_changes_memory_not_values(tmp_path):
     """decode_layout re-lays projection weights input-major: same values, logits, gradients and checkpoint."""
     for kw in (dict(), dict(tie_embeddings=True, bias=True)):
@@ -176,6 +175,7 @@ def test_decode_layout_changes_memory_not_values(tmp_path):
         laid_out.save_pretrained(tmp_path / "m")
         torch.testing.assert_close(Transformer.from_pretrained(tmp_path / "m").lm_head.weight, model.lm_head.weight,
                                    rtol=0, atol=0)
+
 
 def test_from_pretrained_errors(tmp_path):
     model = tiny()

@@ -5,6 +5,8 @@ The prompt runs through every layer the decode uses (up to exit_layer); a skip p
 generated tokens only (unified layer skipping, REFERENCE.md section 2), so the prompt's cache is
 complete and generated tokens never read a slot the plan skipped.
 """
+import weakref
+
 import torch
 
 from model import KVCache, layer_mask
@@ -58,15 +60,20 @@ def check_lengths(model, idx, prompt_lens, max_new_tokens):
     return lens
 
 
-def row_positions(n):
-    """Per-row positions [B] -> what the model takes: an int when every row is at the same place
-    (plain causal attention, no mask), else the per-row tensor."""
+def row_positions(n, cache, device):
+    """Per-row positions n [B] on the CPU -> what the model takes: an int when every row is at the same
+    place (plain causal attention, no mask), else the per-row tensor; always a tensor on `device` for a
+    cache that CUDA graphs write (attend_all), so that every step is the same graph."""
+    if cache.attend_all:
+        return n.to(device)
     return int(n[0]) if bool((n == n[0]).all()) else n
 
 
 def layers(model, x, pos, start, end, cache, skip_mask=None):
     """Hidden states x [B, T, C] at positions pos (int or per-row [B]) through layers [start, end)."""
-    return model.run_layers(x, start, end, skip_mask, cache, pos, model.attention_mask(x.shape[1], pos, x.device, x.dtype))
+    T = x.shape[1]
+    attn_mask = model.attention_mask(T, pos, x.device, x.dtype, cache.key_length(pos, T))
+    return model.run_layers(x, start, end, skip_mask, cache, pos, attn_mask)
 
 
 def step(model, tokens, pos, start, end, cache, skip_mask=None):
@@ -92,13 +99,25 @@ def prefill(model, idx, lens, end, cache):
     return x[torch.arange(len(lens), device=x.device), (lens - 1).to(x.device)].unsqueeze(1)
 
 
+CUDA_GRAPH_DEVICES = ("cuda",)  # where compiled decode steps are recorded as CUDA graphs
+_graph_caches = weakref.WeakKeyDictionary()  # model -> {(batch size, dtype, device): KVCache}
+
+
 def decode_cache(model, idx, max_len, compile):
     """The KV cache for decoding prompts idx [B, T]: max_len positions, or the whole context when compiled (one
-    shape for every call). On the CPU the weights are laid out for matrix-vector products first (decode_layout)."""
+    shape for every call). Where steps become CUDA graphs it is attended over in full and kept for the next
+    call with this batch size: the graphs replay over its addresses (a new cache would have them re-recorded);
+    every slot a call reads, it writes first. On the CPU the weights are laid out for matrix-vector products
+    first (decode_layout)."""
     if idx.device.type == "cpu":
         model.decode_layout()
     dtype = next(model.parameters()).dtype
-    return KVCache(model.cfg, idx.shape[0], model.cfg.block_size if compile else max_len, device=idx.device, dtype=dtype)
+    if not (compile and idx.device.type in CUDA_GRAPH_DEVICES):
+        return KVCache(model.cfg, idx.shape[0], model.cfg.block_size if compile else max_len, idx.device, dtype)
+    caches, key = _graph_caches.setdefault(model, {}), (idx.shape[0], dtype, idx.device)
+    if key not in caches:
+        caches[key] = KVCache(model.cfg, idx.shape[0], model.cfg.block_size, idx.device, dtype, attend_all=True)
+    return caches[key]
 
 
 _compiled = {}
@@ -106,13 +125,17 @@ _compiled = {}
 
 def compiled(fn, device):
     """fn (next_logits, step or layers) as a torch.compile'd graph for `device`. With compile=True the cache
-    spans the model's whole context, so shapes are static; positions turn symbolic at the second call (one
-    recompile), and from then on one graph serves every step of every call with the same batch size and
-    depth. On the CPU with Inductor's C++ wrapper, since the Python wrapper's per-call overhead is most of a
-    small model's step there. Speedups in BENCHMARKS.md; the first calls compile (tens of seconds on a CPU)."""
+    spans the model's whole context, so shapes are static. On CUDA the step attends over the whole cache with
+    positions as a device tensor, so one graph serves every step and is recorded once as a CUDA graph
+    (mode="reduce-overhead": one launch per step instead of one per kernel). On the CPU positions turn
+    symbolic at the second call (one recompile) and attention reads only the written slots; Inductor's C++
+    wrapper there, since the Python wrapper's per-call overhead is most of a small model's step. Speedups in
+    BENCHMARKS.md; the first calls compile (tens of seconds on a CPU)."""
     if (fn, device.type) not in _compiled:
-        options = {"cpp_wrapper": True} if device.type == "cpu" else None
-        _compiled[fn, device.type] = torch.compile(fn, options=options)
+        if device.type in CUDA_GRAPH_DEVICES:
+            _compiled[fn, device.type] = torch.compile(fn, mode="reduce-overhead")
+        else:
+            _compiled[fn, device.type] = torch.compile(fn, options={"cpp_wrapper": True})
     return _compiled[fn, device.type]
 
 
@@ -145,7 +168,7 @@ def generate(model, idx, max_new_tokens, *, prompt_lens=None, temperature=1.0, t
         pos = lens + i
         out[rows, pos.to(idx.device)] = token[:, 0]
         if i + 1 < max_new_tokens:
-            logits = decode_step(model, token, row_positions(pos), exit_layer, cache, skip_mask)
+            logits = decode_step(model, token, row_positions(pos, cache, idx.device), exit_layer, cache, skip_mask)
     return out
 
 
@@ -212,8 +235,9 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer, num_speculation
         exit_states, draft_probs = [], []
         for i in range(steps + 1):  # tokens n-1 .. n+steps-1 through layers [0, E); the last is not sampled from
             pos = n - 1 + i
-            h = draft_step(model, out[rows, pos.to(idx.device)][:, None], row_positions(pos), 0, E, cache)
-            exit_states.append(h)
+            token = out[rows, pos.to(idx.device)][:, None]  # [B, 1]
+            h = draft_step(model, token, row_positions(pos, cache, idx.device), 0, E, cache)
+            exit_states.append(h.clone())  # a CUDA graph's next replay overwrites its output
             if i == steps:
                 break
             logits = model.head(h)[:, -1]
@@ -224,7 +248,8 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer, num_speculation
                 token = torch.multinomial(draft_probs[-1], 1, generator=generator)[:, 0]
             out[rows, (pos + 1).to(idx.device)] = token
         # verify positions n-1 .. n+steps-1 in one pass through layers [E, L)
-        h = verify_layers(model, torch.cat(exit_states, dim=1), row_positions(n - 1), E, L, cache)  # [B, steps+1, C]
+        h = verify_layers(model, torch.cat(exit_states, dim=1), row_positions(n - 1, cache, idx.device), E, L,
+                          cache)  # [B, steps+1, C]
         at = (n[:, None] + torch.arange(steps)).to(idx.device)  # [B, steps]: draft positions
         n_acc, next_token = accept_drafts(model.head(h), out[rows[:, None], at],
                                           torch.stack(draft_probs, 1) if draft_probs else None, **sampling)
@@ -240,7 +265,7 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer, num_speculation
         if bool(done.any()):  # finished rows leave the batch and the cache
             keep = (~done).nonzero()[:, 0]
             out, n, row_ids = out[keep.to(idx.device)], n[keep], row_ids[keep]
-            cache.keep_rows(keep.to(idx.device))
+            cache = cache.keep_rows(keep.to(idx.device))
     stats = {"drafted": int(drafted.sum()), "accepted": int(accepted.sum()),
              "acceptance_rate": int(accepted.sum()) / max(int(drafted.sum()), 1),
              "row_acceptance_rate": (accepted / drafted.clamp(min=1)).tolist()}

@@ -8,6 +8,7 @@ Three primitives and a forward (see README):
     head(x)                                          -> logits  [B, T, V]
 Every skipping method only chooses the skip mask and the exits; nothing else differs.
 """
+import copy
 import json
 import math
 import os
@@ -160,9 +161,9 @@ def rope_frequencies(cfg, seq_len):
 
 
 def positions(pos, T, device=None):
-    """Positions of T new tokens: [T] from an int start, or [B, T] from per-row starts pos [B] (CPU LongTensor)."""
+    """Positions of T new tokens: [T] from an int start, or [B, T] from per-row starts pos [B] (a LongTensor)."""
     if torch.is_tensor(pos):
-        return (pos[:, None] + torch.arange(T)).to(device, non_blocking=True)
+        return (pos[:, None] + torch.arange(T, device=pos.device)).to(device, non_blocking=True)
     return torch.arange(pos, pos + T, device=device)
 
 
@@ -200,12 +201,29 @@ class KVCache:
     when rows are at different lengths), so cropping after a speculation round is just writing at
     an earlier position next time; slots past a row's position are never attended to. Rows that
     skip a layer do not write that layer's slot for those positions.
+
+    attend_all: every forward attends over all max_len slots, the ones past a row's position masked
+    out, so shapes never change from step to step and positions can stay on the device: what a CUDA
+    graph needs (one recording replayed every step). The tensors then keep fixed addresses.
     """
 
-    def __init__(self, cfg, batch_size, max_len, device=None, dtype=torch.float32):
+    def __init__(self, cfg, batch_size, max_len, device=None, dtype=torch.float32, attend_all=False):
         shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.attend_all = attend_all
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.mark_static()
+
+    def mark_static(self):
+        """Tell torch.compile the cache keeps its addresses, so a CUDA graph may write it in place."""
+        if self.attend_all:
+            for t in self.k + self.v:
+                torch._dynamo.mark_static_address(t)
+
+    def key_length(self, pos, T):
+        """The key length S that T new tokens at pos attend over: one past the last position written,
+        or every slot with attend_all."""
+        return self.k[0].shape[2] if self.attend_all else end_position(pos, T)
 
     def update(self, layer, rows, pos, k, v):
         """Write k, v [R, n_kv, T, hd] at positions [pos, pos+T) of rows `rows` (None: all);
@@ -220,14 +238,17 @@ class KVCache:
             b = slice(None) if rows is None else rows
             keys[b, :, pos:pos + T] = k
             values[b, :, pos:pos + T] = v
-        end = end_position(pos, T)
+        end = self.key_length(pos, T)
         if rows is None:
             return keys[:, :, :end], values[:, :, :end]
         return keys[rows, :, :end], values[rows, :, :end]
 
     def keep_rows(self, rows):
-        """Drop every batch row not in `rows` [R] (finished generations leave the batch)."""
-        self.k, self.v = [k[rows] for k in self.k], [v[rows] for v in self.v]
+        """A cache of the batch rows `rows` [R] only (finished generations leave the batch)."""
+        kept = copy.copy(self)
+        kept.k, kept.v = [k[rows] for k in self.k], [v[rows] for v in self.v]
+        kept.mark_static()
+        return kept
 
 
 def rotary(x, cos, sin):
@@ -401,14 +422,14 @@ class Transformer(nn.Module):
             x = self.emb_norm(x)
         return x
 
-    def attention_mask(self, T, pos, device, dtype):
-        """Mask for T queries at [pos, pos+T) over keys [0, S): None where plain causal attention
-        does (SDPA's is_causal); else bool [T, S], or with ALiBi an additive float [H, T, S].
+    def attention_mask(self, T, pos, device, dtype, S=None):
+        """Mask for T queries at [pos, pos+T) over keys [0, S) (default S: pos + T): None where plain causal
+        attention does (SDPA's is_causal); else bool [T, S], or with ALiBi an additive float [H, T, S].
         Per-row positions pos [B] always get a mask with a batch dim: [B, 1, T, S] or [B, H, T, S]."""
-        cfg, S = self.cfg, end_position(pos, T)
+        cfg, S = self.cfg, end_position(pos, T) if S is None else S
         window, per_row = cfg.sliding_window, torch.is_tensor(pos)
         if (not per_row and cfg.pos_emb != "alibi" and (window is None or S <= window)
-                and (pos == 0 or T == 1)):
+                and S == pos + T and (pos == 0 or T == 1)):
             return None
         q = positions(pos, T, device).unsqueeze(-1)  # [(B,) T, 1]
         k = torch.arange(S, device=device)            # [S]
@@ -519,7 +540,8 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {end_position(pos, T)} tokens exceeds the context of {self.cfg.block_size}")
         skip_mask = self.normalize_skip_mask(skip_mask, B, T)
         x = self.embed(idx, pos)
-        attn_mask = self.attention_mask(T, pos, idx.device, x.dtype)
+        S = None if cache is None else cache.key_length(pos, T)
+        attn_mask = self.attention_mask(T, pos, idx.device, x.dtype, S)
 
         if targets is None:
             exit_layer = self.n_layer if exit_layer is None else exit_layer

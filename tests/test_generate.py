@@ -5,6 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+import generate as generate_module
 from generate import generate, generate_speculative, pad_prompts, probs_from_logits
 from model import PRESETS, Transformer
 
@@ -72,6 +73,38 @@ def test_compiled_decode_steps_give_the_eager_tokens():
         assert out.tolist() == expected[:1].tolist()
     with pytest.raises(ValueError, match="compile needs"):
         generate(model, idx, 4, prompt_lens=[5, 3], temperature=0, compile=True)
+
+
+@pytest.mark.parametrize("kw", FAMILIES)
+def test_cuda_graph_decode_steps_are_one_graph_with_the_eager_tokens(kw, monkeypatch):
+    """The CUDA path (a cache attended over in full, positions as device tensors) run here on the CPU through
+    torch.compile with a graph-counting backend: the eager tokens, and one graph for every decode step (no
+    graph break, no recompile: what recording one CUDA graph needs). Speculation (batched, rows leaving) on
+    the Llama family only, to keep the suite short."""
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()
+    monkeypatch.setattr(generate_module, "CUDA_GRAPH_DEVICES", ("cpu",))
+    counters = {}
+    def count_graphs(fn, device):
+        counters[fn.__name__] = counters.get(fn.__name__) or CompileCounter()
+        return torch.compile(fn, backend=counters[fn.__name__])
+    monkeypatch.setattr(generate_module, "compiled", count_graphs)
+    model = model_with(**kw)
+    idx = torch.randint(256, (2, 5), generator=torch.Generator().manual_seed(4))
+    expected = generate(model, idx, 12, temperature=0)
+    assert generate(model, idx, 12, temperature=0, compile=True).tolist() == expected.tolist()
+    out, _ = generate_speculative(model, idx[:1], 12, 3, 2, compile=True)
+    assert out.tolist() == expected[:1].tolist()
+    assert counters["next_logits"].frame_count == 1 and counters["step"].frame_count == 1
+    if not kw:
+        ragged, lens = pad_prompts(ragged_prompts(seed=3))  # rows at their own positions, leaving as they finish
+        out, _ = generate_speculative(model, ragged, 16, 2, 3, prompt_lens=lens, compile=True)
+        assert out.tolist() == generate(model, ragged, 16, prompt_lens=lens, temperature=0).tolist()
+    # the next call of this batch size decodes in the same cache (the same addresses for the CUDA graph)
+    assert generate_module.decode_cache(model, idx, 17, True) is generate_module.decode_cache(model, idx, 17, True)
+    assert generate(model, idx, 12, temperature=0, compile=True).tolist() == expected.tolist()
+    assert counters["next_logits"].frame_count == 1
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("prompt_len", [1, 7])

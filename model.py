@@ -183,7 +183,7 @@ def rope_cos_sin(cfg, pos, T, dtype, device):
     return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
-def alibi_slopes(n_head):
+def alibi_slopes(n_head, device=None):
     """Bloom's ALiBi slopes: (2^(-8/cp2))^k for k=1..cp2, then (2^(-4/cp2))^(1,3,5,..) for the rest."""
     cp2 = 2 ** math.floor(math.log2(n_head))
     base = 2.0 ** (-(2.0 ** -(math.log2(cp2) - 3)))
@@ -191,7 +191,7 @@ def alibi_slopes(n_head):
     if cp2 != n_head:
         extra = 2.0 ** (-(2.0 ** -(math.log2(2 * cp2) - 3)))
         slopes += [extra ** k for k in range(1, 2 * (n_head - cp2), 2)]
-    return torch.tensor(slopes, dtype=torch.float32)
+    return torch.tensor(slopes, dtype=torch.float32, device=device)
 
 
 class KVCache:
@@ -440,7 +440,7 @@ class Transformer(nn.Module):
             allowed = allowed.unsqueeze(1)             # [B, 1, T, S]
         if cfg.pos_emb != "alibi":
             return allowed
-        bias = alibi_slopes(cfg.n_head).to(device)[:, None, None] * k.float()  # [H, 1, S]: slope x key position
+        bias = alibi_slopes(cfg.n_head, device)[:, None, None] * k.float()  # [H, 1, S]: slope x key position
         return bias.masked_fill(~allowed, float("-inf")).to(dtype)
 
     def rope(self, pos, T, dtype, device):

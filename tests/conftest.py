@@ -57,6 +57,18 @@ def trained(stdlib_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def layerskip_trained(stdlib_data, tmp_path_factory):
+    """The first half of `trained`'s run (same seed, data and learning-rate schedule, 200 of 400 steps) with
+    LayerSkip on: the early-exit loss at every layer and layer dropout up to p_max 0.1."""
+    out = str(tmp_path_factory.mktemp("layerskip"))
+    proc = run_script("train.py", *TINY, f"--data_dir={stdlib_data}", f"--out_dir={out}", "--max_steps=200",
+                      "--lr_decay_steps=400", "--eval_interval=200", "--early_exit_curriculum=none", "--e_scale=1.0",
+                      "--p_max=0.1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="session")
 def stdlib_instruct(tmp_path_factory):
     """The stdlib instruction set (Alpaca format), built once per test session."""
     return built_data(tmp_path_factory, "instruct", "data/instruct.py")

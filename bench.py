@@ -357,6 +357,8 @@ def bench_decode(repeats, ckpt, new_tokens=128, d=4):
         same = all(torch.equal(out[k][0] if "speculative" in k else out[k], reference) for k in greedy)
         print(f"  outputs of {len(greedy)} full-depth runs identical to transformers greedy: {same}; our acceptance "
               f"{out[names[3]][1]['acceptance_rate']:.1%}")
+        if CUDA:  # compiled steps run as CUDA graphs unless Inductor skipped them (it logs why)
+            print(f"  CUDA graph skips so far: {torch._dynamo.utils.counters['inductor']['cudagraph_skips']}")
         T = 32 + n // 2  # average keys attended
         predicted = decode_flops(cfg, cfg.n_layer, T) / decode_flops(cfg, E, T)
         for label, (full, spec, exit_) in (("eager", names[2:5]), ("--compile", names[5:8])):

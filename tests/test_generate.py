@@ -109,6 +109,25 @@ def test_cuda_graph_decode_steps_are_one_graph_with_the_eager_tokens(kw, monkeyp
     torch._dynamo.reset()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_record_every_compiled_decode_step():
+    """On CUDA the compiled steps are CUDA graphs; with cudagraph_or_error a step that cannot be recorded (a CPU
+    tensor, a mutated input that is not static, a dynamic shape) raises instead of quietly running without one."""
+    torch._dynamo.reset()
+    with torch._inductor.config.patch({"triton.cudagraph_or_error": True}):
+        model = model_with().cuda()
+        idx = torch.randint(256, (2, 5), generator=torch.Generator().manual_seed(4)).cuda()
+        expected = generate(model, idx, 12, temperature=0)
+        for _ in range(2):  # the second call replays the recordings over the kept cache
+            assert generate(model, idx, 12, temperature=0, compile=True).tolist() == expected.tolist()
+        out, _ = generate_speculative(model, idx[:1], 12, 3, 2, compile=True)
+        assert out.tolist() == expected[:1].tolist()
+        ragged, lens = pad_prompts(ragged_prompts(seed=3))
+        out, _ = generate_speculative(model, ragged.cuda(), 16, 2, 3, prompt_lens=lens, compile=True)
+        assert out.tolist() == generate(model, ragged.cuda(), 16, prompt_lens=lens, temperature=0).tolist()
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("prompt_len", [1, 7])
 def test_greedy_speculation_equals_greedy_decoding(prompt_len):
     model = model_with()

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from layerskip import dropout_rates, exit_weights, layer_dropout_mask
 from kernels import FUSED
-from model import PRESETS, Config, Transformer
+from model import PRESETS, Config, Transformer, layer_mask
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -323,6 +323,7 @@ def converted_pair(cfg, E):
 
 def bench_decode(repeats, ckpt, new_tokens=128, d=4):
     from generate import generate, generate_speculative
+    from unified import unified_plan
     n = new_tokens
     print(f"device {DEVICE}{' (' + torch.cuda.get_device_name() + ')' if CUDA else ''}, {torch.get_num_threads()} "
           f"threads; random Llama weights, fp32; batch 1, prompt 32, {n} new tokens, greedy; best of {repeats}")
@@ -330,7 +331,10 @@ def bench_decode(repeats, ckpt, new_tokens=128, d=4):
         E = cfg.n_layer // 4
         hf, ours = converted_pair(cfg, E)
         prompt = torch.randint(cfg.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0)).to(DEVICE)
-        print(f"\n{title}: {cfg.n_layer} layers, d {cfg.n_embd}, vocab {cfg.vocab_size}; draft E={E}, d={d}")
+        kept = unified_plan(cfg.n_layer, 2)
+        plan = layer_mask([l for l in range(cfg.n_layer) if l not in kept], cfg.n_layer)
+        print(f"\n{title}: {cfg.n_layer} layers, d {cfg.n_embd}, vocab {cfg.vocab_size}; draft E={E}, d={d}; "
+              f"unified 2x plan keeps layers {kept}")
 
         def hf_generate(**kw):
             with torch.no_grad():
@@ -346,6 +350,9 @@ def bench_decode(repeats, ckpt, new_tokens=128, d=4):
             "nanoskip full depth, --compile": lambda: generate(ours, prompt, n, temperature=0, compile=True),
             f"nanoskip self-speculative E={E}, --compile": lambda: generate_speculative(ours, prompt, n, E, d, compile=True),
             f"nanoskip exit layer {E}, --compile": lambda: generate(ours, prompt, n, temperature=0, exit_layer=E, compile=True),
+            "nanoskip unified 2x plan": lambda: generate(ours, prompt, n, temperature=0, skip_mask=plan),
+            "nanoskip unified 2x plan, --compile": lambda: generate(ours, prompt, n, temperature=0, skip_mask=plan,
+                                                                   compile=True),
         }
         t, out = {}, {}
         for name, fn in runs.items():
@@ -353,7 +360,7 @@ def bench_decode(repeats, ckpt, new_tokens=128, d=4):
             print(f"  {name:38s} {n / t[name]:8.1f} tok/s  {t[name] / n * 1e3:6.2f} ms/token")
         names = list(runs)
         reference = out[names[0]]
-        greedy = [k for k in names[1:] if "exit layer" not in k]  # every run but the early exits decodes full depth
+        greedy = [k for k in names[1:] if "exit layer" not in k and "plan" not in k]  # the full-depth decodes
         same = all(torch.equal(out[k][0] if "speculative" in k else out[k], reference) for k in greedy)
         print(f"  outputs of {len(greedy)} full-depth runs identical to transformers greedy: {same}; our acceptance "
               f"{out[names[3]][1]['acceptance_rate']:.1%}")
@@ -367,6 +374,9 @@ def bench_decode(repeats, ckpt, new_tokens=128, d=4):
                   f"self-speculation vs assistant_early_exit {t[names[1]] / t[spec]:.2f}x (target >= 2x); exit layer "
                   f"{E} vs full depth {measured:.2f}x = {(measured - 1) / (predicted - 1):.0%} of the FLOP-predicted "
                   f"{predicted:.2f}x (target >= 80%)")
+        print(f"  unified 2x plan ({len(kept)} of {cfg.n_layer} layers) vs full depth: eager "
+              f"{t[names[2]] / t[names[8]]:.2f}x, --compile {t[names[5]] / t[names[9]]:.2f}x (FLOPs predict "
+              f"{decode_flops(cfg, cfg.n_layer, T) / decode_flops(cfg, len(kept), T):.2f}x)")
     if ckpt:
         bench_trained_speculation(ckpt, repeats, n)
 

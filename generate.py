@@ -81,14 +81,34 @@ def step(model, tokens, pos, start, end, cache, skip_mask=None):
     return layers(model, model.embed(tokens, pos), pos, start, end, cache, skip_mask)
 
 
-def next_logits(model, tokens, pos, end, cache, skip_mask=None):
-    """One decode step: tokens [B, 1] through layers [0, end) and the exit -> next-token logits [B, V]."""
-    return model.head(step(model, tokens, pos, 0, end, cache, skip_mask))[:, -1]
+def next_logits(model, tokens, pos, runs, cache, skip_mask=None):
+    """One decode step: tokens [B, 1] through the runs of layers ((start, stop), ...) and the exit -> next-token
+    logits [B, V]."""
+    x = model.embed(tokens, pos)
+    for start, stop in runs:
+        x = layers(model, x, pos, start, stop, cache, skip_mask)
+    return model.head(x)[:, -1]
 
 
 def model_skip_plan(model):
     """The skip plan stored in the checkpoint's config (layers generated tokens skip), as a mask [L]."""
     return layer_mask(model.cfg.skip_layers, model.n_layer) if model.cfg.skip_layers else None
+
+
+def layer_runs(skip_mask, end):
+    """Layers [0, end) under a skip mask [B, L] -> (runs of layers every row runs ((start, stop), ...), the mask
+    left for rows to differ on, or None). A plan alike for every row becomes Python ints, which torch.compile
+    takes as constants (a mask tensor's per-layer decisions would each break its graph); skipping a layer for
+    every row is not running it (run_layers writes no cache slot for a row that skips)."""
+    if skip_mask is None or not bool((skip_mask == skip_mask[0]).all()):
+        return ((0, end),), skip_mask
+    runs = []
+    for l, skip in enumerate(skip_mask[0, :end].tolist()):
+        if not skip and runs and runs[-1][1] == l:
+            runs[-1] = (runs[-1][0], l + 1)  # extends the run before it
+        elif not skip:
+            runs.append((l, l + 1))
+    return tuple(runs), None
 
 
 def prefill(model, idx, lens, end, cache):
@@ -147,7 +167,7 @@ def generate(model, idx, max_new_tokens, *, prompt_lens=None, temperature=1.0, t
 
     Prompts run through every layer up to exit_layer; skip_mask ([L] or [B, L]; default: the plan in
     the model's config) applies to generated tokens only. compile: decode steps as a compiled graph
-    (prompts of one length, no skip mask; the first call compiles).
+    (prompts of one length, one skip plan for every row; the first call compiles).
     """
     B, T = idx.shape
     exit_layer = model.n_layer if exit_layer is None else exit_layer
@@ -159,8 +179,9 @@ def generate(model, idx, max_new_tokens, *, prompt_lens=None, temperature=1.0, t
     in_prompt = torch.arange(T) < lens[:, None]  # [B, T]
     out[:, :T] = idx.masked_fill(~in_prompt.to(idx.device), model.cfg.eos_id)
     rows = torch.arange(B, device=idx.device)
+    runs, skip_mask = layer_runs(skip_mask, exit_layer)
     if compile and (skip_mask is not None or bool((lens != T).any())):
-        raise ValueError("compile needs prompts of one length and no skip mask")
+        raise ValueError("compile needs prompts of one length and one skip plan for every row")
     decode_step = compiled(next_logits, idx.device) if compile else next_logits
     logits = model.head(prefill(model, idx, lens, exit_layer, cache))[:, -1]
     for i in range(max_new_tokens):
@@ -168,7 +189,7 @@ def generate(model, idx, max_new_tokens, *, prompt_lens=None, temperature=1.0, t
         pos = lens + i
         out[rows, pos.to(idx.device)] = token[:, 0]
         if i + 1 < max_new_tokens:
-            logits = decode_step(model, token, row_positions(pos, cache, idx.device), exit_layer, cache, skip_mask)
+            logits = decode_step(model, token, row_positions(pos, cache, idx.device), runs, cache, skip_mask)
     return out
 
 

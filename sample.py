@@ -7,7 +7,7 @@ layers (0-based) for generated tokens; without it, a plan stored in the checkpoi
 --prompts FILE (a JSON list of strings) decodes several prompts as one batch. temperature 0 is greedy.
 --sweep times self-speculation over a grid of (exit_layer, num_speculations), one prompt at a time,
 prints a table, writes it as CSV and names the fastest setting. --compile runs decode steps as
-torch.compile'd graphs, on CUDA recorded as CUDA graphs (one prompt length, no skip plan).
+torch.compile'd graphs, on CUDA recorded as CUDA graphs (prompts of one length).
 """
 import csv
 import json

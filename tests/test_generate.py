@@ -55,13 +55,32 @@ def test_batched_greedy_speculation_equals_greedy_decoding(kw):
             assert len(stats["row_acceptance_rate"]) == 4
 
 
+@torch.no_grad()
+def greedy_by_full_forward(model, idx, n, plan):
+    """Greedy decoding without a cache: every step is one forward over the whole sequence, the prompt's tokens
+    through every layer and the generated ones skipping the plan's layers (a per-token mask [B, T, L])."""
+    T = idx.shape[1]
+    for _ in range(n):
+        mask = torch.zeros(*idx.shape, model.n_layer, dtype=torch.bool)
+        mask[:, T:] = plan
+        idx = torch.cat([idx, model(idx, skip_mask=mask)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
 def test_skip_plan_in_the_config_is_honoured():
     model = model_with()
     idx = torch.randint(256, (2, 5), generator=torch.Generator().manual_seed(2))
-    planned = generate(model, idx, 10, temperature=0, skip_mask=torch.tensor([0, 1, 1, 0, 1, 0], dtype=torch.bool))
+    plan = torch.tensor([0, 1, 1, 0, 1, 0], dtype=torch.bool)
+    planned = generate(model, idx, 10, temperature=0, skip_mask=plan)
+    assert planned.tolist() == greedy_by_full_forward(model, idx, 10, plan).tolist()
     assert planned.tolist() != generate(model, idx, 10, temperature=0).tolist()
     model.cfg.skip_layers = [1, 2, 4]
     assert generate(model, idx, 10, temperature=0).tolist() == planned.tolist()
+    # rows with plans of their own decode as each row alone
+    plans = torch.stack([plan, torch.tensor([1, 0, 0, 1, 0, 0], dtype=torch.bool)])
+    out = generate(model, idx, 10, temperature=0, skip_mask=plans)
+    for b in range(2):
+        assert out[b].tolist() == generate(model, idx[b:b + 1], 10, temperature=0, skip_mask=plans[b])[0].tolist()
 
 
 def test_compiled_decode_steps_give_the_eager_tokens():
@@ -73,8 +92,13 @@ def test_compiled_decode_steps_give_the_eager_tokens():
     for E, d in ((2, 3), (4, 1)):
         out, _ = generate_speculative(model, idx[:1], 12, E, d, compile=True)
         assert out.tolist() == expected[:1].tolist()
+    plan = torch.tensor([0, 1, 1, 0, 1, 0], dtype=torch.bool)  # a skip plan: the layer runs are graph constants
+    assert (generate(model, idx, 12, temperature=0, skip_mask=plan, compile=True).tolist()
+            == generate(model, idx, 12, temperature=0, skip_mask=plan).tolist())
     with pytest.raises(ValueError, match="compile needs"):
         generate(model, idx, 4, prompt_lens=[5, 3], temperature=0, compile=True)
+    with pytest.raises(ValueError, match="compile needs"):
+        generate(model, idx, 4, temperature=0, skip_mask=torch.stack([plan, ~plan]), compile=True)
 
 
 @pytest.mark.parametrize("kw", FAMILIES)

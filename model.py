@@ -513,6 +513,12 @@ class Transformer(nn.Module):
         if not isinstance(exit_layer, int) or not 1 <= exit_layer <= self.n_layer:
             raise ValueError(f"exit_layer must be an integer in [1, {self.n_layer}], got {exit_layer!r}")
 
+    def check_vocabulary(self, n_tokens, source):
+        """A tokenizer (named by `source`) must give ids the embedding has rows for."""
+        if n_tokens > self.cfg.vocab_size:
+            raise ValueError(f"{source} has {n_tokens} tokens, more than the model's vocabulary of "
+                             f"{self.cfg.vocab_size}: they do not belong together")
+
     def normalize_skip_mask(self, skip_mask, B, T):
         """Accept [L] (whole batch), [B, L] (per sample) or [B, T, L] (per token); return a bool tensor
         [B, L] or [B, T, L] on the CPU (decisions are host-side)."""

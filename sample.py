@@ -128,6 +128,7 @@ def main():
         model.check_exit_layer(cfg.exit_layer)
     skip_mask = parse_skip_layers(cfg.skip_layers, model.n_layer)
     tok = load_tokenizer(cfg.out_dir, model.cfg.bos_id, model.cfg.eos_id)
+    model.check_vocabulary(tok.vocab_size(), f"the tokenizer in {cfg.out_dir!r}")
     texts = read_prompts(cfg)
     ids = [[tok.bos_id()] + (tok.encode(t) if t else []) for t in texts for _ in range(cfg.num_samples)]
     generator = torch.Generator(device=device).manual_seed(cfg.seed)

@@ -20,6 +20,9 @@ class JSONTokenizer:
     def decode(self, ids):
         return self.tok.decode(ids)
 
+    def vocab_size(self):
+        return self.tok.get_vocab_size()
+
     def bos_id(self):
         return self._bos
 

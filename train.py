@@ -347,6 +347,7 @@ def main():
         train_state_dir(cfg)  # fail with one line before anything is built
 
     model = build_model(cfg, vocab_size)
+    model.check_vocabulary(vocab_size, f"the tokenizer of {cfg.data_dir!r}")
     if cfg.block_size > model.cfg.block_size:
         raise ValueError(f"block_size {cfg.block_size} exceeds the model's context of {model.cfg.block_size}")
     on_meta = any(p.is_meta for p in model.parameters())

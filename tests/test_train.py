@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, TINY, assert_one_line_error, run_script
+from model import PRESETS, Transformer
 
 
 def val_rows(out_dir):
@@ -67,6 +69,18 @@ def test_sample_missing_checkpoint(tmp_path):
     assert_one_line_error(run_script("sample.py", f"--out_dir={tmp_path / 'none'}"), "none")
     (tmp_path / "empty").mkdir()
     assert_one_line_error(run_script("sample.py", f"--out_dir={tmp_path / 'empty'}"), "config.json")
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_one_line(tmp_path, stdlib_data):
+    """A checkpoint, or a data set to fine-tune it on, whose tokenizer gives ids the embedding has no rows for."""
+    ckpt = tmp_path / "ckpt"
+    Transformer(PRESETS["test-tiny"]).save_pretrained(str(ckpt))                # a vocabulary of 256
+    shutil.copy(os.path.join(stdlib_data, "tokenizer.model"), ckpt)             # 4096 tokens
+    assert_one_line_error(run_script("sample.py", f"--out_dir={ckpt}"), "4096 tokens", "vocabulary of 256")
+    out = tmp_path / "out"
+    assert_one_line_error(run_script("train.py", f"--init_from={ckpt}", f"--data_dir={stdlib_data}",
+                                     f"--out_dir={out}", "--block_size=64"), "4096 tokens", "vocabulary of 256")
+    assert not out.exists()
 
 
 def test_train_bad_data_dir_leaves_nothing(tmp_path):

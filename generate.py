@@ -96,11 +96,11 @@ def model_skip_plan(model):
 
 
 def layer_runs(skip_mask, end):
-    """Layers [0, end) under a skip mask [B, L] -> (runs of layers every row runs ((start, stop), ...), the mask
-    left for rows to differ on, or None). A plan alike for every row becomes Python ints, which torch.compile
-    takes as constants (a mask tensor's per-layer decisions would each break its graph); skipping a layer for
-    every row is not running it (run_layers writes no cache slot for a row that skips)."""
-    if skip_mask is None or not bool((skip_mask == skip_mask[0]).all()):
+    """Layers [0, end) under a skip mask [B, L] (or per token, [B, 1, L]) -> (runs of layers every row runs
+    ((start, stop), ...), the mask left for rows to differ on, or None). A per-row plan alike for every row
+    becomes Python ints, which torch.compile takes as constants (a mask tensor's per-layer decisions would each
+    break its graph); skipping a layer for every row is not running it (no cache slot is written for it)."""
+    if skip_mask is None or skip_mask.dim() != 2 or not bool((skip_mask == skip_mask[0]).all()):
         return ((0, end),), skip_mask
     runs = []
     for l, skip in enumerate(skip_mask[0, :end].tolist()):

@@ -69,11 +69,15 @@ def row_positions(n, cache, device):
     return int(n[0]) if bool((n == n[0]).all()) else n
 
 
+def cache_mask(model, x, pos, cache):
+    """The attention mask for hidden states x [B, T, C] at positions pos over the keys `cache` holds."""
+    T = x.shape[1]
+    return model.attention_mask(T, pos, x.device, x.dtype, cache.key_length(pos, T))
+
+
 def layers(model, x, pos, start, end, cache, skip_mask=None):
     """Hidden states x [B, T, C] at positions pos (int or per-row [B]) through layers [start, end)."""
-    T = x.shape[1]
-    attn_mask = model.attention_mask(T, pos, x.device, x.dtype, cache.key_length(pos, T))
-    return model.run_layers(x, start, end, skip_mask, cache, pos, attn_mask)
+    return model.run_layers(x, start, end, skip_mask, cache, pos, cache_mask(model, x, pos, cache))
 
 
 def step(model, tokens, pos, start, end, cache, skip_mask=None):
@@ -85,8 +89,9 @@ def next_logits(model, tokens, pos, runs, cache, skip_mask=None):
     """One decode step: tokens [B, 1] through the runs of layers ((start, stop), ...) and the exit -> next-token
     logits [B, V]."""
     x = model.embed(tokens, pos)
+    attn_mask = cache_mask(model, x, pos, cache)  # one mask for every run
     for start, stop in runs:
-        x = layers(model, x, pos, start, stop, cache, skip_mask)
+        x = model.run_layers(x, start, stop, skip_mask, cache, pos, attn_mask)
     return model.head(x)[:, -1]
 
 

@@ -18,6 +18,7 @@ from model import Config, PRESETS, Transformer
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 BATCH = None  # bench.py --batch overrides the default batch size
+TINY = False  # bench.py --tiny: test-sized shapes, so that every mode runs in seconds on a CPU (the test suite)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -71,11 +72,18 @@ def device_name():
 
 
 def bench_config():
-    """(config, batch, sequence): TinyLlama-1.1B at 2048 on CUDA, a TinyLlama-shaped small model on CPU."""
+    """(config, batch, sequence): TinyLlama-1.1B at 2048 on CUDA, a TinyLlama-shaped small model on CPU,
+    a test-sized one with --tiny."""
+    if TINY:
+        return tiny_config(), BATCH or 2, 64
     if CUDA:
         return PRESETS["tinyllama-1.1b"], BATCH or 1, 2048
     cfg = Config(vocab_size=32000, n_layer=8, n_head=8, n_kv_head=1, n_embd=256, intermediate_size=704, block_size=256)
     return cfg, BATCH or 4, 256
+
+
+def tiny_config():
+    return Config(vocab_size=512, n_layer=4, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=160, block_size=128)
 
 
 def sync():
@@ -178,7 +186,8 @@ def memory_in_fresh_process(kind):
         result = measure_memory(kind)
         torch.cuda.empty_cache()
         return result
-    cmd = [sys.executable, os.path.join(ROOT, "bench.py"), "--_memory", kind] + (["--batch", str(BATCH)] if BATCH else [])
+    cmd = [sys.executable, os.path.join(ROOT, "bench.py"), "--_memory", kind] + ["--tiny"] * TINY
+    cmd += ["--batch", str(BATCH)] if BATCH else []
     # allocations over 1 MiB get their own mapping, returned to the OS when freed: the resident set then
     # follows live tensors instead of what the allocator keeps from the warm-up step
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2**20))

@@ -16,6 +16,7 @@ import math
 import os
 import sysconfig
 
+from data.instruct import documented_functions
 from data.prepare import is_val, list_files, read_texts
 from sandbox import run_programs
 
@@ -177,22 +178,14 @@ def first_sentence(doc):
 def function_summaries(rel, source):
     """{task_id, document, summary} for each documented function of one file: the function without its
     docstring, and the docstring's first sentence."""
-    try:
-        tree = ast.parse(source)
-    except (SyntaxError, ValueError):
-        return []
     lines = source.splitlines(keepends=True)
     records = []
-    for node in ast.walk(tree):
-        doc = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and ast.get_docstring(node)
-        if not doc or len(node.body) < 2:
-            continue
-        doc_node = node.body[0]
-        indent = node.col_offset
+    for node in documented_functions(source):
+        doc_node, indent = node.body[0], node.col_offset
         header = [l[indent:] for l in lines[node.lineno - 1:doc_node.lineno - 1]]
         body = [l[indent:] for l in lines[doc_node.end_lineno:node.end_lineno]]
         document = "".join(header + body).rstrip() + "\n"
-        summary = first_sentence(doc)
+        summary = first_sentence(ast.get_docstring(node))
         if len(summary.split()) >= 3 and len(document) < 1500:
             records.append({"task_id": f"stdlib/{rel}:{node.lineno}", "document": document, "summary": summary})
     return records

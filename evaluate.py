@@ -129,13 +129,15 @@ def decode(model, idx, max_new_tokens, setting, sampling):
 
 def complete(model, tok, task_list, setting, cfg, device):
     """Generate cfg.num_samples completions per task, one sequence at a time, under one setting ->
-    ({task_id: [text, ...]}, seconds spent decoding, tokens generated, drafted, accepted)."""
+    ({task_id: [text, ...]}, seconds spent decoding, tokens generated, drafted, accepted). Prompts keep their
+    last block_size - max_new_tokens - 1 tokens; the first task is decoded once untimed (warm-up)."""
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     sampling = dict(temperature=cfg.temperature, top_k=cfg.top_k, generator=generator)
-    keep = model.cfg.block_size - cfg.max_new_tokens - 1  # prompts keep their last tokens
+    keep = model.cfg.block_size - cfg.max_new_tokens - 1
+    prompts = [torch.tensor([[tok.bos_id()] + tok.encode(t["prompt"])[-keep:]], device=device) for t in task_list]
+    decode(model, prompts[0], cfg.max_new_tokens, setting, dict(temperature=0.0))
     samples, seconds, tokens, drafted, accepted = {}, 0.0, 0, 0, 0
-    for task in tqdm(task_list, desc=setting.name, leave=False):
-        idx = torch.tensor([[tok.bos_id()] + tok.encode(task["prompt"])[-keep:]], device=device)
+    for task, idx in tqdm(list(zip(task_list, prompts)), desc=setting.name, leave=False):
         for _ in range(cfg.num_samples):
             t0 = time.perf_counter()
             ids, n_drafted, n_accepted = decode(model, idx, cfg.max_new_tokens, setting, sampling)
@@ -218,6 +220,9 @@ def run_tasks(cfg):
     tok = load_tokenizer(cfg.ckpt, model.cfg.bos_id, model.cfg.eos_id)
     model.check_vocabulary(tok.vocab_size(), f"the tokenizer in {cfg.ckpt!r}")
     cfg.max_new_tokens = cfg.max_new_tokens or (128 if cfg.task == "code" else 48)
+    if not 1 <= cfg.max_new_tokens < model.cfg.block_size - 1:
+        raise ValueError(f"max_new_tokens must lie in [1, {model.cfg.block_size - 2}] (the model's context is "
+                         f"{model.cfg.block_size}), got {cfg.max_new_tokens}")
     print(f"{cfg.ckpt}: {model.n_layer} layers; {len(task_list)} {cfg.task} tasks from {cfg.data}, "
           f"{cfg.num_samples} sample(s) of {cfg.max_new_tokens} tokens each, temperature {cfg.temperature}")
     rows = []

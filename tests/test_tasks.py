@@ -87,6 +87,16 @@ def test_pass_at_k_equals_the_closed_form():
                     assert tasks.pass_at_k(n, c, k) == pytest.approx(exact, rel=1e-9, abs=1e-12), (n, c, k)
 
 
+def test_pass_at_k_over_several_samples_per_task():
+    problems = [{"task_id": name, "prompt": "def f(x):\n", "entry_point": "f",
+                 "test": "def check(f):\n    assert f(2) == 4\n"} for name in ("a", "b")]
+    right, wrong = "    return x * 2\n\ndef g():\n    return 0\n", "    return x + 3\n"  # `def g` is cut off
+    metrics, results = tasks.score_code(problems, {"a": [right, wrong, right], "b": [wrong, wrong, wrong]}, **LIMITS)
+    assert [r.passed for r in results["a"]] == [True, False, True] and not any(r.passed for r in results["b"])
+    assert metrics["pass@1"] == pytest.approx((2 / 3 + 0) / 2)
+    assert "pass@2" not in metrics and "pass@10" not in metrics
+
+
 def test_rouge_on_a_pair_with_a_known_score():
     # unigrams: 5 of 6 shared; bigrams: "the cat", "on the", "the mat" of 5; LCS "the cat on the mat" (5 of 6)
     ref = [{"task_id": "a", "summary": "The cat sat on the mat."}]

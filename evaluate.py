@@ -184,6 +184,7 @@ def report(rows, path, quality):
         ax.annotate(r["setting"], (r["tokens_per_s"], r["quality"][quality]), fontsize=7)
     ax.set_xlabel("tokens/s")
     ax.set_ylabel(quality)
+    ax.set_title(os.path.basename(path), fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     atomic_write(path + ".png", lambda tmp: fig.savefig(tmp, format="png", dpi=120))

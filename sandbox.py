@@ -93,7 +93,7 @@ def run_program(program, timeout=3.0, memory_mb=1024, output_mb=1, max_processes
         if DROP_TO_NOBODY:
             os.chown(workdir, NOBODY, NOBODY)
             os.chmod(workdir, 0o700)
-        limits = [str(int(timeout) + 1), str(memory_mb << 20), str(output_mb << 20), str(max_processes), str(int(DROP_TO_NOBODY))]
+        limits = [str(v) for v in (int(timeout) + 1, memory_mb << 20, output_mb << 20, max_processes, int(DROP_TO_NOBODY))]
         env = {"PATH": os.defpath, "HOME": workdir, "TMPDIR": workdir, "LC_ALL": "C.UTF-8"}
         with open(os.path.join(workdir, "output"), "w+b") as out:
             proc = subprocess.Popen([sys.executable, "-I", "-S", "-B", "-c", LAUNCHER, *limits, *SITE_PACKAGES],
@@ -117,7 +117,7 @@ def run_program(program, timeout=3.0, memory_mb=1024, output_mb=1, max_processes
     if size >= output_mb << 20:
         return Result(False, f"failed: printed more than {output_mb} MB", output)
     if returncode < 0:
-        return Result(False, f"failed: killed by {signal.Signals(-returncode).name}", output)
+        return Result(False, f"failed: killed by signal {-returncode}", output)
     last = output.strip().splitlines()[-1][:200] if output.strip() else f"exit status {returncode}"
     return Result(False, f"failed: {last}", output)
 

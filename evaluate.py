@@ -52,7 +52,7 @@ class EvalConfig:
     seed: int = 1337
     # task benchmarks
     task: str = "lm"                 # lm (validation loss per method), code or summarize
-    data: str = ""                   # code: humaneval, stdlib or a HumanEval-format JSONL(.gz); summarize: stdlib or a JSONL
+    data: str = ""                   # code: humaneval, stdlib or a HumanEval JSONL(.gz); summarize: stdlib or a JSONL
     completions: str = ""            # score this JSONL of {task_id, completion} instead of generating
     limit: int = 0                   # the first `limit` tasks only (0: all)
     num_samples: int = 1             # completions per task; pass@k for k <= num_samples (needs temperature > 0)

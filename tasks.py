@@ -124,7 +124,8 @@ def well_posed(candidates, workers=None):
     results = run_programs([program(t, t["canonical_solution"]) for t in candidates] +
                            [program(t, stub(t["canonical_solution"])) for t in candidates], workers=workers)
     n = len(candidates)
-    return [t for t, solved, stubbed in zip(candidates, results[:n], results[n:]) if solved.passed and not stubbed.passed]
+    return [t for t, solved, stub_run in zip(candidates, results[:n], results[n:])
+            if solved.passed and not stub_run.passed]
 
 
 def truncate(text, stops):

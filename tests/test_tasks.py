@@ -202,7 +202,8 @@ def tiny_checkpoint(tmp_path):
 def test_settings_table_on_a_tiny_model(tiny_checkpoint, tmp_path):
     data = tmp_path / "code.jsonl"
     data.write_text("".join(json.dumps({"task_id": f"t{i}", "prompt": f"def f{i}(x):\n", "entry_point": f"f{i}",
-                                        "test": f"def check(f):\n    assert f({i}) == {i}\n"}) + "\n" for i in range(2)))
+                                        "test": f"def check(f):\n    assert f({i}) == {i}\n"}) + "\n"
+                            for i in range(2)))
     out = run_evaluate("--task=code", f"--data={data}", f"--ckpt={tiny_checkpoint}", "--max_new_tokens=6",
                        "--exit_layer=2", "--num_speculations=2", f"--results={tmp_path / 'table'}", "--workers=2")
     rows = list(csv.DictReader(open(tmp_path / "table.csv")))

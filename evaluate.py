@@ -3,6 +3,13 @@ Validation loss vs fraction of layers run, for one trained model and the skippin
 
     python evaluate.py --ckpt out-layerskip --unified out-unified --dynamic out-dynamic --distill out-distill
 
+Task benchmarks (--task code or summarize, see run_tasks and tasks.py): quality, tokens/s, time per token
+and acceptance of every way to decode with fewer layers, on the same prompts:
+
+    python evaluate.py --task code --data humaneval --ckpt out-layerskip     # or --data stdlib, or a JSONL file
+    python evaluate.py --task summarize --data stdlib --ckpt out-layerskip
+    python evaluate.py --task code --data humaneval --completions samples.jsonl   # score completions, no model
+
 On instruction data (loss on response tokens). Every method is a skip mask on the response tokens
 (prompts run every layer), except early exit, which runs layers [0, E). The fraction is the mean
 share of the L layers that response tokens run. Rows: full depth; early exit; the unified 2x and 3x
@@ -11,17 +18,23 @@ sequence: what a dropout-trained model learned to survive); and, when given, a c
 for its unified plan (train.py --skip_speedup), learned controllers (dynamic.py), and a
 skip-distilled student (distill.py) against --ckpt with the same layers skipped.
 """
+import csv
 import json
 import math
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
+import tasks
 from configurator import configure, run_main
 from dynamic import controlled_forward, load_controllers
+from generate import generate, generate_speculative
 from layerskip import dropout_rates, layer_dropout_mask
-from model import Transformer
+from model import Transformer, atomic_write, layer_mask
+from tokenizer import load_tokenizer
 from train import TrainConfig, load_data
 from unified import response_skip_mask, response_tokens, skipped_layers
 
@@ -37,6 +50,21 @@ class EvalConfig:
     micro_batch: int = 8
     block_size: int = 256
     seed: int = 1337
+    # task benchmarks
+    task: str = "lm"                 # lm (validation loss per method), code or summarize
+    data: str = ""                   # code: humaneval, stdlib or a HumanEval JSONL(.gz); summarize: stdlib or a JSONL
+    completions: str = ""            # score this JSONL of {task_id, completion} instead of generating
+    limit: int = 0                   # the first `limit` tasks only (0: all)
+    num_samples: int = 1             # completions per task; pass@k for k <= num_samples (needs temperature > 0)
+    temperature: float = 0.0         # 0: greedy
+    top_k: int | None = None
+    max_new_tokens: int = 0          # 0: 128 for code, 48 for summarize
+    exit_layer: int = 0              # the early exit and the draft depth (0: half the layers)
+    num_speculations: int = 4        # d: tokens drafted per self-speculation round
+    workers: int = 0                 # programs run at once (0: the number of cores)
+    timeout: float = 3.0             # seconds per program
+    results: str = ""                # writes RESULTS.csv and RESULTS.png (default: {task}_{data name})
+    device: str = "auto"
 
 
 @torch.no_grad()
@@ -59,14 +87,158 @@ def early_exit_eval(model, val_batch, batches, exit_layer):
     return sum(model(*val_batch(i), exits={exit_layer: 1.0})[0].item() for i in range(batches)) / batches
 
 
-def load(path):
+def load(path, device="cpu"):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no checkpoint directory {path!r}")
-    return Transformer.from_pretrained(path)
+    return Transformer.from_pretrained(path, device=device)
+
+
+@dataclass
+class Setting:
+    """One way to decode: what generate() (num_speculations 0) or generate_speculative() receives."""
+    name: str
+    exit_layer: int | None = None          # early exit, or the draft depth with num_speculations > 0
+    skip_layers: list = field(default_factory=list)   # layers generated tokens skip (no speculation)
+    num_speculations: int = 0
+    options: dict = field(default_factory=dict)       # further keywords of generate_speculative
+
+
+def decode_settings(model, exit_layer, d):
+    """Full depth, early exit, the checkpoint's skip plan (if it has one), self-speculation. A dynamic
+    drafting mode of generate_speculative is one more Setting here, its keywords in `options`."""
+    E = exit_layer or model.n_layer // 2
+    model.check_exit_layer(E)
+    settings = [Setting("full depth"), Setting(f"exit layer {E}", exit_layer=E)]
+    if model.cfg.skip_layers:
+        settings.append(Setting(f"skip plan {list(model.cfg.skip_layers)}", skip_layers=list(model.cfg.skip_layers)))
+    if E < model.n_layer:
+        settings.append(Setting(f"self-speculation E={E} d={d}", exit_layer=E, num_speculations=d))
+    return settings
+
+
+def decode(model, idx, max_new_tokens, setting, sampling):
+    """idx [1, T] -> (generated ids [max_new_tokens], drafted, accepted)."""
+    if setting.num_speculations:
+        out, stats = generate_speculative(model, idx, max_new_tokens, setting.exit_layer, setting.num_speculations,
+                                          **sampling, **setting.options)
+        return out[0, idx.shape[1]:], stats["drafted"], stats["accepted"]
+    out = generate(model, idx, max_new_tokens, exit_layer=setting.exit_layer, **sampling,
+                   skip_mask=layer_mask(setting.skip_layers, model.n_layer).to(idx.device))
+    return out[0, idx.shape[1]:], 0, 0
+
+
+def complete(model, tok, task_list, setting, cfg, device):
+    """Generate cfg.num_samples completions per task, one sequence at a time, under one setting ->
+    ({task_id: [text, ...]}, seconds spent decoding, tokens generated, drafted, accepted). Prompts keep their
+    last block_size - max_new_tokens - 1 tokens; the first task is decoded once untimed (warm-up)."""
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    sampling = dict(temperature=cfg.temperature, top_k=cfg.top_k, generator=generator)
+    keep = model.cfg.block_size - cfg.max_new_tokens - 1
+    prompts = [torch.tensor([[tok.bos_id()] + tok.encode(t["prompt"])[-keep:]], device=device) for t in task_list]
+    decode(model, prompts[0], cfg.max_new_tokens, setting, dict(temperature=0.0))
+    samples, seconds, tokens, drafted, accepted = {}, 0.0, 0, 0, 0
+    for task, idx in tqdm(list(zip(task_list, prompts)), desc=setting.name, leave=False):
+        for _ in range(cfg.num_samples):
+            t0 = time.perf_counter()
+            ids, n_drafted, n_accepted = decode(model, idx, cfg.max_new_tokens, setting, sampling)
+            seconds += time.perf_counter() - t0
+            ids = ids.tolist()
+            ids = ids[:ids.index(tok.eos_id())] if tok.eos_id() in ids else ids
+            samples.setdefault(task["task_id"], []).append(tok.decode(ids))
+            tokens, drafted, accepted = tokens + cfg.max_new_tokens, drafted + n_drafted, accepted + n_accepted
+    return samples, seconds, tokens, drafted, accepted
+
+
+def score(cfg, task_list, samples):
+    """Quality of completions: {"pass@k": ...} for code, {"rouge1", "rouge2", "rougeL"} for summarize."""
+    if cfg.task == "summarize":
+        return tasks.score_summaries(task_list, samples)
+    n = sum(len(v) for v in samples.values())
+    with tqdm(total=n, desc="running programs", leave=False) as bar:
+        return tasks.score_code(task_list, samples, cfg.workers or None, bar.update, timeout=cfg.timeout)[0]
+
+
+def report(rows, path, quality):
+    """Print the table, write path.csv and path.png (quality against tokens/s)."""
+    metrics = list(rows[0]["quality"])
+    header = ["setting", *metrics, "tokens/s", "ms/token", "acceptance"]
+    table = [[r["setting"], *(f"{r['quality'][m]:.4f}" for m in metrics),
+              f"{r['tokens_per_s']:.1f}" if r["tokens_per_s"] else "-",
+              f"{r['ms_per_token']:.2f}" if r["ms_per_token"] else "-",
+              f"{r['acceptance']:.3f}" if r["acceptance"] is not None else "-"] for r in rows]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for line in table:
+        print("| " + " | ".join(line) + " |")
+
+    def write_csv(tmp):
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows([header] + table)
+    atomic_write(path + ".csv", write_csv)
+    timed = [r for r in rows if r["tokens_per_s"]]
+    if not timed:
+        return print(f"table in {path}.csv")
+    plt = tasks.require("matplotlib.pyplot", "matplotlib", "the plot")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in timed:
+        ax.scatter(r["tokens_per_s"], r["quality"][quality])
+        ax.annotate(r["setting"], (r["tokens_per_s"], r["quality"][quality]), fontsize=7)
+    ax.set_xlabel("tokens/s")
+    ax.set_ylabel(quality)
+    ax.set_title(os.path.basename(path), fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path + ".png", lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+    print(f"table in {path}.csv, {quality} against tokens/s in {path}.png")
+
+
+def run_tasks(cfg):
+    """--task code|summarize: every decode setting on the same tasks, or --completions scored alone."""
+    if cfg.task not in ("code", "summarize"):
+        raise ValueError(f"task must be lm, code or summarize, got {cfg.task!r}")
+    if not cfg.data:
+        raise ValueError(f"--task {cfg.task} needs --data (" + ("humaneval, stdlib" if cfg.task == "code" else "stdlib")
+                         + " or a JSONL file)")
+    if cfg.num_samples < 1 or (cfg.num_samples > 1 and cfg.temperature <= 0):
+        raise ValueError("num_samples must be 1, or more with temperature > 0 (greedy samples are all alike)")
+    quality = "pass@1" if cfg.task == "code" else "rouge2"
+    if cfg.task == "summarize":
+        tasks.require("rouge_score", "rouge-score", "--task summarize")
+    if not cfg.completions:
+        tasks.require("matplotlib", "matplotlib", "the plot")
+    task_list = tasks.code_tasks(cfg.data, cfg.workers or None) if cfg.task == "code" else tasks.summary_tasks(cfg.data)
+    task_list = task_list[:cfg.limit] if cfg.limit else task_list
+    path = cfg.results or f"{cfg.task}_{os.path.basename(cfg.data).split('.')[0]}"
+    if cfg.completions:
+        samples = {}
+        for r in tasks.check_fields(tasks.read_jsonl(cfg.completions), cfg.completions, ("task_id", "completion")):
+            samples.setdefault(r["task_id"], []).append(r["completion"])
+        row = dict(setting=f"completions in {cfg.completions}", quality=score(cfg, task_list, samples),
+                   tokens_per_s=None, ms_per_token=None, acceptance=None)
+        return report([row], path, quality)
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load(cfg.ckpt, device)
+    tok = load_tokenizer(cfg.ckpt, model.cfg.bos_id, model.cfg.eos_id)
+    model.check_vocabulary(tok.vocab_size(), f"the tokenizer in {cfg.ckpt!r}")
+    cfg.max_new_tokens = cfg.max_new_tokens or (128 if cfg.task == "code" else 48)
+    if not 1 <= cfg.max_new_tokens < model.cfg.block_size - 1:
+        raise ValueError(f"max_new_tokens must lie in [1, {model.cfg.block_size - 2}] (the model's context is "
+                         f"{model.cfg.block_size}), got {cfg.max_new_tokens}")
+    print(f"{cfg.ckpt}: {model.n_layer} layers; {len(task_list)} {cfg.task} tasks from {cfg.data}, "
+          f"{cfg.num_samples} sample(s) of {cfg.max_new_tokens} tokens each, temperature {cfg.temperature}")
+    rows = []
+    for setting in decode_settings(model, cfg.exit_layer, cfg.num_speculations):
+        samples, seconds, tokens, drafted, accepted = complete(model, tok, task_list, setting, cfg, device)
+        rows.append(dict(setting=setting.name, quality=score(cfg, task_list, samples),
+                         tokens_per_s=tokens / seconds, ms_per_token=seconds / tokens * 1e3,
+                         acceptance=accepted / drafted if setting.num_speculations else None))
+    report(rows, path, quality)
 
 
 def main():
     cfg = configure(EvalConfig())
+    if cfg.task != "lm":
+        return run_tasks(cfg)
     data_cfg = TrainConfig(dataset="instruct", data_dir=cfg.data_dir, init_from=cfg.ckpt,
                            micro_batch=cfg.micro_batch, block_size=cfg.block_size, seed=cfg.seed)
     _, val_batch, _, _, _ = load_data(data_cfg)

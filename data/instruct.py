@@ -39,20 +39,22 @@ def format_prompt(record):
 
 # ---- building the stdlib set ----
 
-def function_records(source):
-    """Alpaca records for the documented functions of one Python source file."""
+def documented_functions(source):
+    """The function nodes of one Python source file (at any depth) that have a docstring and a body after it."""
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError):
         return []
+    return [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and ast.get_docstring(node) is not None and len(node.body) > 1]
+
+
+def function_records(source):
+    """Alpaca records for the documented functions of one Python source file."""
     lines = source.splitlines(keepends=True)
     records = []
-    for node in ast.walk(tree):
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or ast.get_docstring(node) is None:
-            continue
-        doc_node, body = node.body[0], node.body[1:]
-        if not body:
-            continue
+    for node in documented_functions(source):
+        doc_node = node.body[0]
         header = textwrap.dedent("".join(lines[node.lineno - 1:doc_node.end_lineno]))
         output = textwrap.dedent("".join(lines[doc_node.end_lineno:node.end_lineno]))
         if output.strip() and len(output) < 1500:

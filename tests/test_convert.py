@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from checkpoints_convert import from_hf, to_hf  # noqa: E402
 from conftest import assert_one_line_error, run_script  # noqa: E402
-from generate import generate  # noqa: E402
+from generate import generate, generate_speculative  # noqa: E402
 from model import KVCache, Transformer  # noqa: E402
 
 V = 128
@@ -226,3 +226,35 @@ def test_sample_reads_tokenizer_json(tmp_path):
                       "--temperature=0")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split("\n")[1].startswith("w5 w7")
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "opt"])
+@torch.no_grad()
+def test_eos_ends_rows_as_in_transformers(name, tmp_path):
+    """The eos id is the third token greedy decoding produces: transformers' greedy generate returns 3 new tokens
+    and stops; ours too, then eos padding, batched with a row that does not stop, and inside a speculation round
+    (E=1, d=4): layers after the first write nothing to the residual stream, so every draft is accepted."""
+    hf = make_hf(name, tmp_path / "hf")
+    for n, p in hf.named_parameters():  # zero each later layer's attention and MLP output projections
+        if any(f"layers.{i}." in n for i in range(1, 3)) and any(k in n for k in ("o_proj", "down_proj", "out_proj", "fc2")):
+            p.zero_()
+    hf.save_pretrained(tmp_path / "hf")
+    from_hf(str(tmp_path / "hf"), str(tmp_path / "ours"))
+    ours = Transformer.from_pretrained(tmp_path / "ours")
+    for seed in range(20):  # row 0's first 3 new tokens differ, and row 1 never makes row 0's third
+        idx = prompt(T=8, B=2, seed=seed)
+        free = hf.generate(idx, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)[:, 8:].tolist()
+        if len(set(free[0][:3])) == 3 and free[0][2] not in free[1]:
+            break
+    eos = free[0][2]
+    ours.cfg.eos_id = eos
+    theirs = hf.generate(idx, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+    assert theirs.shape == (2, 8 + 12) and theirs[0, 8 + 3:].eq(eos).all()
+    alone = hf.generate(idx[:1], max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+    assert alone.shape == (1, 8 + 3)
+    assert generate(ours, idx[:1], 12, temperature=0).tolist() == theirs[:1].tolist()
+    assert generate(ours, idx, 12, temperature=0).tolist() == theirs.tolist()
+    for rows in (idx[:1], idx):
+        out, stats = generate_speculative(ours, rows, 12, 1, 4)
+        assert out.tolist() == theirs[:len(rows)].tolist()
+        assert stats["accepted"] == stats["drafted"]  # the eos came inside an accepted run of drafts

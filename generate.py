@@ -98,6 +98,15 @@ def check_lengths(model, idx, prompt_lens, max_new_tokens):
     return lens
 
 
+def eos_padded(model, idx, lens, max_new_tokens):
+    """Prompts idx [B, T] with lengths lens [B] -> [B, T + max_new_tokens]: each prompt, then eos padding."""
+    out = torch.full((idx.shape[0], idx.shape[1] + max_new_tokens), model.cfg.eos_id, dtype=torch.long,
+                     device=idx.device)
+    in_prompt = torch.arange(idx.shape[1]) < lens[:, None]  # [B, T]
+    out[:, :idx.shape[1]] = idx.masked_fill(~in_prompt.to(idx.device), model.cfg.eos_id)
+    return out
+
+
 def row_positions(n, cache, device):
     """Per-row positions n [B] on the CPU -> what the model takes: an int when every row is at the same
     place (plain causal attention, no mask), else the per-row tensor; always a tensor on `device` for a
@@ -223,9 +232,7 @@ def generate(model, idx, max_new_tokens, *, prompt_lens=None, temperature=1.0, t
     lens = check_lengths(model, idx, prompt_lens, max_new_tokens)
     skip_mask = model.normalize_skip_mask(model_skip_plan(model) if skip_mask is None else skip_mask, B, 1)
     cache = decode_cache(model, idx, T + max_new_tokens, compile)
-    out = torch.full((B, T + max_new_tokens), model.cfg.eos_id, dtype=torch.long, device=idx.device)
-    in_prompt = torch.arange(T) < lens[:, None]  # [B, T]
-    out[:, :T] = idx.masked_fill(~in_prompt.to(idx.device), model.cfg.eos_id)
+    out = eos_padded(model, idx, lens, max_new_tokens)
     rows = torch.arange(B, device=idx.device)
     runs, skip_mask = layer_runs(skip_mask, exit_layer)
     if compile and (skip_mask is not None or bool((lens != T).any())):
@@ -297,7 +304,7 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer, num_speculation
         raise ValueError(f"num_speculations must be at least 1, got {d}")
     lens = check_lengths(model, idx, prompt_lens, max_new_tokens)
     cache = decode_cache(model, idx, T + max_new_tokens, compile)  # positions written stay below T + max_new_tokens
-    result = torch.full((B, T + max_new_tokens), model.cfg.eos_id, dtype=torch.long, device=idx.device)
+    result = eos_padded(model, idx, lens, max_new_tokens)
     out = torch.cat([idx, result[:, T:], idx.new_zeros(B, d + 1)], dim=1)  # working buffer, rows leave as they finish
     if T > 1:  # prefill all layers with every prompt token but each row's last
         prefill(model, idx[:, :-1], (lens - 1).clamp(min=1), L, cache)
@@ -307,7 +314,7 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer, num_speculation
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     draft_step, verify_layers = (compiled(step, idx.device), compiled(layers, idx.device)) if compile else (step, layers)
 
-    while len(row_ids):
+    while len(row_ids) and max_new_tokens:
         steps = int((end[row_ids] - n).min().clamp(max=d))  # no row drafts past its end
         rows = torch.arange(len(row_ids), device=idx.device)
         exit_states, draft_probs = [], []

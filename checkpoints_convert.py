@@ -352,17 +352,22 @@ def from_hf(hf_dir, out, block_size=None):
 def export_tokenizer(ckpt_dir, out, cfg):
     """Write the checkpoint's tokenizer (tokenizer.model or tokenizer.json) as a transformers tokenizer whose
     special tokens are the checkpoint's bos/eos ids and which puts bos first, as train.py and sample.py encode,
-    and generation_config.json with those ids (transformers' generate stops at eos as sample.py does). A
+    and generation_config.json with those ids (transformers' generate stops at eos as sample.py does; ids of a
+    padded vocabulary's rows past the tokenizer are suppressed, as sample.py never generates them). A
     sentencepiece model is converted by transformers (SpmConverter, which needs protobuf)."""
     try:
         from tokenizers.processors import TemplateProcessing
         from transformers import GenerationConfig, PreTrainedTokenizerFast
     except ImportError:
         raise ValueError("--to_hf needs transformers: pip install transformers") from None
-    GenerationConfig(bos_token_id=cfg.bos_id, eos_token_id=cfg.eos_id).save_pretrained(out)
-    if not any(os.path.isfile(os.path.join(ckpt_dir, f)) for f in ("tokenizer.model", "tokenizer.json")):
+    backend = None
+    if any(os.path.isfile(os.path.join(ckpt_dir, f)) for f in ("tokenizer.model", "tokenizer.json")):
+        backend = PreTrainedTokenizerFast.from_pretrained(ckpt_dir).backend_tokenizer
+    padding = list(range(backend.get_vocab_size(), cfg.vocab_size)) if backend else []  # never generated
+    GenerationConfig(bos_token_id=cfg.bos_id, eos_token_id=cfg.eos_id,
+                     suppress_tokens=padding or None).save_pretrained(out)
+    if backend is None:
         return
-    backend = PreTrainedTokenizerFast.from_pretrained(ckpt_dir).backend_tokenizer
     bos, eos = backend.id_to_token(cfg.bos_id), backend.id_to_token(cfg.eos_id)
     if bos is None or eos is None:
         raise ValueError(f"the tokenizer in {ckpt_dir} has no token for bos id {cfg.bos_id} or eos id {cfg.eos_id}")

@@ -260,3 +260,44 @@ def test_eos_ends_rows_as_in_transformers(name, tmp_path):
         out, stats = generate_speculative(ours, rows, 12, 1, 4)
         assert out.tolist() == theirs[:len(rows)].tolist()
         assert stats["accepted"] == stats["drafted"]  # the eos came inside an accepted run of drafts
+
+
+def test_export_of_a_fine_tuned_tokenizer_json_checkpoint_keeps_its_special_tokens(tmp_path, monkeypatch):
+    """A tiny OPT with a byte-level tokenizer.json (384 tokens, OPT's <s> <pad> </s> <unk>; bos = eos = </s> = 2),
+    converted, fine-tuned by train.py (only tokenizer.json travels), exported: AutoTokenizer has the checkpoint's
+    special tokens and ids, puts bos first as sample.py does, and greedy generate equals ours."""
+    tokenizers = pytest.importorskip("tokenizers")
+    import train
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.train_from_iterator([open(transformers.__file__).read()] * 2, tokenizers.trainers.BpeTrainer(
+        vocab_size=384, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    assert tok.get_vocab_size() == 384
+    cfg = transformers.OPTConfig(vocab_size=384, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
+                                 max_position_embeddings=512, word_embed_proj_dim=64, bos_token_id=2, eos_token_id=2,
+                                 pad_token_id=1)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "hf")
+    tok.save(str(tmp_path / "hf" / "tokenizer.json"))
+    from_hf(str(tmp_path / "hf"), str(tmp_path / "ours"))
+    record = {"instruction": "Say hi.", "output": "hi"}
+    (tmp_path / "data").mkdir()
+    for split in ("train", "val"):
+        (tmp_path / "data" / f"{split}.jsonl").write_text(json.dumps(record) + "\n")
+    monkeypatch.setattr("sys.argv", ["train.py", f"--init_from={tmp_path / 'ours'}", "--dataset=instruct",
+                                     f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'tuned'}",
+                                     "--max_steps=2", "--eval_interval=2", "--eval_batches=1", "--micro_batch=1",
+                                     "--block_size=256", "--device=cpu"])
+    train.main()
+    to_hf(str(tmp_path / "tuned"), str(tmp_path / "back"))
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
+    assert (theirs.bos_token, theirs.eos_token, theirs.bos_token_id, theirs.eos_token_id) == ("</s>", "</s>", 2, 2)
+    text = "def f(x):\n    return x"
+    assert theirs(text).input_ids == [2] + tok.encode(text, add_special_tokens=False).ids
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    ids = torch.tensor([theirs(text).input_ids])
+    out = hf.generate(ids, max_new_tokens=20, do_sample=False)
+    ours = generate(Transformer.from_pretrained(tmp_path / "tuned"), ids, 20, temperature=0)
+    assert out.tolist() == ours[:, :out.shape[1]].tolist() and (ours[:, out.shape[1]:] == 2).all()

@@ -162,3 +162,23 @@ def test_instruction_prompt_is_the_training_prompt(ckpt, tmp_path, monkeypatch, 
     assert code == 0 and fed == [ids[:n_prompt]]
     code, _ = run_sample(monkeypatch, capsys, f"--out_dir={ckpt}", "--instruction=x")  # not fine-tuned
     assert "prompt_template.json" in code
+
+
+@torch.no_grad()
+def test_export_encodes_and_decodes_greedily_as_sample(ckpt, tmp_path):
+    """--to_hf of a sentencepiece checkpoint with a padded vocabulary: AutoTokenizer puts bos first as sample.py
+    does, and transformers' greedy generate on the export gives sample.py's greedy tokens (eos and suppressed
+    padding rows from generation_config.json)."""
+    transformers = pytest.importorskip("transformers")
+    from checkpoints_convert import to_hf
+    to_hf(str(ckpt), str(tmp_path / "hf"))
+    tok, theirs = load_tokenizer(str(ckpt)), transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in ("def ", "  x = 1\n\tif é:\n"):
+        assert theirs(text).input_ids == [tok.bos_id()] + tok.encode(text)
+    assert (theirs.bos_token_id, theirs.eos_token_id) == (tok.bos_id(), tok.eos_id())
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.tensor([theirs("def ").input_ids])
+    model = Transformer.from_pretrained(str(ckpt)).eval()
+    ours = generate(model, ids, 30, temperature=0, n_tokens=N_TOKENS)
+    out = hf.generate(ids, max_new_tokens=30, do_sample=False)
+    assert out.tolist() == ours[:, :out.shape[1]].tolist() and (ours[:, out.shape[1]:] == tok.eos_id()).all()

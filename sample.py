@@ -161,6 +161,7 @@ def sweep(cfg, model, prompts, sampling):
     exits = parse_layers(cfg.sweep_exit_layers, "sweep_exit_layers", 1, L - 1) if cfg.sweep_exit_layers else spread
     ds = parse_layers(cfg.sweep_num_speculations, "sweep_num_speculations", 1, cfg.max_new_tokens)
     n = cfg.max_new_tokens
+    sampling = dict(sampling, stop_at_eos=False)  # every setting timed over n tokens
 
     def timed(fn):
         fn(prompts[0])  # warm-up, untimed: with --compile a new exit layer compiles its graphs here

@@ -160,6 +160,10 @@ def test_instruction_prompt_is_the_training_prompt(ckpt, tmp_path, monkeypatch, 
                          f"--input={record['input']}", "--max_new_tokens=0")
     ids, n_prompt = encode_records(load_tokenizer(str(out)), [record], 256)[0]
     assert code == 0 and fed == [ids[:n_prompt]]
+    (tmp_path / "prompts.json").write_text(json.dumps([{"instruction": record["instruction"], "input": record["input"]}]))
+    code, _ = run_sample(monkeypatch, capsys, f"--out_dir={out}", f"--prompts={tmp_path / 'prompts.json'}",
+                         "--max_new_tokens=0")  # a prompts file holding records
+    assert code == 0 and fed[1:] == [ids[:n_prompt]]
     code, _ = run_sample(monkeypatch, capsys, f"--out_dir={ckpt}", "--instruction=x")  # not fine-tuned
     assert "prompt_template.json" in code
 

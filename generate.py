@@ -218,7 +218,8 @@ def generate(model, idx, max_new_tokens, *, prompt_lens=None, temperature=1.0, t
     """idx [B, T] prompts (right-padded; prompt_lens [B] their lengths, default T) -> [B, T + max_new_tokens]:
     row b holds its prompt, then up to max_new_tokens generated tokens, then eos padding. A row ends at the first
     eos it generates (stop_at_eos), or where stop(row, new ids) ends it (row_ends); decoding ends when every row
-    has. n_tokens: the tokenizer's size; ids at or beyond it are never generated (a padded vocabularies' rows).
+    has (finished rows get eos). n_tokens: the tokenizer's size; ids at or beyond it, a padded vocabulary's
+    extra rows, are never generated.
     Sampling arguments as check_sampling.
 
     Prompts run through every layer up to exit_layer; skip_mask ([L] or [B, L]; default: the plan in

@@ -313,8 +313,8 @@ def prepare_out_dir(out):
     return tmp
 
 
-def finish_out_dir(tmp, out, src):
-    for f in TOKENIZER_FILES:
+def finish_out_dir(tmp, out, src, files=TOKENIZER_FILES):
+    for f in files:
         if os.path.isfile(os.path.join(src, f)):
             shutil.copyfile(os.path.join(src, f), os.path.join(tmp, f))
     if os.path.isdir(out):
@@ -349,6 +349,33 @@ def from_hf(hf_dir, out, block_size=None):
     return cfg
 
 
+def export_tokenizer(ckpt_dir, out, cfg):
+    """Write the checkpoint's tokenizer (tokenizer.model or tokenizer.json) as a transformers tokenizer whose
+    special tokens are the checkpoint's bos/eos ids and which puts bos first, as train.py and sample.py encode,
+    and generation_config.json with those ids (transformers' generate stops at eos as sample.py does; ids of a
+    padded vocabulary's rows past the tokenizer are suppressed, as sample.py never generates them). A
+    sentencepiece model is converted by transformers (SpmConverter, which needs protobuf)."""
+    try:
+        from tokenizers.processors import TemplateProcessing
+        from transformers import GenerationConfig, PreTrainedTokenizerFast
+    except ImportError:
+        raise ValueError("--to_hf needs transformers: pip install transformers") from None
+    backend = None
+    if any(os.path.isfile(os.path.join(ckpt_dir, f)) for f in ("tokenizer.model", "tokenizer.json")):
+        backend = PreTrainedTokenizerFast.from_pretrained(ckpt_dir).backend_tokenizer
+    padding = list(range(backend.get_vocab_size(), cfg.vocab_size)) if backend else []  # never generated
+    GenerationConfig(bos_token_id=cfg.bos_id, eos_token_id=cfg.eos_id,
+                     suppress_tokens=padding or None).save_pretrained(out)
+    if backend is None:
+        return
+    bos, eos = backend.id_to_token(cfg.bos_id), backend.id_to_token(cfg.eos_id)
+    if bos is None or eos is None:
+        raise ValueError(f"the tokenizer in {ckpt_dir} has no token for bos id {cfg.bos_id} or eos id {cfg.eos_id}")
+    backend.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                special_tokens=[(bos, cfg.bos_id)])
+    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos).save_pretrained(out)
+
+
 def to_hf(ckpt_dir, out):
     model = Transformer.from_pretrained(ckpt_dir)
     cfg = model.cfg
@@ -358,7 +385,8 @@ def to_hf(ckpt_dir, out):
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config_to_hf(cfg), f, indent=2)
-        finish_out_dir(tmp, out, ckpt_dir)
+        export_tokenizer(ckpt_dir, tmp, cfg)
+        finish_out_dir(tmp, out, ckpt_dir, files=())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -87,7 +87,10 @@ def configure(defaults, argv=None):
             else:
                 text = argv[i + 1]
                 i += 1
-        values[key] = _parse_value(key, text, hints[key])
+        if typing.get_origin(hints[key]) is list:  # a repeatable key: each --key adds one value
+            values[key] = [*values[key], _parse_value(key, text, typing.get_args(hints[key])[0])]
+        else:
+            values[key] = _parse_value(key, text, hints[key])
         i += 1
     return replace(defaults, **values)
 

@@ -12,10 +12,27 @@ import torch
 from model import KVCache, layer_mask
 
 
+def check_sampling(max_new_tokens, temperature, top_k, top_p):
+    """The sampling arguments generate(), generate_speculative() and sample.py accept, as in transformers'
+    generation/configuration_utils.py and logits_process.py: temperature >= 0 (0 is greedy), top_k None or 0 (off)
+    or >= 1, top_p None or in (0, 1], max_new_tokens >= 0. Raises ValueError naming the argument."""
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # not NaN
+    if not (isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool) and max_new_tokens >= 0):
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not (number(temperature) and 0 <= temperature < float("inf")):
+        raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
+    if not (top_k is None or isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 0):
+        raise ValueError(f"top_k must be None, 0 (off) or an integer >= 1, got {top_k!r}")
+    if not (top_p is None or number(top_p) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+
+
 def probs_from_logits(logits, temperature=1.0, top_k=None, top_p=None):
-    """logits [B, V] -> sampling distribution [B, V] after temperature, top-k and top-p (nucleus)."""
+    """logits [B, V] -> sampling distribution [B, V] after temperature, top-k (None or 0: off) and top-p (nucleus;
+    the most likely token always stays, so a tiny top_p is greedy), as transformers' TopK/TopPLogitsWarper."""
     logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
+    if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
@@ -23,6 +40,7 @@ def probs_from_logits(logits, temperature=1.0, top_k=None, top_p=None):
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # drop a token when the mass before it already reaches top_p (the first token always stays)
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        drop[:, 0] = False
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
         probs = probs / probs.sum(dim=-1, keepdim=True)
@@ -34,6 +52,26 @@ def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     return torch.multinomial(probs_from_logits(logits, temperature, top_k, top_p), 1, generator=generator)
+
+
+def row_ends(new, count, eos_id, rows, stop=None):
+    """Where rows end among the tokens they just accepted: new [B, k], of which row r's first count[r] ([B], on the
+    CPU) are its own; rows [B]: each row's index in the batch generate() was called with. Returns (kept [B], ended
+    [B] bool) on the CPU: row r keeps new[r, :kept[r]], and ended says it is finished: through its first eos_id, as
+    transformers' generate (None: eos does not end rows), or where stop(row, ids it keeps) returns a count (None:
+    go on), e.g. at a stop string (sample.py's Completions). One sync; `stop` is the only per-token Python work."""
+    count = count.to(new.device)
+    is_eos = new == (-1 if eos_id is None else eos_id)
+    is_eos &= torch.arange(new.shape[1], device=new.device) < count[:, None]    # [B, k]
+    ended = is_eos.any(1)
+    kept, ended = torch.stack([torch.where(ended, is_eos.long().argmax(1) + 1, count), ended.long()]).cpu()
+    ended = ended.bool()
+    if stop is not None:
+        for r, (b, ids) in enumerate(zip(rows.tolist(), new.tolist())):
+            m = stop(b, ids[:kept[r]]) if kept[r] else None
+            if m is not None:
+                kept[r], ended[r] = m, True
+    return kept, ended
 
 
 def pad_prompts(prompts, pad_id=0):
@@ -58,6 +96,15 @@ def check_lengths(model, idx, prompt_lens, max_new_tokens):
         raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                          f"model's context of {model.cfg.block_size}")
     return lens
+
+
+def eos_padded(model, idx, lens, max_new_tokens):
+    """Prompts idx [B, T] with lengths lens [B] -> [B, T + max_new_tokens]: each prompt, then eos padding."""
+    out = torch.full((idx.shape[0], idx.shape[1] + max_new_tokens), model.cfg.eos_id, dtype=torch.long,
+                     device=idx.device)
+    in_prompt = torch.arange(idx.shape[1]) < lens[:, None]  # [B, T]
+    out[:, :idx.shape[1]] = idx.masked_fill(~in_prompt.to(idx.device), model.cfg.eos_id)
+    return out
 
 
 def row_positions(n, cache, device):
@@ -166,33 +213,43 @@ def compiled(fn, device):
 
 @torch.inference_mode()
 def generate(model, idx, max_new_tokens, *, prompt_lens=None, temperature=1.0, top_k=None, top_p=None,
-             exit_layer=None, skip_mask=None, generator=None, compile=False):
+             exit_layer=None, skip_mask=None, generator=None, compile=False, stop_at_eos=True, stop=None,
+             n_tokens=None):
     """idx [B, T] prompts (right-padded; prompt_lens [B] their lengths, default T) -> [B, T + max_new_tokens]:
-    row b holds its prompt, then max_new_tokens generated tokens, then eos padding.
+    row b holds its prompt, then up to max_new_tokens generated tokens, then eos padding. A row ends at the first
+    eos it generates (stop_at_eos), or where stop(row, new ids) ends it (row_ends); decoding ends when every row
+    has (finished rows get eos). n_tokens: the tokenizer's size; ids at or beyond it, a padded vocabulary's
+    extra rows, are never generated.
+    Sampling arguments as check_sampling.
 
     Prompts run through every layer up to exit_layer; skip_mask ([L] or [B, L]; default: the plan in
     the model's config) applies to generated tokens only. compile: decode steps as a compiled graph
     (prompts of one length, one skip plan for every row; the first call compiles).
     """
     B, T = idx.shape
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     exit_layer = model.n_layer if exit_layer is None else exit_layer
     model.check_exit_layer(exit_layer)
     lens = check_lengths(model, idx, prompt_lens, max_new_tokens)
     skip_mask = model.normalize_skip_mask(model_skip_plan(model) if skip_mask is None else skip_mask, B, 1)
     cache = decode_cache(model, idx, T + max_new_tokens, compile)
-    out = torch.full((B, T + max_new_tokens), model.cfg.eos_id, dtype=torch.long, device=idx.device)
-    in_prompt = torch.arange(T) < lens[:, None]  # [B, T]
-    out[:, :T] = idx.masked_fill(~in_prompt.to(idx.device), model.cfg.eos_id)
+    out = eos_padded(model, idx, lens, max_new_tokens)
     rows = torch.arange(B, device=idx.device)
     runs, skip_mask = layer_runs(skip_mask, exit_layer)
     if compile and (skip_mask is not None or bool((lens != T).any())):
         raise ValueError("compile needs prompts of one length and one skip plan for every row")
     decode_step = compiled(next_logits, idx.device) if compile else next_logits
     logits = model.head(prefill(model, idx, lens, exit_layer, cache))[:, -1]
+    eos_id, finished = model.cfg.eos_id if stop_at_eos else None, torch.zeros(B, dtype=torch.bool)
     for i in range(max_new_tokens):
-        token = sample_token(logits, temperature, top_k, top_p, generator)  # [B, 1]
+        token = sample_token(logits[:, :n_tokens], temperature, top_k, top_p, generator)  # [B, 1]
+        token = token.masked_fill(finished.to(idx.device)[:, None], model.cfg.eos_id)  # finished rows: eos padding
         pos = lens + i
         out[rows, pos.to(idx.device)] = token[:, 0]
+        if eos_id is not None or stop is not None:
+            finished |= row_ends(token, (~finished).long(), eos_id, torch.arange(B), stop)[1]
+            if bool(finished.all()):
+                break
         if i + 1 < max_new_tokens:
             logits = decode_step(model, token, row_positions(pos, cache, idx.device), runs, cache, skip_mask)
     return out
@@ -224,7 +281,8 @@ def accept_drafts(logits, drafts, draft_probs, temperature, top_k, top_p, genera
 
 @torch.inference_mode()
 def generate_speculative(model, idx, max_new_tokens, exit_layer, num_speculations, *, prompt_lens=None,
-                         temperature=0.0, top_k=None, top_p=None, generator=None, compile=False):
+                         temperature=0.0, top_k=None, top_p=None, generator=None, compile=False, stop_at_eos=True,
+                         stop=None, n_tokens=None):
     """Self-speculative decoding (LayerSkip section 4.3): idx [B, T] right-padded prompts (prompt_lens [B])
     -> ([B, T + max_new_tokens] laid out as generate()'s, stats).
 
@@ -234,9 +292,11 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer, num_speculation
     drafts, so each row has its own position n[b]; a row that has all its tokens leaves the batch.
     Invariant at the start of a round: every layer's cache holds a row's positions [0, n-1); token
     n-1 is unprocessed. Later rounds overwrite rejected positions: cropping the cache is moving n.
-    compile: draft steps and verification as compiled graphs.
+    compile: draft steps and verification as compiled graphs. Rows end, and ids are limited, as in generate():
+    an eos (or stop) inside the accepted drafts ends the row there.
     """
     B, T = idx.shape
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     model.check_exit_layer(exit_layer)
     E, L, d = exit_layer, model.n_layer, num_speculations
     if E >= L:
@@ -245,7 +305,7 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer, num_speculation
         raise ValueError(f"num_speculations must be at least 1, got {d}")
     lens = check_lengths(model, idx, prompt_lens, max_new_tokens)
     cache = decode_cache(model, idx, T + max_new_tokens, compile)  # positions written stay below T + max_new_tokens
-    result = torch.full((B, T + max_new_tokens), model.cfg.eos_id, dtype=torch.long, device=idx.device)
+    result = eos_padded(model, idx, lens, max_new_tokens)
     out = torch.cat([idx, result[:, T:], idx.new_zeros(B, d + 1)], dim=1)  # working buffer, rows leave as they finish
     if T > 1:  # prefill all layers with every prompt token but each row's last
         prefill(model, idx[:, :-1], (lens - 1).clamp(min=1), L, cache)
@@ -255,7 +315,7 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer, num_speculation
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     draft_step, verify_layers = (compiled(step, idx.device), compiled(layers, idx.device)) if compile else (step, layers)
 
-    while len(row_ids):
+    while len(row_ids) and max_new_tokens:
         steps = int((end[row_ids] - n).min().clamp(max=d))  # no row drafts past its end
         rows = torch.arange(len(row_ids), device=idx.device)
         exit_states, draft_probs = [], []
@@ -266,7 +326,7 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer, num_speculation
             exit_states.append(h.clone())  # a CUDA graph's next replay overwrites its output
             if i == steps:
                 break
-            logits = model.head(h)[:, -1]
+            logits = model.head(h)[:, -1, :n_tokens]
             if temperature == 0:
                 token = logits.argmax(-1)
             else:
@@ -277,17 +337,19 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer, num_speculation
         h = verify_layers(model, torch.cat(exit_states, dim=1), row_positions(n - 1, cache, idx.device), E, L,
                           cache)  # [B, steps+1, C]
         at = (n[:, None] + torch.arange(steps)).to(idx.device)  # [B, steps]: draft positions
-        n_acc, next_token = accept_drafts(model.head(h), out[rows[:, None], at],
+        n_acc, next_token = accept_drafts(model.head(h)[..., :n_tokens], out[rows[:, None], at],
                                           torch.stack(draft_probs, 1) if draft_probs else None, **sampling)
         n_acc = n_acc.cpu()
         out[rows, (n + n_acc).to(idx.device)] = next_token
         drafted[row_ids] += steps
         accepted[row_ids] += n_acc
-        n = n + n_acc + 1
-        done = n >= end[row_ids]
+        new = out[rows[:, None], (n[:, None] + torch.arange(steps + 1)).to(idx.device)]  # [B, steps+1]
+        kept, ended = row_ends(new, n_acc + 1, model.cfg.eos_id if stop_at_eos else None, row_ids, stop)
+        n = n + kept
+        done = ended | (n >= end[row_ids])
         for r in done.nonzero()[:, 0].tolist():
-            b = int(row_ids[r])
-            result[b, :int(end[b])] = out[r, :int(end[b])]
+            b, length = int(row_ids[r]), min(int(n[r]), int(end[row_ids[r]]))
+            result[b, :length] = out[r, :length]  # the rest stays eos padding
         if bool(done.any()):  # finished rows leave the batch and the cache
             keep = (~done).nonzero()[:, 0]
             out, n, row_ids = out[keep.to(idx.device)], n[keep], row_ids[keep]

@@ -4,7 +4,10 @@ Generate from a trained model:  python sample.py [--out_dir out] [--prompt "def 
 --exit_layer E decodes with the first E layers and the shared exit. --skip_layers 3,5,7 skips those
 layers (0-based) for generated tokens; without it, a plan stored in the checkpoint's config applies
 (--skip_layers none turns it off). --speculative drafts with [0, E) and verifies with the rest.
---prompts FILE (a JSON list of strings) decodes several prompts as one batch. temperature 0 is greedy.
+--prompts FILE (a JSON list of strings, or of {"instruction", "input"} records) decodes several prompts as one
+batch. --instruction "..." [--input "..."] asks a fine-tuned checkpoint in the prompt template it was trained with.
+A row ends at eos, or after the token that completes a --stop string (repeatable; the text is cut before it).
+One prompt is printed as it is generated. temperature 0 is greedy; top_k 0 is off.
 --sweep times self-speculation over a grid of (exit_layer, num_speculations), one prompt at a time,
 prints a table, writes it as CSV and names the fastest setting. --compile runs decode steps as
 torch.compile'd graphs, on CUDA recorded as CUDA graphs (prompts of one length).
@@ -12,13 +15,16 @@ torch.compile'd graphs, on CUDA recorded as CUDA graphs (prompts of one length).
 import csv
 import json
 import os
+import re
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from configurator import configure, run_main
-from generate import generate, generate_speculative, pad_prompts
+from data.instruct import format_prompt, load_template
+from generate import check_sampling, generate, generate_speculative, pad_prompts
 from model import Transformer, atomic_write, layer_mask
 from tokenizer import load_tokenizer
 
@@ -27,7 +33,11 @@ from tokenizer import load_tokenizer
 class SampleConfig:
     out_dir: str = "out"
     prompt: str | None = None        # None: start from the bos token; "FILE:path" reads a file
-    prompts: str | None = None       # a JSON file holding a list of prompt strings, decoded as one batch
+    prompts: str | None = None       # a JSON file holding a list of prompt strings (or instruction records), one batch
+    instruction: str | None = None   # asked in the checkpoint's instruction template (prompt_template.json)
+    input: str = ""                  # the instruction's input, if any
+    stop: list[str] = field(default_factory=list)  # --stop S, repeatable: a row ends where its text contains S;
+                                                   # \n, \t and \\ in S are escapes
     num_samples: int = 1             # samples per prompt
     max_new_tokens: int = 200
     temperature: float = 0.8
@@ -65,14 +75,29 @@ def parse_skip_layers(spec, n_layer):
 
 
 def read_prompts(cfg):
-    """The prompt strings of this run: --prompts FILE, or --prompt (FILE:path reads one), or [None] for bos only."""
+    """The prompt texts of this run: --instruction, --prompts FILE, or --prompt (FILE:path reads one), or [None] for
+    bos only. Instructions are put in the template the checkpoint was fine-tuned with."""
+    if cfg.instruction is not None and (cfg.prompt is not None or cfg.prompts is not None):
+        raise ValueError("--instruction replaces --prompt and --prompts: give one of them")
+    if cfg.input and cfg.instruction is None:
+        raise ValueError("--input goes with --instruction")
+    if cfg.instruction is not None:
+        if not cfg.instruction:
+            raise ValueError("the instruction is empty")
+        return [format_prompt({"instruction": cfg.instruction, "input": cfg.input}, load_template(cfg.out_dir))]
     if cfg.prompts is not None:
         try:
             prompts = json.load(open(cfg.prompts, encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"prompts file {cfg.prompts!r}: {e}") from None
-        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
-            raise ValueError(f"prompts file {cfg.prompts!r} must hold a JSON list of non-empty strings")
+        if not isinstance(prompts, list) or not prompts or not all(
+                isinstance(p, str) and p or isinstance(p, dict) and isinstance(p.get("instruction"), str) and p["instruction"]
+                for p in prompts):
+            raise ValueError(f"prompts file {cfg.prompts!r} must hold a JSON list of non-empty strings or "
+                             "{\"instruction\", \"input\"} records")
+        if any(isinstance(p, dict) for p in prompts):
+            template = load_template(cfg.out_dir)
+            prompts = [format_prompt(p, template) if isinstance(p, dict) else p for p in prompts]
         return prompts
     prompt = cfg.prompt
     if prompt is not None and prompt.startswith("FILE:"):
@@ -82,6 +107,53 @@ def read_prompts(cfg):
     return [prompt]
 
 
+def stop_strings(specs):
+    """--stop values -> the strings, with the escapes \\n, \\t and \\\\ a shell does not make ("\\ndef" -> newline + def)."""
+    if not all(isinstance(s, str) and s for s in specs):
+        raise ValueError(f"--stop needs a non-empty string, got {specs!r}")
+    escapes = {"n": "\n", "t": "\t", "\\": "\\"}
+    return [re.sub(r"\\([nt\\])", lambda m: escapes[m.group(1)], s) for s in specs]
+
+
+class Completions:
+    """The text each row generates after its prompt, and generate()'s `stop` test: a row ends at the token after
+    which its text contains a stop string, and its text is cut before that string. With stream=True (one row) the
+    text is printed as it grows: decoded with the prompt each time (so sentencepiece byte-fallback pieces join into
+    characters), holding back an incomplete character (U+FFFD) and anything that may begin a stop string."""
+
+    def __init__(self, tok, prompts, eos_id, stops, stream=False):
+        self.tok, self.prompts, self.eos_id, self.stops, self.stream = tok, prompts, eos_id, stops, stream
+        self.prompt_texts = [tok.decode(p) for p in prompts]
+        self.ids = [[] for _ in prompts]  # generated ids so far, per row
+        self.printed = 0                  # characters of row 0 printed so far
+
+    def text(self, b, ids):
+        """Row b's generated ids (up to its first eos) -> (their text, cut before a stop string; whether it was)."""
+        ids = ids[:ids.index(self.eos_id)] if self.eos_id in ids else ids
+        text = self.tok.decode(self.prompts[b] + ids)[len(self.prompt_texts[b]):]
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=None)
+        return (text, False) if cut is None else (text[:cut], True)
+
+    def __call__(self, b, new):
+        """Row b accepted the ids `new` -> how many of them it keeps if it ends at a stop string, else None."""
+        kept = None
+        if self.text(b, self.ids[b] + new)[1]:
+            kept = next(m for m in range(1, len(new) + 1) if self.text(b, self.ids[b] + new[:m])[1])
+        self.ids[b] += new[:kept]
+        if self.stream and b == 0:
+            self.print_new(kept is not None)
+        return kept
+
+    def print_new(self, final):
+        text, _ = self.text(0, self.ids[0])
+        if not final:  # hold back an incomplete character and a possible start of a stop string
+            text = text.rstrip("\ufffd")
+            text = text[:len(text) - max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])),
+                                         default=0)]
+        print(text[self.printed:], end="", flush=True)
+        self.printed = max(self.printed, len(text))
+
+
 def sweep(cfg, model, prompts, sampling):
     """Time plain decoding and self-speculation for every (E, d), averaged over prompts run one at a time."""
     L = model.n_layer
@@ -89,6 +161,7 @@ def sweep(cfg, model, prompts, sampling):
     exits = parse_layers(cfg.sweep_exit_layers, "sweep_exit_layers", 1, L - 1) if cfg.sweep_exit_layers else spread
     ds = parse_layers(cfg.sweep_num_speculations, "sweep_num_speculations", 1, cfg.max_new_tokens)
     n = cfg.max_new_tokens
+    sampling = dict(sampling, stop_at_eos=False)  # every setting timed over n tokens
 
     def timed(fn):
         fn(prompts[0])  # warm-up, untimed: with --compile a new exit layer compiles its graphs here
@@ -120,6 +193,8 @@ def sweep(cfg, model, prompts, sampling):
 
 def main():
     cfg = configure(SampleConfig())
+    check_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    stops = stop_strings(cfg.stop)
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if not os.path.isdir(cfg.out_dir):
         raise FileNotFoundError(f"no checkpoint directory {cfg.out_dir!r}: train one first (python train.py)")
@@ -133,30 +208,45 @@ def main():
     ids = [[tok.bos_id()] + (tok.encode(t) if t else []) for t in texts for _ in range(cfg.num_samples)]
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     sampling = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator,
-                    compile=cfg.compile)
+                    compile=cfg.compile, n_tokens=tok.vocab_size())
     if cfg.sweep:
         return sweep(cfg, model, [torch.tensor([p], device=device) for p in ids], sampling)
     idx, lens = pad_prompts(ids)
     idx = idx.to(device)
-    t0 = time.perf_counter()
     if cfg.speculative:  # generate_speculative checks the draft depth and d itself
         if cfg.exit_layer is None:
             raise ValueError("--speculative needs --exit_layer E (the draft depth)")
-        out, stats = generate_speculative(model, idx, cfg.max_new_tokens, cfg.exit_layer, cfg.num_speculations,
-                                          prompt_lens=lens, **sampling)
-        header = (f"self-speculative: draft {cfg.exit_layer} layers, d={cfg.num_speculations}, "
-                  f"acceptance {stats['acceptance_rate']:.1%}")
+        header = f"self-speculative: draft {cfg.exit_layer} layers, d={cfg.num_speculations}"
     else:
-        out = generate(model, idx, cfg.max_new_tokens, prompt_lens=lens, exit_layer=cfg.exit_layer,
-                       skip_mask=skip_mask, **sampling)
         plan = model.cfg.skip_layers if skip_mask is None else skip_mask.nonzero()[:, 0].tolist()
         header = f"exit layer {cfg.exit_layer}" if cfg.exit_layer else f"all {model.n_layer} layers"
         header += f", skipping layers {plan}" if plan else ""
+    stream = len(ids) == 1 and cfg.max_new_tokens > 0
+    completions = Completions(tok, [p[1:] for p in ids], model.cfg.eos_id, stops, stream)
+    if stream:
+        print(f"---------- {header}")
+        print(completions.prompt_texts[0], end="", flush=True)
+    t0 = time.perf_counter()
+    stop = completions if stops or stream else None
+    if cfg.speculative:
+        out, stats = generate_speculative(model, idx, cfg.max_new_tokens, cfg.exit_layer, cfg.num_speculations,
+                                          prompt_lens=lens, stop=stop, **sampling)
+        header += f", acceptance {stats['acceptance_rate']:.1%}"
+    else:
+        out = generate(model, idx, cfg.max_new_tokens, prompt_lens=lens, exit_layer=cfg.exit_layer,
+                       skip_mask=skip_mask, stop=stop, **sampling)
     dt = time.perf_counter() - t0
-    new_tokens = cfg.max_new_tokens * len(ids)
-    for row, n in zip(out.tolist(), lens.tolist()):
-        print(f"---------- {header}, {dt / cfg.max_new_tokens * 1e3:.1f} ms/step, {new_tokens / dt:.1f} tokens/s")
-        print(tok.decode(row[1:n + cfg.max_new_tokens]))
+    generated = [row[n:n + cfg.max_new_tokens] for row, n in zip(out.tolist(), lens.tolist())]
+    lengths = [g.index(model.cfg.eos_id) + 1 if model.cfg.eos_id in g else len(g) for g in generated]
+    for b, g in enumerate(generated):
+        text, _ = completions.text(b, g)
+        if stream:
+            print(text[completions.printed:])
+        else:
+            print(f"---------- {header}")
+            print(completions.prompt_texts[b] + text)
+    print(f"---------- {sum(lengths)} tokens in {dt:.2f} s: {dt / max(max(lengths), 1) * 1e3:.1f} ms/step, "
+          f"{sum(lengths) / dt:.1f} tokens/s" + (f", {header}" if stream else ""), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 from configurator import configure, run_main
-from data.instruct import encode_records, epoch_indices, load_records, make_batch
+from data.instruct import encode_records, epoch_indices, load_records, make_batch, save_template
 from layerskip import dropout_rates, exit_weights, layer_dropout_mask
 from model import PRESETS, Config, Transformer, atomic_write
 from tokenizer import load_tokenizer
@@ -234,6 +234,8 @@ def save_checkpoint(model, optimizer, step, cfg, tokenizer_file, rank):
     if rank == 0:
         model.save_pretrained(cfg.out_dir, state=full)
         copy_tokenizer(tokenizer_file, cfg.out_dir)
+        if cfg.dataset == "instruct":
+            save_template(cfg.out_dir)
     final, tmp, old = (os.path.join(cfg.out_dir, n) for n in ("train_state", "train_state.tmp", "train_state.old"))
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)

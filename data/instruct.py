@@ -32,9 +32,31 @@ PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with
                      "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
 
 
-def format_prompt(record):
-    template = PROMPT_WITH_INPUT if record.get("input") else PROMPT
-    return template.format(instruction=record["instruction"], input=record.get("input", ""))
+TEMPLATE_FILE = "prompt_template.json"  # beside a fine-tuned checkpoint's weights: how it was asked
+TEMPLATE = {"prompt": PROMPT, "prompt_with_input": PROMPT_WITH_INPUT}
+
+
+def format_prompt(record, template=TEMPLATE):
+    """An Alpaca record {"instruction", "input" (optional)} -> the prompt text the model is fine-tuned on."""
+    text = template["prompt_with_input"] if record.get("input") else template["prompt"]
+    return text.format(instruction=record["instruction"], input=record.get("input", ""))
+
+
+def save_template(out_dir):
+    """Write the prompt template next to a checkpoint fine-tuned on instruction data, for sample.py --instruction."""
+    atomic_write(os.path.join(out_dir, TEMPLATE_FILE), lambda p: open(p, "w").write(json.dumps(TEMPLATE, indent=2)))
+
+
+def load_template(ckpt_dir):
+    """The prompt template a checkpoint was fine-tuned with (save_template)."""
+    path = os.path.join(ckpt_dir, TEMPLATE_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"{ckpt_dir!r} has no {TEMPLATE_FILE}: only a checkpoint fine-tuned on instruction data "
+                         "(train.py --dataset=instruct) knows how to be asked")
+    template = json.load(open(path, encoding="utf-8"))
+    if not isinstance(template, dict) or not all(isinstance(template.get(k), str) for k in TEMPLATE):
+        raise ValueError(f"{path} must hold the strings {', '.join(TEMPLATE)}")
+    return template
 
 
 # ---- building the stdlib set ----

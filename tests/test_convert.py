@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from checkpoints_convert import from_hf, to_hf  # noqa: E402
 from conftest import assert_one_line_error, run_script  # noqa: E402
-from generate import generate  # noqa: E402
+from generate import generate, generate_speculative  # noqa: E402
 from model import KVCache, Transformer  # noqa: E402
 
 V = 128
@@ -226,3 +226,78 @@ def test_sample_reads_tokenizer_json(tmp_path):
                       "--temperature=0")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split("\n")[1].startswith("w5 w7")
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "phi3"])
+@torch.no_grad()
+def test_eos_ends_rows_as_in_transformers(name, tmp_path):
+    """The eos id is the third token greedy decoding produces: transformers' greedy generate returns 3 new tokens
+    and stops; ours too, then eos padding, batched with a row that does not stop, and inside a speculation round
+    (E=1, d=4): layers after the first write nothing to the residual stream, so every draft is accepted."""
+    hf = make_hf(name, tmp_path / "hf")
+    for n, p in hf.named_parameters():  # zero each later layer's attention and MLP output projections
+        if any(f"layers.{i}." in n for i in range(1, 3)) and any(k in n for k in ("o_proj", "down_proj", "out_proj", "fc2")):
+            p.zero_()
+    hf.save_pretrained(tmp_path / "hf")
+    from_hf(str(tmp_path / "hf"), str(tmp_path / "ours"))
+    ours = Transformer.from_pretrained(tmp_path / "ours")
+    for seed in range(20):  # row 0's first 3 new tokens differ, and row 1 never makes row 0's third
+        idx = prompt(T=8, B=2, seed=seed)
+        free = hf.generate(idx, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)[:, 8:].tolist()
+        if len(set(free[0][:3])) == 3 and free[0][2] not in free[1]:
+            break
+    else:
+        raise AssertionError("no prompt whose greedy continuation suits the test")
+    eos = free[0][2]
+    ours.cfg.eos_id = eos
+    theirs = hf.generate(idx, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+    assert theirs.shape == (2, 8 + 12) and theirs[0, 8 + 3:].eq(eos).all()
+    alone = hf.generate(idx[:1], max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+    assert alone.shape == (1, 8 + 3)
+    assert generate(ours, idx[:1], 12, temperature=0).tolist() == theirs[:1].tolist()
+    assert generate(ours, idx, 12, temperature=0).tolist() == theirs.tolist()
+    for rows in (idx[:1], idx):
+        out, stats = generate_speculative(ours, rows, 12, 1, 4)
+        assert out.tolist() == theirs[:len(rows)].tolist()
+        assert stats["accepted"] == stats["drafted"]  # the eos came inside an accepted run of drafts
+
+
+def test_export_of_a_fine_tuned_tokenizer_json_checkpoint_keeps_its_special_tokens(tmp_path, monkeypatch):
+    """A tiny OPT with a byte-level tokenizer.json (384 tokens, OPT's <s> <pad> </s> <unk>; bos = eos = </s> = 2),
+    converted, fine-tuned by train.py (only tokenizer.json travels), exported: AutoTokenizer has the checkpoint's
+    special tokens and ids, puts bos first as sample.py does, and greedy generate equals ours."""
+    tokenizers = pytest.importorskip("tokenizers")
+    import train
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.train_from_iterator([open(transformers.__file__).read()] * 2, tokenizers.trainers.BpeTrainer(
+        vocab_size=384, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    assert tok.get_vocab_size() == 384
+    cfg = transformers.OPTConfig(vocab_size=384, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
+                                 max_position_embeddings=512, word_embed_proj_dim=64, bos_token_id=2, eos_token_id=2,
+                                 pad_token_id=1)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "hf")
+    tok.save(str(tmp_path / "hf" / "tokenizer.json"))
+    from_hf(str(tmp_path / "hf"), str(tmp_path / "ours"))
+    record = {"instruction": "Say hi.", "output": "hi"}
+    (tmp_path / "data").mkdir()
+    for split in ("train", "val"):
+        (tmp_path / "data" / f"{split}.jsonl").write_text(json.dumps(record) + "\n")
+    monkeypatch.setattr("sys.argv", ["train.py", f"--init_from={tmp_path / 'ours'}", "--dataset=instruct",
+                                     f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'tuned'}",
+                                     "--max_steps=2", "--eval_interval=2", "--eval_batches=1", "--micro_batch=1",
+                                     "--block_size=256", "--device=cpu"])
+    train.main()
+    to_hf(str(tmp_path / "tuned"), str(tmp_path / "back"))
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
+    assert (theirs.bos_token, theirs.eos_token, theirs.bos_token_id, theirs.eos_token_id) == ("</s>", "</s>", 2, 2)
+    text = "def f(x):\n    return x"
+    assert theirs(text).input_ids == [2] + tok.encode(text, add_special_tokens=False).ids
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    ids = torch.tensor([theirs(text).input_ids])
+    out = hf.generate(ids, max_new_tokens=20, do_sample=False)
+    ours = generate(Transformer.from_pretrained(tmp_path / "tuned"), ids, 20, temperature=0)
+    assert out.tolist() == ours[:, :out.shape[1]].tolist() and (ours[:, out.shape[1]:] == 2).all()

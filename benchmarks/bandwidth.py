@@ -7,7 +7,7 @@ gpt-fast reaches about 70% of the limit on an A100; that is the target."""
 import torch
 
 from benchmarks import common
-from benchmarks.common import CUDA, DEVICE, best_time, device_name, sync, tiny_config
+from benchmarks.common import CUDA, DEVICE, best_time, device_name, fixed_length_decoders, sync, tiny_config
 from benchmarks.decode import converted_pair
 from model import PRESETS
 
@@ -32,7 +32,7 @@ def step_bytes(model, keys):
 
 
 def bench_bandwidth(repeats, new_tokens=256, prompt_len=32, d=4):
-    from generate import generate, generate_speculative
+    generate, generate_speculative = fixed_length_decoders()
     cfg = tiny_config() if common.TINY else PRESETS["tinyllama-1.1b"]
     n, E = (8, 1) if common.TINY else (new_tokens, 4)
     dtype = torch.bfloat16 if CUDA else torch.float32

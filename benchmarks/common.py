@@ -2,6 +2,7 @@
 What every benchmark mode shares: the device, timing, the models and batches they build, peak memory, and
 the header that makes a pasted run self-describing (machine, versions, commit, command).
 """
+import functools
 import os
 import platform
 import statistics
@@ -230,3 +231,10 @@ def best_time(fn, repeats):
         times.append(time.perf_counter() - t)
     return min(times), result
 
+
+
+def fixed_length_decoders():
+    """generate and generate_speculative decoding every requested token (no stop at eos): timed runs do equal
+    work, and compare token for token with transformers' generate run with eos off."""
+    from generate import generate, generate_speculative
+    return functools.partial(generate, stop_at_eos=False), functools.partial(generate_speculative, stop_at_eos=False)

@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from benchmarks.common import CUDA, DEVICE, best_time, device_name, hf_llama
+from benchmarks.common import CUDA, DEVICE, best_time, device_name, fixed_length_decoders, hf_llama
 from model import PRESETS, Config, Transformer, layer_mask
 
 
@@ -47,7 +47,7 @@ def converted_pair(cfg, E):
 
 
 def bench_decode(repeats, ckpt, new_tokens=128, d=4):
-    from generate import generate, generate_speculative
+    generate, generate_speculative = fixed_length_decoders()
     from unified import unified_plan
     n = new_tokens
     print(f"device {device_name()}, {torch.get_num_threads()} "
@@ -109,7 +109,7 @@ def bench_decode(repeats, ckpt, new_tokens=128, d=4):
 def bench_trained_speculation(ckpt, repeats, n):
     """Self-speculation on a trained checkpoint: greedy, prompts from the stdlib's own source, one at a time."""
     import sysconfig
-    from generate import generate, generate_speculative
+    generate, generate_speculative = fixed_length_decoders()
     from tokenizer import load_tokenizer
     model = Transformer.from_pretrained(ckpt, device=DEVICE)
     tok = load_tokenizer(ckpt, model.cfg.bos_id, model.cfg.eos_id)

@@ -92,18 +92,26 @@ def peak_flops(device):
 
 # ---- data ----
 
-def load_split(data_dir, split):
+def load_split(data_dir, split, block_size):
+    """The token memmap of data_dir/{split}.bin and meta.json; ValueError when the split is shorter than
+    one window of block_size + 1 tokens (inputs and their shifted targets)."""
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"no prepared data in {data_dir!r}: run python data/prepare.py first")
     meta = json.load(open(meta_path))
-    return np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=meta["dtype"], mode="r"), meta
+    path = os.path.join(data_dir, f"{split}.bin")
+    n_tokens = os.path.getsize(path) // np.dtype(meta["dtype"]).itemsize if os.path.isfile(path) else 0
+    if n_tokens < block_size + 1:  # np.memmap cannot map an empty file
+        raise ValueError(f"the {split} split ({path}) holds {n_tokens} tokens; one window of block_size "
+                         f"{block_size} needs {block_size + 1}")
+    return np.memmap(path, dtype=meta["dtype"], mode="r"), meta
 
 
 def get_batch(data, batch_size, block_size, seed):
-    """batch_size random windows of block_size+1 tokens, chosen by a generator seeded with `seed`."""
+    """batch_size random windows of block_size+1 tokens, chosen by a generator seeded with `seed`: every
+    start in [0, len(data) - block_size - 1] can be drawn, so the last token is too."""
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=g).tolist()
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=g).tolist()
     chunk = torch.from_numpy(np.stack([data[s:s + block_size + 1].astype(np.int64) for s in starts]))
     return chunk[:, :-1], chunk[:, 1:]  # inputs, targets [B, T]
 
@@ -131,8 +139,8 @@ def _load_data(cfg, global_batch):
     B, T = cfg.micro_batch, cfg.block_size
     G = global_batch
     if cfg.dataset == "tokens":
-        train, meta = load_split(cfg.data_dir, "train")
-        val, _ = load_split(cfg.data_dir, "val")
+        train, meta = load_split(cfg.data_dir, "train", T)
+        val, _ = load_split(cfg.data_dir, "val", T)
         return (lambda step, micro: get_batch(train, G, T, batch_seed(cfg.seed, step, micro)),
                 lambda i: get_batch(val, B, T, batch_seed(cfg.seed, -1, i)),
                 None, meta["vocab_size"], os.path.join(cfg.data_dir, "tokenizer.model"))

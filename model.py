@@ -568,8 +568,9 @@ class Transformer(nn.Module):
             # so that no exit holds a [V, C] gradient buffer until the backward
             if FUSED["loss"]:
                 exit_loss = linear_cross_entropy(h, self.lm_head.weight, flat_targets, recompute=len(exits) > 1)
-            else:  # reference: the whole [B*T, V] logits
-                exit_loss = F.cross_entropy(self.lm_head(h).float(), flat_targets)
+            else:  # reference: the whole [B*T, V] logits; like the kernel, 0 when every target is ignored
+                n_valid = (flat_targets != -100).sum().clamp(min=1)
+                exit_loss = F.cross_entropy(self.lm_head(h).float(), flat_targets, reduction="sum") / n_valid
             exit_losses[e] = exit_loss.detach()
             loss = loss + exits[e] * exit_loss
         return loss, exit_losses

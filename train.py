@@ -22,7 +22,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 from configurator import configure, run_main
-from data.instruct import encode_records, epoch_indices, load_records, make_batch
+from data.instruct import IGNORE, encode_records, epoch_indices, load_records, make_batch
 from layerskip import dropout_rates, exit_weights, layer_dropout_mask
 from model import PRESETS, Config, Transformer, atomic_write
 from tokenizer import load_tokenizer
@@ -213,19 +213,22 @@ def parse_exits(spec, n_layer):
 
 @torch.no_grad()
 def evaluate(model, val_batch, cfg, exits, device, autocast, plan=False):
-    """Mean validation loss at each exit layer, over fixed batches; no layer dropout (eval mode).
+    """Validation loss at each exit layer: the mean over every target token of fixed batches (batches with
+    more response tokens weigh more); no layer dropout (eval mode).
     plan: only the last exit, with response tokens skipping the model's skip plan."""
     model.eval()
-    totals = {e: 0.0 for e in exits}
+    totals, n_tokens = {e: 0.0 for e in exits}, 0
     for i in range(cfg.eval_batches):
         x, y = val_batch(i)
         skip_mask = response_skip_mask(y, model.cfg.skip_layers, model.n_layer) if plan else None
         with autocast:
             _, exit_losses = model(x.to(device), y.to(device), exits={e: 1.0 for e in exits}, skip_mask=skip_mask)
+        n = int((y != IGNORE).sum())
         for e in exits:
-            totals[e] += exit_losses[e].item() / cfg.eval_batches
+            totals[e] += exit_losses[e].item() * n
+        n_tokens += n
     model.train()
-    return totals
+    return {e: total / max(n_tokens, 1) for e, total in totals.items()}
 
 
 def format_exit_table(losses):
@@ -308,13 +311,13 @@ def collective_device():
     return "cuda" if dist.get_backend() == "nccl" else "cpu"
 
 
-def mean_over_ranks(values):
-    """Average a list of floats over processes (gloo has no AVG)."""
+def sum_over_ranks(values):
+    """Sum a list of numbers over processes."""
     if not dist.is_initialized():
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=collective_device())
     dist.all_reduce(t)
-    return (t / dist.get_world_size()).tolist()
+    return t.tolist()
 
 
 def check_same_on_all_ranks(mask):
@@ -415,9 +418,15 @@ def main():
             group["lr"] = lr
         exits = exit_weights(L, step, cfg.max_steps, cfg.e_scale, cfg.early_exit_curriculum, cfg.exit_period)
         rates = dropout_rates(L, step, cfg.max_steps, cfg.p_max, cfg.dropout_scale, cfg.dropout_curriculum)
+        # a step's loss is the mean over the target tokens of all its micro steps and ranks: micro step m on
+        # this rank weighs its mean loss by share = (its target tokens) / (the step's), instruction rows having
+        # different numbers of response tokens; gradients are averaged over ranks, hence x world
+        batches = [train_batch(step, micro) for micro in range(cfg.grad_accum)]
+        counts = [int((y != IGNORE).sum()) for _, y in batches]
+        step_tokens = max(sum_over_ranks([sum(counts)])[0], 1)
         exit_sums = {e: 0.0 for e in exits}
-        for micro in range(cfg.grad_accum):
-            x, y = train_batch(step, micro)
+        for micro, (x, y) in enumerate(batches):
+            share = counts[micro] / step_tokens
             skip_mask = None
             if cfg.p_max > 0:  # the same seed on every rank: the same local sample positions drop
                 skip_mask = layer_dropout_mask(rates, x.shape[0], batch_seed(cfg.seed + 1, step, micro))
@@ -428,10 +437,10 @@ def main():
                 model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
             with autocast:
                 loss, exit_losses = model(x.to(device), y.to(device), exits=exits, skip_mask=skip_mask)
-            (loss / cfg.grad_accum).backward()
+            (loss * (share * world)).backward()
             for e in exits:  # device tensors: one host sync per step, not one per exit and micro step
-                exit_sums[e] = exit_sums[e] + exit_losses[e].double() / cfg.grad_accum
-        exit_means = dict(zip(exit_sums, mean_over_ranks(torch.stack(list(exit_sums.values())).tolist())))
+                exit_sums[e] = exit_sums[e] + exit_losses[e].double() * share
+        exit_means = dict(zip(exit_sums, sum_over_ranks(torch.stack(list(exit_sums.values())).tolist())))
         if not all(math.isfinite(v) for v in exit_means.values()):
             raise ValueError(f"loss is {exit_means[L]} at step {step}; stopping, the last checkpoint in "
                              f"{cfg.out_dir} is kept as it was")

@@ -148,7 +148,11 @@ def _load_data(cfg, global_batch):
         raise ValueError(f"dataset must be tokens or instruct, got {cfg.dataset!r}")
     checkpoint = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from  # its tokenizer comes along
     source = cfg.tokenizer or (checkpoint if os.path.isdir(checkpoint) else "data/stdlib/tokenizer.model")
-    tok = load_tokenizer(source)
+    bos_id, eos_id = special_ids(cfg, checkpoint)
+    tok = load_tokenizer(source, bos_id, eos_id)
+    if (tok.bos_id(), tok.eos_id()) != (bos_id, eos_id):  # a sentencepiece model has ids of its own
+        raise ValueError(f"tokenizer {source!r} has bos/eos ids {tok.bos_id()}/{tok.eos_id()}, the model "
+                         f"{bos_id}/{eos_id}: they do not belong together")
     tok_file = source if os.path.isfile(source) else next(
         os.path.join(source, f) for f in ("tokenizer.model", "tokenizer.json") if os.path.isfile(os.path.join(source, f)))
     train = encode_records(tok, load_records(os.path.join(cfg.data_dir, "train.jsonl")), T)
@@ -158,6 +162,18 @@ def _load_data(cfg, global_batch):
     return (lambda step, micro: make_batch(train, epoch_indices(len(train), (step * cfg.grad_accum + micro) * G, G, cfg.seed), T),
             lambda i: make_batch(val, [(i * B + j) % len(val) for j in range(B)], T),
             len(train), tok.vocab_size(), tok_file)
+
+
+def special_ids(cfg, checkpoint):
+    """(bos, eos) ids of the model being trained: from the checkpoint's config.json (init_from, or out_dir
+    on resume), else from the preset (a model trained from scratch). Instruction rows are encoded with them,
+    as sample.py encodes prompts: OPT's bos is 2, not the Llama 1 that is its pad token."""
+    path = os.path.join(checkpoint, "config.json")
+    if os.path.isfile(path):
+        saved = json.load(open(path))
+        return saved.get("bos_id", Config.bos_id), saved.get("eos_id", Config.eos_id)
+    preset = PRESETS.get(cfg.model, Config())
+    return preset.bos_id, preset.eos_id
 
 
 # ---- schedule ----

@@ -97,3 +97,55 @@ def test_micro_steps_and_ranks_do_not_change_the_step(tiny_instruct, tmp_path, m
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_step(step_result(out), results[4, 1])
+
+
+def converted_checkpoint(family, specials, ids, d):
+    """A tiny transformers OPT or Bloom (4 layers) with special-token ids `ids` and a word-level tokenizer.json
+    holding `specials` first, converted to ours."""
+    from checkpoints_convert import from_hf
+    transformers = pytest.importorskip("transformers")
+    ids = dict(zip(("bos_token_id", "eos_token_id", "pad_token_id"), ids))
+    vocab = write_tokenizer(d / "tokenizer.json", specials)
+    if family == "opt":
+        hf_cfg = transformers.OPTConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=4, ffn_dim=64,
+                                        num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=32, **ids)
+    else:
+        hf_cfg = transformers.BloomConfig(vocab_size=vocab, hidden_size=32, n_layer=4, n_head=4, **ids)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(hf_cfg).save_pretrained(d)
+    from_hf(str(d), str(d / "ours"))
+    return str(d / "ours"), ids["bos_token_id"], ids["eos_token_id"]
+
+
+@pytest.mark.parametrize("family, specials, ids", [
+    ("opt", ["<s>", "<pad>", "</s>", "<unk>"], (2, 2, 1)),   # OPT's own: bos = eos = </s> = 2, pad = 1
+    # Bloom's own ids (bos 1, eos 2) are also the Llama defaults; this one keeps them elsewhere to tell them apart
+    ("bloom", ["<pad>", "</s>", "<unk>", "<s>"], (3, 1, 0)),
+])
+def test_every_entry_point_encodes_with_the_checkpoints_special_ids(family, specials, ids, tmp_path, monkeypatch):
+    import distill
+    import dynamic
+    import evaluate
+    ckpt, bos, eos = converted_checkpoint(family, specials, ids, tmp_path)
+    data = write_records(tmp_path / "data", [2, 5, 3, 7])
+    batches = []
+    make_batch = train.make_batch
+    monkeypatch.setattr(train, "make_batch", lambda *a: batches.append(make_batch(*a)) or batches[-1])
+    common = [f"--data_dir={data}", "--micro_batch=2", "--block_size=64"]
+    entry_points = [
+        (train.main, ["--dataset=instruct", f"--init_from={ckpt}", f"--out_dir={tmp_path / 'ft'}", "--max_steps=1",
+                      "--eval_batches=1", "--device=cpu"]),
+        (dynamic.main, [f"--init_from={ckpt}", f"--out_dir={tmp_path / 'dyn'}", "--max_steps=1", "--eval_batches=1"]),
+        (distill.main, ["--dataset=instruct", f"--init_from={ckpt}", f"--out_dir={tmp_path / 'dist'}",
+                        "--steps_per_layer=1", "--eval_batches=1"]),
+        (evaluate.main, [f"--ckpt={ckpt}", "--eval_batches=1"]),
+    ]
+    for main, args in entry_points:
+        batches.clear()
+        monkeypatch.setattr(sys, "argv", ["x.py", *common, *args])
+        main()
+        assert batches, main.__module__
+        for x, y in batches:
+            assert x[:, 0].tolist() == [bos] * len(x), (main.__module__, x[:, 0])
+            last_target = [row[row != IGNORE][-1].item() for row in y]
+            assert last_target == [eos] * len(y), (main.__module__, last_target)

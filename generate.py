@@ -9,7 +9,7 @@ import weakref
 
 import torch
 
-from model import KVCache, layer_mask
+from model import KVCache, layer_mask, rope_switch
 
 
 def probs_from_logits(logits, temperature=1.0, top_k=None, top_p=None):
@@ -116,12 +116,29 @@ def layer_runs(skip_mask, end):
     return tuple(runs), None
 
 
-def prefill(model, idx, lens, end, cache):
-    """Run right-padded prompts idx [B, T] through layers [0, end) into the cache; return the hidden
-    state of each row's last prompt token [B, 1, C]. Pad positions get cache slots too, but a row
-    attends only to positions it has reached, and decoding overwrites them."""
-    x = step(model, idx, 0, 0, end, cache)
+def prefill(model, idx, lens, end, cache, skip_mask=None):
+    """Run right-padded prompts idx [B, T] of lens [B] tokens (each row's own length, which selects
+    length-dependent RoPE frequencies) through layers [0, end) into the cache, skipping what skip_mask
+    ([B, T, L], or None) says; return the hidden state of each row's last prompt token [B, 1, C]. Pad
+    positions get cache slots too, but a row attends only to positions it has reached, and decoding
+    overwrites them."""
+    x = model.embed(idx)
+    x = model.run_layers(x, 0, end, skip_mask, cache, 0, cache_mask(model, x, 0, cache), lens)
     return x[torch.arange(len(lens), device=x.device), (lens - 1).to(x.device)].unsqueeze(1)
+
+
+def refill(model, out, n, end, cache, prompt_lens=None, skip_mask=None):
+    """Recompute the cache when LongRoPE switches to its long factors (model.rope_switch): run each row's
+    whole sequence so far, out[b, :n[b]], through layers [0, end) again, generated tokens (from prompt_lens[b]
+    on) skipping the layers of skip_mask [B, L] as they did; return the hidden state of each row's last token
+    [B, 1, C]. From here the decode equals a cache-free forward; this is transformers' Phi-3 behaviour (its
+    prepare_inputs_for_generation drops the cache at the switch). Rows that did not cross get what they had."""
+    T = int(n.max())
+    per_token = None
+    if skip_mask is not None:
+        generated = torch.arange(T) >= prompt_lens[:, None]         # [B, T]
+        per_token = generated[..., None] & skip_mask[:, None, :]    # [B, T, L]
+    return prefill(model, out[:, :T], n, end, cache, per_token)
 
 
 CUDA_GRAPH_DEVICES = ("cuda",)  # where compiled decode steps are recorded as CUDA graphs
@@ -184,6 +201,7 @@ def generate(model, idx, max_new_tokens, *, prompt_lens=None, temperature=1.0, t
     in_prompt = torch.arange(T) < lens[:, None]  # [B, T]
     out[:, :T] = idx.masked_fill(~in_prompt.to(idx.device), model.cfg.eos_id)
     rows = torch.arange(B, device=idx.device)
+    plan, switch = skip_mask, rope_switch(model.cfg)
     runs, skip_mask = layer_runs(skip_mask, exit_layer)
     if compile and (skip_mask is not None or bool((lens != T).any())):
         raise ValueError("compile needs prompts of one length and one skip plan for every row")
@@ -193,7 +211,9 @@ def generate(model, idx, max_new_tokens, *, prompt_lens=None, temperature=1.0, t
         token = sample_token(logits, temperature, top_k, top_p, generator)  # [B, 1]
         pos = lens + i
         out[rows, pos.to(idx.device)] = token[:, 0]
-        if i + 1 < max_new_tokens:
+        if i + 1 < max_new_tokens and switch is not None and bool((pos == switch).any()):  # a row passes it
+            logits = model.head(refill(model, out, pos + 1, exit_layer, cache, lens, plan))[:, -1]
+        elif i + 1 < max_new_tokens:
             logits = decode_step(model, token, row_positions(pos, cache, idx.device), runs, cache, skip_mask)
     return out
 
@@ -234,6 +254,8 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer, num_speculation
     drafts, so each row has its own position n[b]; a row that has all its tokens leaves the batch.
     Invariant at the start of a round: every layer's cache holds a row's positions [0, n-1); token
     n-1 is unprocessed. Later rounds overwrite rejected positions: cropping the cache is moving n.
+    With LongRoPE no round straddles the switch to the long factors (model.rope_switch), and a row's first
+    round past it recomputes the cache (refill), so greedy output still equals greedy full-depth decoding.
     compile: draft steps and verification as compiled graphs.
     """
     B, T = idx.shape
@@ -254,9 +276,15 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer, num_speculation
     drafted, accepted = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     draft_step, verify_layers = (compiled(step, idx.device), compiled(layers, idx.device)) if compile else (step, layers)
+    switch = rope_switch(model.cfg)
 
     while len(row_ids):
         steps = int((end[row_ids] - n).min().clamp(max=d))  # no row drafts past its end
+        if switch is not None:  # LongRoPE: a round stays on one side of the switch (lengths n .. n+steps)
+            if bool((n <= switch).any()):
+                steps = min(steps, int((switch - n[n <= switch]).min()))
+            if bool((n == switch + 1).any()):  # a row's first round past it: its cache was computed before
+                refill(model, out, n, L, cache)
         rows = torch.arange(len(row_ids), device=idx.device)
         exit_states, draft_probs = [], []
         for i in range(steps + 1):  # tokens n-1 .. n+steps-1 through layers [0, E); the last is not sampled from
@@ -277,8 +305,9 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer, num_speculation
         h = verify_layers(model, torch.cat(exit_states, dim=1), row_positions(n - 1, cache, idx.device), E, L,
                           cache)  # [B, steps+1, C]
         at = (n[:, None] + torch.arange(steps)).to(idx.device)  # [B, steps]: draft positions
+        no_drafts = h.new_zeros(len(rows), 0, model.cfg.vocab_size, dtype=torch.float32)  # a round of 0 drafts
         n_acc, next_token = accept_drafts(model.head(h), out[rows[:, None], at],
-                                          torch.stack(draft_probs, 1) if draft_probs else None, **sampling)
+                                          torch.stack(draft_probs, 1) if draft_probs else no_drafts, **sampling)
         n_acc = n_acc.cpu()
         out[rows, (n + n_acc).to(idx.device)] = next_token
         drafted[row_ids] += steps

@@ -173,10 +173,11 @@ def rope_frequencies(cfg, seq_len):
 def rope_switch(cfg):
     """The length past which LongRoPE takes its long factors (original_max_position_embeddings), or None.
 
-    Every position's frequencies change there, so keys and values cached for a shorter sequence (and the
-    hidden states of later layers, which attended with the old ones) are not what a cache-free forward of the
-    longer sequence computes: a decode that crosses it recomputes the cache (generate.py), as transformers'
-    Phi-3 does. Dynamic NTK changes frequencies at every length past max_position_embeddings; like
+    Every position's frequencies change there, so the cache of a shorter sequence is not what a cache-free
+    forward of the longer one computes: not its rotated keys, and not the keys and values of later layers,
+    which come from hidden states that attended with the old frequencies (so keeping keys before rotation
+    would not do). A decode that crosses it therefore recomputes the cache from the tokens (generate.refill),
+    once per sequence, as transformers' Phi-3 does. Dynamic NTK changes frequencies at every length past max_position_embeddings; like
     transformers' generate, its cache keeps what each forward computed."""
     rs = cfg.rope_scaling or {}
     return rs["original_max_position_embeddings"] if rs.get("rope_type") == "longrope" else None

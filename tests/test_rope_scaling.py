@@ -9,7 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from checkpoints_convert import from_hf  # noqa: E402
 from generate import generate, generate_speculative  # noqa: E402
-from model import Transformer  # noqa: E402
+from model import Transformer, layer_mask  # noqa: E402
 from test_convert import ATOL, V, hf_config, make_hf, prompt  # noqa: E402
 
 
@@ -60,6 +60,14 @@ def test_longrope_decode_across_the_switch_equals_transformers(tmp_path):
     idx = prompt(T=30, B=1)
     theirs = hf_greedy(hf, idx, 6)
     assert generate(ours, idx, 6, temperature=0).tolist() == theirs.tolist()
+    # with a skip plan (generated tokens skip layer 1), the recomputed cache keeps the plan: the tokens equal
+    # a cache-free forward whose generated tokens skip layer 1
+    plan = layer_mask([1], 3)
+    seq = idx
+    for _ in range(6):
+        skip = (torch.arange(seq.shape[1]) >= 30)[None, :, None] & plan  # [1, T, L]
+        seq = torch.cat([seq, ours(seq, skip_mask=skip)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert generate(ours, idx, 6, skip_mask=plan, temperature=0).tolist() == seq.tolist()
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 from checkpoints_convert import from_hf  # noqa: E402
 from generate import generate, generate_speculative  # noqa: E402
 from model import Transformer, layer_mask  # noqa: E402
-from test_convert import ATOL, V, hf_config, make_hf, prompt  # noqa: E402
+from test_convert import ATOL, V, hf_config, prompt  # noqa: E402
 
 
 def dynamic_llama():

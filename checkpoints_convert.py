@@ -120,7 +120,8 @@ def config_from_hf(hf, block_size=None):
         return Config(**common, n_layer=hf["num_hidden_layers"], n_head=n_head,
                       n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=hf["hidden_size"],
                       intermediate_size=hf["intermediate_size"], block_size=block_size or hf["max_position_embeddings"],
-                      rope_theta=theta, rope_scaling=scaling, norm_eps=hf["rms_norm_eps"],
+                      rope_theta=theta, rope_scaling=scaling, max_position_embeddings=hf["max_position_embeddings"],
+                      norm_eps=hf["rms_norm_eps"],
                       sliding_window=hf.get("sliding_window")).validate()
     if kind == "opt":
         if hf.get("activation_function", "relu") != "relu" or not hf.get("layer_norm_elementwise_affine", True):
@@ -150,7 +151,8 @@ def config_to_hf(cfg):
         hf = {**common, "architectures": ["LlamaForCausalLM" if cfg.family == "llama" else "Phi3ForCausalLM"],
               "hidden_size": cfg.n_embd, "intermediate_size": cfg.intermediate_size,
               "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
-              "num_key_value_heads": cfg.n_kv_head, "max_position_embeddings": cfg.block_size,
+              "num_key_value_heads": cfg.n_kv_head,
+              "max_position_embeddings": cfg.max_position_embeddings or cfg.block_size,
               "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu", "rope_theta": cfg.rope_theta,
               "rope_parameters": rope, "sliding_window": cfg.sliding_window}
         if "original_max_position_embeddings" in rope:

@@ -9,7 +9,7 @@ import weakref
 
 import torch
 
-from model import KVCache, layer_mask
+from model import KVCache, layer_mask, rope_switch
 
 
 def check_sampling(max_new_tokens, temperature, top_k, top_p):
@@ -163,12 +163,29 @@ def layer_runs(skip_mask, end):
     return tuple(runs), None
 
 
-def prefill(model, idx, lens, end, cache):
-    """Run right-padded prompts idx [B, T] through layers [0, end) into the cache; return the hidden
-    state of each row's last prompt token [B, 1, C]. Pad positions get cache slots too, but a row
-    attends only to positions it has reached, and decoding overwrites them."""
-    x = step(model, idx, 0, 0, end, cache)
+def prefill(model, idx, lens, end, cache, skip_mask=None):
+    """Run right-padded prompts idx [B, T] of lens [B] tokens (each row's own length, which selects
+    length-dependent RoPE frequencies) through layers [0, end) into the cache, skipping what skip_mask
+    ([B, T, L], or None) says; return the hidden state of each row's last prompt token [B, 1, C]. Pad
+    positions get cache slots too, but a row attends only to positions it has reached, and decoding
+    overwrites them."""
+    x = model.embed(idx)
+    x = model.run_layers(x, 0, end, skip_mask, cache, 0, cache_mask(model, x, 0, cache), lens)
     return x[torch.arange(len(lens), device=x.device), (lens - 1).to(x.device)].unsqueeze(1)
+
+
+def refill(model, out, n, end, cache, prompt_lens=None, skip_mask=None):
+    """Recompute the cache when LongRoPE switches to its long factors (model.rope_switch): run each row's
+    whole sequence so far, out[b, :n[b]], through layers [0, end) again, generated tokens (from prompt_lens[b]
+    on) skipping the layers of skip_mask [B, L] as they did; return the hidden state of each row's last token
+    [B, 1, C]. From here the decode equals a cache-free forward; this is transformers' Phi-3 behaviour (its
+    prepare_inputs_for_generation drops the cache at the switch). Rows that did not cross get what they had."""
+    T = int(n.max())
+    per_token = None
+    if skip_mask is not None:
+        generated = torch.arange(T) >= prompt_lens[:, None]         # [B, T]
+        per_token = generated[..., None] & skip_mask[:, None, :]    # [B, T, L]
+    return prefill(model, out[:, :T], n, end, cache, per_token)
 
 
 CUDA_GRAPH_DEVICES = ("cuda",)  # where compiled decode steps are recorded as CUDA graphs
@@ -235,6 +252,7 @@ def generate(model, idx, max_new_tokens, *, prompt_lens=None, temperature=1.0, t
     cache = decode_cache(model, idx, T + max_new_tokens, compile)
     out = eos_padded(model, idx, lens, max_new_tokens)
     rows = torch.arange(B, device=idx.device)
+    plan, switch = skip_mask, rope_switch(model.cfg)
     runs, skip_mask = layer_runs(skip_mask, exit_layer)
     if compile and (skip_mask is not None or bool((lens != T).any())):
         raise ValueError("compile needs prompts of one length and one skip plan for every row")
@@ -250,7 +268,9 @@ def generate(model, idx, max_new_tokens, *, prompt_lens=None, temperature=1.0, t
             finished |= row_ends(token, (~finished).long(), eos_id, torch.arange(B), stop)[1]
             if bool(finished.all()):
                 break
-        if i + 1 < max_new_tokens:
+        if i + 1 < max_new_tokens and switch is not None and bool((pos == switch).any()):  # a row passes it
+            logits = model.head(refill(model, out, pos + 1, exit_layer, cache, lens, plan))[:, -1]
+        elif i + 1 < max_new_tokens:
             logits = decode_step(model, token, row_positions(pos, cache, idx.device), runs, cache, skip_mask)
     return out
 
@@ -292,6 +312,8 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer, num_speculation
     drafts, so each row has its own position n[b]; a row that has all its tokens leaves the batch.
     Invariant at the start of a round: every layer's cache holds a row's positions [0, n-1); token
     n-1 is unprocessed. Later rounds overwrite rejected positions: cropping the cache is moving n.
+    With LongRoPE no round straddles the switch to the long factors (model.rope_switch), and a row's first
+    round past it recomputes the cache (refill), so greedy output still equals greedy full-depth decoding.
     compile: draft steps and verification as compiled graphs. Rows end, and ids are limited, as in generate():
     an eos (or stop) inside the accepted drafts ends the row there.
     """
@@ -314,9 +336,15 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer, num_speculation
     drafted, accepted = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     draft_step, verify_layers = (compiled(step, idx.device), compiled(layers, idx.device)) if compile else (step, layers)
+    switch = rope_switch(model.cfg)
 
     while len(row_ids) and max_new_tokens:
         steps = int((end[row_ids] - n).min().clamp(max=d))  # no row drafts past its end
+        if switch is not None:  # LongRoPE: a round stays on one side of the switch (lengths n .. n+steps)
+            if bool((n <= switch).any()):
+                steps = min(steps, int((switch - n[n <= switch]).min()))
+            if bool((n == switch + 1).any()):  # a row's first round past it: its cache was computed before
+                refill(model, out, n, L, cache)
         rows = torch.arange(len(row_ids), device=idx.device)
         exit_states, draft_probs = [], []
         for i in range(steps + 1):  # tokens n-1 .. n+steps-1 through layers [0, E); the last is not sampled from
@@ -337,8 +365,9 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer, num_speculation
         h = verify_layers(model, torch.cat(exit_states, dim=1), row_positions(n - 1, cache, idx.device), E, L,
                           cache)  # [B, steps+1, C]
         at = (n[:, None] + torch.arange(steps)).to(idx.device)  # [B, steps]: draft positions
+        no_drafts = h.new_zeros(len(rows), 0, n_tokens or model.cfg.vocab_size, dtype=torch.float32)  # a round of 0 drafts
         n_acc, next_token = accept_drafts(model.head(h)[..., :n_tokens], out[rows[:, None], at],
-                                          torch.stack(draft_probs, 1) if draft_probs else None, **sampling)
+                                          torch.stack(draft_probs, 1) if draft_probs else no_drafts, **sampling)
         n_acc = n_acc.cpu()
         out[rows, (n + n_acc).to(idx.device)] = next_token
         drafted[row_ids] += steps

@@ -47,6 +47,9 @@ class Config:
     pos_offset: int = 0
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"rope_type": "linear" | "dynamic" | "llama3" | "longrope", ...}
+    # the context the checkpoint was trained for (transformers' max_position_embeddings), which dynamic NTK and
+    # LongRoPE's attention factor are keyed on; block_size, the context we allow, may differ. None: block_size
+    max_position_embeddings: int | None = None
     mlp: str = "swiglu"            # "swiglu" | "relu" | "gelu_tanh"
     bias: bool = False             # biases on every projection (OPT, Bloom)
     emb_norm: bool = False         # LayerNorm right after the token embedding (Bloom)
@@ -123,21 +126,27 @@ def make_norm(cfg, dim):
 
 
 def rope_frequencies(cfg, seq_len):
-    """inv_freq [head_dim/2] and the cos/sin scale for a forward pass covering positions < seq_len.
+    """inv_freq and the cos/sin scale for a sequence of seq_len tokens: an int -> inv_freq [head_dim/2], or
+    each row's own length (a LongTensor [B]) -> [B, head_dim/2] (only dynamic NTK and LongRoPE depend on it).
 
-    Scaling types follow transformers: linear divides by factor; dynamic NTK grows theta past
-    block_size; llama3 scales low frequencies by 1/factor and blends the middle band; LongRoPE
-    divides by long_factor once seq_len exceeds original_max_position_embeddings (else short_factor)
-    and scales cos/sin by sqrt(1 + ln(s)/ln(orig)), s = block_size / orig.
+    Scaling types follow transformers (modeling_rope_utils.py): linear divides by factor; dynamic NTK grows
+    theta once seq_len passes the checkpoint's max_position_embeddings (M); llama3 scales low frequencies by
+    1/factor and blends the middle band; LongRoPE divides by long_factor once seq_len exceeds
+    original_max_position_embeddings (else short_factor) and scales cos/sin by sqrt(1 + ln(s)/ln(orig)),
+    s = factor, default M / orig.
     """
     hd, theta = cfg.head_dim, cfg.rope_theta
     rs = cfg.rope_scaling or {}
     kind = rs.get("rope_type", "default")
-    exponent = torch.arange(0, hd, 2, dtype=torch.int64).float() / hd
+    trained = cfg.max_position_embeddings or cfg.block_size  # M
+    per_row = torch.is_tensor(seq_len)
+    device = seq_len.device if per_row else None
+    exponent = torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd
     if kind == "dynamic":
-        seq_len = max(seq_len, cfg.block_size)
-        theta = theta * ((rs["factor"] * seq_len / cfg.block_size) - (rs["factor"] - 1)) ** (hd / (hd - 2))
-    inv_freq = 1.0 / theta ** exponent
+        grown = seq_len.double().clamp(min=trained)[:, None] if per_row else max(seq_len, trained)  # [B, 1]
+        theta = theta * ((rs["factor"] * grown / trained) - (rs["factor"] - 1)) ** (hd / (hd - 2))
+        theta = theta.float() if per_row else theta
+    inv_freq = 1.0 / theta ** exponent  # [hd/2], or [B, hd/2] for dynamic NTK per row
     scale = 1.0
     if kind == "linear":
         inv_freq = inv_freq / rs["factor"]
@@ -152,12 +161,26 @@ def rope_frequencies(cfg, seq_len):
         inv_freq = torch.where(medium, blended, scaled)
     elif kind == "longrope":
         orig = rs["original_max_position_embeddings"]
-        ext = rs["long_factor"] if seq_len > orig else rs["short_factor"]
-        inv_freq = 1.0 / (torch.tensor(ext, dtype=torch.float32) * theta ** exponent)
-        factor = rs.get("factor") or cfg.block_size / orig
+        long, short = (torch.tensor(rs[k], dtype=torch.float32, device=device) for k in ("long_factor", "short_factor"))
+        ext = torch.where((seq_len > orig)[:, None], long, short) if per_row else long if seq_len > orig else short
+        inv_freq = 1.0 / (ext * theta ** exponent)  # [hd/2] or [B, hd/2]
+        factor = rs.get("factor") or trained / orig
         scale = rs.get("attention_factor") or (
             math.sqrt(1 + math.log(factor) / math.log(orig)) if factor > 1 else 1.0)
     return inv_freq, scale
+
+
+def rope_switch(cfg):
+    """The length past which LongRoPE takes its long factors (original_max_position_embeddings), or None.
+
+    Every position's frequencies change there, so the cache of a shorter sequence is not what a cache-free
+    forward of the longer one computes: not its rotated keys, and not the keys and values of later layers,
+    which come from hidden states that attended with the old frequencies (so keeping keys before rotation
+    would not do). A decode that crosses it therefore recomputes the cache from the tokens (generate.refill),
+    once per sequence, as transformers' Phi-3 does. Dynamic NTK changes frequencies at every length past max_position_embeddings; like
+    transformers' generate, its cache keeps what each forward computed."""
+    rs = cfg.rope_scaling or {}
+    return rs["original_max_position_embeddings"] if rs.get("rope_type") == "longrope" else None
 
 
 def positions(pos, T, device=None):
@@ -172,14 +195,20 @@ def end_position(pos, T):
     return (int(pos.max()) if torch.is_tensor(pos) else pos) + T
 
 
-def rope_cos_sin(cfg, pos, T, dtype, device):
-    """cos, sin for the new tokens' positions, computed in fp32 on `device`, cast to `dtype`:
-    [T, head_dim] for an int start, [B, 1, T, head_dim] (broadcast over heads) for per-row starts."""
-    inv_freq, scale = rope_frequencies(cfg, end_position(pos, T))
-    freqs = positions(pos, T, device).float()[..., None] * inv_freq.to(device)  # [(B,) T, hd/2]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    if torch.is_tensor(pos):
-        emb = emb.unsqueeze(1)
+def rope_cos_sin(cfg, pos, T, dtype, device, lengths=None):
+    """cos, sin for the new tokens' positions, computed in fp32 on `device`, cast to `dtype`: [T, head_dim]
+    for an int start, [B, 1, T, head_dim] (broadcast over heads) for per-row starts or per-row lengths.
+    Frequencies that depend on the length follow each row's own: `lengths` [B] (right-padded rows), by
+    default one past the row's last new position, pos + T."""
+    inv_freq, scale = rope_frequencies(cfg, pos + T if lengths is None else lengths)
+    inv_freq = inv_freq.to(device)
+    at = positions(pos, T, device).float()                     # [(B,) T]
+    if torch.is_tensor(pos) or inv_freq.dim() == 2:            # per row: [B or 1, T, 1] x [B or 1, 1, hd/2]
+        freqs = at.view(-1, T, 1) * inv_freq.view(-1, 1, inv_freq.shape[-1])
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)   # [B, 1, T, hd]
+    else:
+        freqs = at[:, None] * inv_freq                         # [T, hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
     return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
@@ -443,11 +472,12 @@ class Transformer(nn.Module):
         bias = alibi_slopes(cfg.n_head, device)[:, None, None] * k.float()  # [H, 1, S]: slope x key position
         return bias.masked_fill(~allowed, float("-inf")).to(dtype)
 
-    def rope(self, pos, T, dtype, device):
+    def rope(self, pos, T, dtype, device, lengths=None):
         """cos, sin for positions [pos, pos+T), sliced from a table over the whole context (built once per
-        device and dtype) unless the frequencies depend on the length (dynamic NTK, LongRoPE)."""
+        device and dtype) unless the frequencies depend on the length (dynamic NTK, LongRoPE): then those of
+        each row's own length (see rope_cos_sin)."""
         if (self.cfg.rope_scaling or {}).get("rope_type") in ("dynamic", "longrope"):
-            return rope_cos_sin(self.cfg, pos, T, dtype, device)
+            return rope_cos_sin(self.cfg, pos, T, dtype, device, lengths)
         key = (str(device), dtype)
         if key not in self.rope_tables:
             self.rope_tables[key] = rope_cos_sin(self.cfg, 0, self.cfg.block_size, dtype, device)  # [S, hd] each
@@ -457,8 +487,10 @@ class Transformer(nn.Module):
             return cos[at].unsqueeze(1), sin[at].unsqueeze(1)                 # [B, 1, T, hd]
         return cos[pos:pos + T], sin[pos:pos + T]
 
-    def run_layers(self, x, start, end, skip_mask=None, cache=None, pos=0, attn_mask=None):
+    def run_layers(self, x, start, end, skip_mask=None, cache=None, pos=0, attn_mask=None, lengths=None):
         """Blocks [start, end) at positions [pos, pos+T) (pos: int, or per-row starts [B] on the CPU).
+        lengths [B]: each row's own length when rows are right-padded (a prefill); it selects the frequencies
+        of length-dependent RoPE (dynamic NTK, LongRoPE). Default: one past each row's last position.
 
         skip_mask (bool, on the CPU; True = skip): [B, L] per sample: skipping rows pass through block l
         untouched, the others are gathered, run and scattered back, so skipping saves real compute; a
@@ -470,7 +502,7 @@ class Transformer(nn.Module):
         B, T = x.shape[:2]
         cos = sin = None
         if self.cfg.pos_emb == "rope":
-            cos, sin = self.rope(pos, T, x.dtype, x.device)
+            cos, sin = self.rope(pos, T, x.dtype, x.device, lengths)
         per_token = skip_mask is not None and skip_mask.dim() == 3
         for l in range(start, end):
             block = self.layers[l]
@@ -488,8 +520,10 @@ class Transformer(nn.Module):
                     continue
                 idx = rows.nonzero()[:, 0].to(x.device, non_blocking=True)  # [R]
                 args = (cos, sin, attn_mask, pos)
-                if torch.is_tensor(pos):  # per-row positions: rope, mask and positions follow the rows
-                    args = (cos[idx], sin[idx], attn_mask[idx], pos[rows])
+                if torch.is_tensor(pos):  # per-row positions: mask and positions follow the rows
+                    args = (cos, sin, attn_mask[idx], pos[rows])
+                if cos is not None and cos.dim() == 4:  # per-row rope [B, 1, T, hd] follows them too
+                    args = (cos[idx], sin[idx], *args[2:])
                 if keep:
                     x = x.index_copy(0, idx, block(x[idx], *args[:3], cache, idx, args[3]))
                 elif cache is not None:
@@ -568,8 +602,9 @@ class Transformer(nn.Module):
             # so that no exit holds a [V, C] gradient buffer until the backward
             if FUSED["loss"]:
                 exit_loss = linear_cross_entropy(h, self.lm_head.weight, flat_targets, recompute=len(exits) > 1)
-            else:  # reference: the whole [B*T, V] logits
-                exit_loss = F.cross_entropy(self.lm_head(h).float(), flat_targets)
+            else:  # reference: the whole [B*T, V] logits; like the kernel, 0 when every target is ignored
+                n_valid = (flat_targets != -100).sum().clamp(min=1)
+                exit_loss = F.cross_entropy(self.lm_head(h).float(), flat_targets, reduction="sum") / n_valid
             exit_losses[e] = exit_loss.detach()
             loss = loss + exits[e] * exit_loss
         return loss, exit_losses

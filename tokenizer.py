@@ -30,8 +30,10 @@ class JSONTokenizer:
         return self._eos
 
 
-def load_tokenizer(path, bos_id=1, eos_id=2):
-    """`path` is a tokenizer file or a directory holding tokenizer.model or tokenizer.json."""
+def load_tokenizer(path, bos_id, eos_id):
+    """`path` is a tokenizer file or a directory holding tokenizer.model or tokenizer.json. bos_id and eos_id
+    are the checkpoint's (its config.json): tokenizer.json carries none we could trust, and OPT's differ from
+    Llama's, so there is no default."""
     if os.path.isdir(path):
         for name in ("tokenizer.model", "tokenizer.json"):
             if os.path.isfile(os.path.join(path, name)):

@@ -22,7 +22,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 from configurator import configure, run_main
-from data.instruct import encode_records, epoch_indices, load_records, make_batch, save_template
+from data.instruct import IGNORE, encode_records, epoch_indices, load_records, make_batch, save_template
 from layerskip import dropout_rates, exit_weights, layer_dropout_mask
 from model import PRESETS, Config, Transformer, atomic_write
 from tokenizer import load_tokenizer
@@ -92,18 +92,26 @@ def peak_flops(device):
 
 # ---- data ----
 
-def load_split(data_dir, split):
+def load_split(data_dir, split, block_size):
+    """The token memmap of data_dir/{split}.bin and meta.json; ValueError when the split is shorter than
+    one window of block_size + 1 tokens (inputs and their shifted targets)."""
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"no prepared data in {data_dir!r}: run python data/prepare.py first")
     meta = json.load(open(meta_path))
-    return np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=meta["dtype"], mode="r"), meta
+    path = os.path.join(data_dir, f"{split}.bin")
+    n_tokens = os.path.getsize(path) // np.dtype(meta["dtype"]).itemsize if os.path.isfile(path) else 0
+    if n_tokens < block_size + 1:  # np.memmap cannot map an empty file
+        raise ValueError(f"the {split} split ({path}) holds {n_tokens} tokens; one window of block_size "
+                         f"{block_size} needs {block_size + 1}")
+    return np.memmap(path, dtype=meta["dtype"], mode="r"), meta
 
 
 def get_batch(data, batch_size, block_size, seed):
-    """batch_size random windows of block_size+1 tokens, chosen by a generator seeded with `seed`."""
+    """batch_size random windows of block_size+1 tokens, chosen by a generator seeded with `seed`: every
+    start in [0, len(data) - block_size - 1] can be drawn, so the last token is too."""
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=g).tolist()
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=g).tolist()
     chunk = torch.from_numpy(np.stack([data[s:s + block_size + 1].astype(np.int64) for s in starts]))
     return chunk[:, :-1], chunk[:, 1:]  # inputs, targets [B, T]
 
@@ -131,8 +139,8 @@ def _load_data(cfg, global_batch):
     B, T = cfg.micro_batch, cfg.block_size
     G = global_batch
     if cfg.dataset == "tokens":
-        train, meta = load_split(cfg.data_dir, "train")
-        val, _ = load_split(cfg.data_dir, "val")
+        train, meta = load_split(cfg.data_dir, "train", T)
+        val, _ = load_split(cfg.data_dir, "val", T)
         return (lambda step, micro: get_batch(train, G, T, batch_seed(cfg.seed, step, micro)),
                 lambda i: get_batch(val, B, T, batch_seed(cfg.seed, -1, i)),
                 None, meta["vocab_size"], os.path.join(cfg.data_dir, "tokenizer.model"))
@@ -140,7 +148,11 @@ def _load_data(cfg, global_batch):
         raise ValueError(f"dataset must be tokens or instruct, got {cfg.dataset!r}")
     checkpoint = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from  # its tokenizer comes along
     source = cfg.tokenizer or (checkpoint if os.path.isdir(checkpoint) else "data/stdlib/tokenizer.model")
-    tok = load_tokenizer(source)
+    bos_id, eos_id = special_ids(cfg, checkpoint)
+    tok = load_tokenizer(source, bos_id, eos_id)
+    if (tok.bos_id(), tok.eos_id()) != (bos_id, eos_id):  # a sentencepiece model has ids of its own
+        raise ValueError(f"tokenizer {source!r} has bos/eos ids {tok.bos_id()}/{tok.eos_id()}, the model "
+                         f"{bos_id}/{eos_id}: they do not belong together")
     tok_file = source if os.path.isfile(source) else next(
         os.path.join(source, f) for f in ("tokenizer.model", "tokenizer.json") if os.path.isfile(os.path.join(source, f)))
     train = encode_records(tok, load_records(os.path.join(cfg.data_dir, "train.jsonl")), T)
@@ -150,6 +162,18 @@ def _load_data(cfg, global_batch):
     return (lambda step, micro: make_batch(train, epoch_indices(len(train), (step * cfg.grad_accum + micro) * G, G, cfg.seed), T),
             lambda i: make_batch(val, [(i * B + j) % len(val) for j in range(B)], T),
             len(train), tok.vocab_size(), tok_file)
+
+
+def special_ids(cfg, checkpoint):
+    """(bos, eos) ids of the model being trained: from the checkpoint's config.json (init_from, or out_dir
+    on resume), else from the preset (a model trained from scratch). Instruction rows are encoded with them,
+    as sample.py encodes prompts: OPT's bos is 2, not the Llama 1 that is its pad token."""
+    path = os.path.join(checkpoint, "config.json")
+    if os.path.isfile(path):
+        saved = json.load(open(path))
+        return saved.get("bos_id", Config.bos_id), saved.get("eos_id", Config.eos_id)
+    preset = PRESETS.get(cfg.model, Config())
+    return preset.bos_id, preset.eos_id
 
 
 # ---- schedule ----
@@ -205,19 +229,22 @@ def parse_exits(spec, n_layer):
 
 @torch.no_grad()
 def evaluate(model, val_batch, cfg, exits, device, autocast, plan=False):
-    """Mean validation loss at each exit layer, over fixed batches; no layer dropout (eval mode).
+    """Validation loss at each exit layer: the mean over every target token of fixed batches (batches with
+    more response tokens weigh more); no layer dropout (eval mode).
     plan: only the last exit, with response tokens skipping the model's skip plan."""
     model.eval()
-    totals = {e: 0.0 for e in exits}
+    totals, n_tokens = {e: 0.0 for e in exits}, 0
     for i in range(cfg.eval_batches):
         x, y = val_batch(i)
         skip_mask = response_skip_mask(y, model.cfg.skip_layers, model.n_layer) if plan else None
         with autocast:
             _, exit_losses = model(x.to(device), y.to(device), exits={e: 1.0 for e in exits}, skip_mask=skip_mask)
+        n = int((y != IGNORE).sum())
         for e in exits:
-            totals[e] += exit_losses[e].item() / cfg.eval_batches
+            totals[e] += exit_losses[e].item() * n
+        n_tokens += n
     model.train()
-    return totals
+    return {e: total / max(n_tokens, 1) for e, total in totals.items()}
 
 
 def format_exit_table(losses):
@@ -302,13 +329,13 @@ def collective_device():
     return "cuda" if dist.get_backend() == "nccl" else "cpu"
 
 
-def mean_over_ranks(values):
-    """Average a list of floats over processes (gloo has no AVG)."""
+def sum_over_ranks(values):
+    """Sum a list of numbers over processes."""
     if not dist.is_initialized():
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=collective_device())
     dist.all_reduce(t)
-    return (t / dist.get_world_size()).tolist()
+    return t.tolist()
 
 
 def check_same_on_all_ranks(mask):
@@ -409,9 +436,15 @@ def main():
             group["lr"] = lr
         exits = exit_weights(L, step, cfg.max_steps, cfg.e_scale, cfg.early_exit_curriculum, cfg.exit_period)
         rates = dropout_rates(L, step, cfg.max_steps, cfg.p_max, cfg.dropout_scale, cfg.dropout_curriculum)
+        # a step's loss is the mean over the target tokens of all its micro steps and ranks: micro step m on
+        # this rank weighs its mean loss by share = (its target tokens) / (the step's), instruction rows having
+        # different numbers of response tokens; gradients are averaged over ranks, hence x world
+        batches = [train_batch(step, micro) for micro in range(cfg.grad_accum)]
+        counts = [int((y != IGNORE).sum()) for _, y in batches]
+        step_tokens = max(sum_over_ranks([sum(counts)])[0], 1)
         exit_sums = {e: 0.0 for e in exits}
-        for micro in range(cfg.grad_accum):
-            x, y = train_batch(step, micro)
+        for micro, (x, y) in enumerate(batches):
+            share = counts[micro] / step_tokens
             skip_mask = None
             if cfg.p_max > 0:  # the same seed on every rank: the same local sample positions drop
                 skip_mask = layer_dropout_mask(rates, x.shape[0], batch_seed(cfg.seed + 1, step, micro))
@@ -422,10 +455,10 @@ def main():
                 model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
             with autocast:
                 loss, exit_losses = model(x.to(device), y.to(device), exits=exits, skip_mask=skip_mask)
-            (loss / cfg.grad_accum).backward()
+            (loss * (share * world)).backward()
             for e in exits:  # device tensors: one host sync per step, not one per exit and micro step
-                exit_sums[e] = exit_sums[e] + exit_losses[e].double() / cfg.grad_accum
-        exit_means = dict(zip(exit_sums, mean_over_ranks(torch.stack(list(exit_sums.values())).tolist())))
+                exit_sums[e] = exit_sums[e] + exit_losses[e].double() * share
+        exit_means = dict(zip(exit_sums, sum_over_ranks(torch.stack(list(exit_sums.values())).tolist())))
         if not all(math.isfinite(v) for v in exit_means.values()):
             raise ValueError(f"loss is {exit_means[L]} at step {step}; stopping, the last checkpoint in "
                              f"{cfg.out_dir} is kept as it was")

@@ -8,6 +8,7 @@ annotations of the script's config dataclass. Problems raise ValueError with one
 import ast
 import os
 import sys
+import traceback
 import types
 import typing
 from dataclasses import fields, replace
@@ -67,7 +68,7 @@ def configure(defaults, argv=None):
             if not os.path.isfile(arg):
                 raise ValueError(f"config file {arg!r} not found")
             scope = dict(values)
-            exec(compile(open(arg).read(), arg, "exec"), scope)
+            run_config_file(arg, scope)
             for key, value in scope.items():
                 if key.startswith("_") or isinstance(value, types.ModuleType) or key == "__builtins__":
                     continue
@@ -90,6 +91,45 @@ def configure(defaults, argv=None):
         values[key] = _parse_value(key, text, hints[key])
         i += 1
     return replace(defaults, **values)
+
+
+def run_config_file(path, scope):
+    """exec a config file in `scope`; a syntax error or an exception inside it is one line with the line number."""
+    try:
+        exec(compile(open(path).read(), path, "exec"), scope)
+    except SyntaxError as e:
+        raise ValueError(f"{path}, line {e.lineno}: syntax error ({e.msg})") from None
+    except Exception as e:
+        line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if f.filename == path), "?")
+        raise ValueError(f"{path}, line {line}: {type(e).__name__}: {e}") from None
+
+
+# ---- value rules: {key: (is_allowed(value), "what is allowed")}, checked by check_values ----
+
+def at_least(low):
+    return lambda v: v >= low, f">= {low}"
+
+
+def above(low):
+    return lambda v: v > low, f"> {low}"
+
+
+def in_unit_interval():
+    return lambda v: 0 <= v < 1, "in [0, 1)"
+
+
+def one_of(*choices):
+    return lambda v: v in choices, f"one of {', '.join(map(str, choices))}"
+
+
+def check_values(obj, rules, where="config key"):
+    """ValueError naming the first field of dataclass `obj` whose value breaks its rule (None passes:
+    an optional field left unset)."""
+    for key, (is_allowed, allowed) in rules.items():
+        value = getattr(obj, key)
+        if value is not None and not is_allowed(value):
+            raise ValueError(f"{where} {key}={value!r}: must be {allowed}")
+    return obj
 
 
 def run_main(main):

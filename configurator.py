@@ -31,14 +31,14 @@ def _parse_value(key, text, annotation):
     except (ValueError, SyntaxError):
         value = text  # a bare word is a string
     try:
-        return _check_type(key, value, annotation)
+        return check_type(key, value, annotation)
     except ValueError:
         if str in allowed:  # "1,2" for a string key stays the text "1,2"
             return text
         raise
 
 
-def _check_type(key, value, annotation):
+def check_type(key, value, annotation):
     allowed = _allowed_types(annotation)
     for t in allowed:
         t = typing.get_origin(t) or t
@@ -74,7 +74,7 @@ def configure(defaults, argv=None):
                     continue
                 if key not in values:
                     raise ValueError(f"{arg}: unknown config key {key!r}")
-                values[key] = _check_type(key, value, hints[key])
+                values[key] = check_type(key, value, hints[key])
             i += 1
             continue
         key, eq, text = arg[2:].partition("=")

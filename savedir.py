@@ -2,7 +2,7 @@
 Directories saved as one unit: a checkpoint (train.py) or a token data set (data/prepare.py).
 
 The directory `d` holds the current unit's files and manifest.json (every file's size and SHA-256, and
-a few facts such as the step), written last. Other files in `d` (metrics.jsonl, train.lock) are not
+a few facts such as the step), written last. Other files in `d` (metrics.jsonl, run.lock) are not
 part of the unit. A save:
     1. writes the complete new unit into d/.next/ (start_next; every rank of a run writes its shards);
     2. writes d/.next/manifest.json, every file fsynced first (write_manifest): the commit point;
@@ -23,7 +23,7 @@ import shutil
 
 NEXT = ".next"
 MANIFEST = "manifest.json"
-LOCK = "train.lock"
+LOCK = "run.lock"
 
 
 def start_next(d):

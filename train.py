@@ -125,8 +125,33 @@ def load_split(data_dir, split):
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"no prepared data in {data_dir!r}: run python data/prepare.py first")
-    meta = json.load(open(meta_path))
-    return np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=meta["dtype"], mode="r"), meta
+    meta = read_meta(meta_path)
+    return token_file(os.path.join(data_dir, f"{split}.bin"), meta), meta
+
+
+def read_meta(path):
+    """meta.json of a token data set: a JSON object with an integer vocab_size >= 1 and dtype uint16 or uint32."""
+    try:
+        meta = json.load(open(path))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("dtype") not in ("uint16", "uint32") or \
+            not isinstance(meta.get("vocab_size"), int) or meta["vocab_size"] < 1:
+        raise ValueError(f"{path}: needs a JSON object with an integer vocab_size >= 1 and dtype uint16 or uint32")
+    return meta
+
+
+def token_file(path, meta):
+    """The token ids of a .bin file as a memmap, checked: whole ids, not empty, all below meta's vocab_size."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: run python data/prepare.py first")
+    itemsize, size = np.dtype(meta["dtype"]).itemsize, os.path.getsize(path)
+    if size == 0 or size % itemsize:
+        raise ValueError(f"{path} holds {size} bytes: not a whole, non-zero number of {meta['dtype']} token ids")
+    data = np.memmap(path, dtype=meta["dtype"], mode="r")
+    if int(data.max()) >= meta["vocab_size"]:
+        raise ValueError(f"{path} holds token id {int(data.max())}, beyond meta.json's vocab_size {meta['vocab_size']}")
+    return data
 
 
 def get_batch(data, batch_size, block_size, seed):
@@ -160,8 +185,13 @@ def _load_data(cfg, global_batch):
     B, T = cfg.micro_batch, cfg.block_size
     G = global_batch
     if cfg.dataset == "tokens":
+        savedir.verify(cfg.data_dir, required=False)  # a data set data/prepare.py wrote as a whole
         train, meta = load_split(cfg.data_dir, "train")
         val, _ = load_split(cfg.data_dir, "val")
+        for split, data in (("train", train), ("val", val)):
+            if len(data) < T + 2:
+                raise ValueError(f"{cfg.data_dir}/{split}.bin holds {len(data)} tokens, too few for one window of "
+                                 f"block_size + 1 = {T + 1} tokens")
         return (lambda step, micro: get_batch(train, G, T, batch_seed(cfg.seed, step, micro)),
                 lambda i: get_batch(val, B, T, batch_seed(cfg.seed, -1, i)),
                 None, meta["vocab_size"], os.path.join(cfg.data_dir, "tokenizer.model"))
@@ -172,8 +202,8 @@ def _load_data(cfg, global_batch):
     tok = load_tokenizer(source)
     tok_file = source if os.path.isfile(source) else next(
         os.path.join(source, f) for f in ("tokenizer.model", "tokenizer.json") if os.path.isfile(os.path.join(source, f)))
-    train = encode_records(tok, load_records(os.path.join(cfg.data_dir, "train.jsonl")), T)
-    val = encode_records(tok, load_records(os.path.join(cfg.data_dir, "val.jsonl")), T)
+    train, val = (encode_records(tok, load_records(path), T, path) for path in
+                  (os.path.join(cfg.data_dir, "train.jsonl"), os.path.join(cfg.data_dir, "val.jsonl")))
     if not train or not val:
         raise ValueError(f"{cfg.data_dir}: no usable train or val records")
     return (lambda step, micro: make_batch(train, epoch_indices(len(train), (step * cfg.grad_accum + micro) * G, G, cfg.seed), T),

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from configurator import configure, run_main
+from configurator import at_least, check_values, configure, run_main
 from dynamic import controlled_forward, load_controllers
 from layerskip import dropout_rates, layer_dropout_mask
 from model import Transformer
@@ -65,8 +65,11 @@ def load(path):
     return Transformer.from_pretrained(path)
 
 
+EVAL_RULES = {k: at_least(1) for k in ("eval_batches", "micro_batch", "block_size")}
+
+
 def main():
-    cfg = configure(EvalConfig())
+    cfg = check_values(configure(EvalConfig()), EVAL_RULES)
     data_cfg = TrainConfig(dataset="instruct", data_dir=cfg.data_dir, init_from=cfg.ckpt,
                            micro_batch=cfg.micro_batch, block_size=cfg.block_size, seed=cfg.seed)
     _, val_batch, _, _, _ = load_data(data_cfg)

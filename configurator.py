@@ -6,6 +6,7 @@ be an existing key. Command-line overrides come after and are type-checked again
 annotations of the script's config dataclass. Problems raise ValueError with one line.
 """
 import ast
+import math
 import os
 import sys
 import traceback
@@ -107,15 +108,14 @@ def run_config_file(path, scope):
 # ---- value rules: {key: (is_allowed(value), "what is allowed")}, checked by check_values ----
 
 def at_least(low):
-    return lambda v: v >= low, f">= {low}"
+    return lambda v: math.isfinite(v) and v >= low, f">= {low}"
 
 
 def above(low):
-    return lambda v: v > low, f"> {low}"
+    return lambda v: math.isfinite(v) and v > low, f"> {low}"
 
 
-def in_unit_interval():
-    return lambda v: 0 <= v < 1, "in [0, 1)"
+UNIT_INTERVAL = (lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 def one_of(*choices):

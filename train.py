@@ -3,7 +3,7 @@ Train a skippable Llama:  python train.py [config/NAME.py] [--key=value ...]
 
 Single process: fp32 on CPU, bf16 autocast (and per-block torch.compile) on CUDA. Every batch is a
 function of (seed, step, micro step), so a resumed run (--init_from=resume) sees exactly the
-data an uninterrupted run would; the resumable state is one file written atomically.
+data an uninterrupted run would; a checkpoint and its resumable state are saved as one unit (savedir.py).
 """
 import json
 import math
@@ -24,7 +24,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 import savedir
-from configurator import above, at_least, check_values, configure, in_unit_interval, one_of, run_main
+from configurator import UNIT_INTERVAL, above, at_least, check_values, configure, one_of, run_main
 from data.instruct import encode_records, epoch_indices, load_records, make_batch
 from layerskip import dropout_rates, exit_weights, layer_dropout_mask
 from model import PRESETS, Config, Transformer, atomic_write
@@ -97,7 +97,7 @@ TRAIN_RULES = {
                                 "n_layer", "n_embd", "n_head", "n_kv_head", "intermediate_size")},
     **{k: at_least(0) for k in ("lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "e_scale")},
     "epochs": above(0),
-    "beta1": in_unit_interval(), "beta2": in_unit_interval(), "p_max": in_unit_interval(),
+    "beta1": UNIT_INTERVAL, "beta2": UNIT_INTERVAL, "p_max": UNIT_INTERVAL,
     "skip_speedup": (lambda v: v == 0 or v >= 1, "0 (off) or >= 1"),
     "dataset": one_of("tokens", "instruct"),
     "model": one_of(*PRESETS),

@@ -121,14 +121,14 @@ def plain(data, tmp_path_factory):
 # ---- the table: (name, entry point, how to build the input, argv, words the line must hold) ----
 # `make(tmp, data, trained, plain)` returns (argv, the directory that must not change)
 
-def bad_train_value(*flags):
-    return lambda tmp, data, trained, plain: (train_args(data[0], tmp / "out", *flags), tmp / "out")
+def bad_train_value(*flags):  # a short run, should a value be accepted
+    return lambda tmp, data, trained, plain: (train_args(data[0], tmp / "out", "--max_steps=2", *flags), tmp / "out")
 
 
 def config_file(text):
     def make(tmp, data, trained, plain):
         (tmp / "cfg.py").write_text(text)
-        return [str(tmp / "cfg.py"), *train_args(data[0], tmp / "out")], tmp / "out"
+        return [str(tmp / "cfg.py"), *train_args(data[0], tmp / "out", "--max_steps=2")], tmp / "out"
     return make
 
 
@@ -139,7 +139,7 @@ def data_copy(edit):
         shutil.copytree(data[0], d)
         os.remove(d / savedir.MANIFEST)
         edit(d)
-        return train_args(d, tmp / "out"), tmp / "out"
+        return train_args(d, tmp / "out", "--max_steps=2"), tmp / "out"
     return make
 
 
@@ -167,8 +167,8 @@ def records(lines, *flags):
         shutil.copytree(data[1], d)
         body = b"\n".join(l if isinstance(l, bytes) else json.dumps(l).encode() for l in lines)
         (d / "train.jsonl").write_bytes(body + b"\n")
-        return train_args(d, tmp / "out", "--dataset=instruct", f"--tokenizer={data[0]}/tokenizer.model",
-                          *flags), tmp / "out"
+        return train_args(d, tmp / "out", "--max_steps=2", "--dataset=instruct",
+                          f"--tokenizer={data[0]}/tokenizer.model", *flags), tmp / "out"
     return make
 
 
@@ -241,7 +241,8 @@ def hf_config(**changes):
 
 def distilled(*flags):
     return lambda tmp, data, trained, plain: (
-        [f"--init_from={plain}", f"--data_dir={data[0]}", f"--out_dir={tmp / 'out'}", *flags], tmp / "out")
+        [f"--init_from={plain}", f"--data_dir={data[0]}", f"--out_dir={tmp / 'out'}", "--max_steps=2",
+         "--steps_per_layer=1", "--block_size=32", "--eval_batches=1", *flags], tmp / "out")
 
 
 CASES = [
@@ -279,6 +280,7 @@ CASES = [
     ("config file syntax error", train.main, config_file("max_steps = 3\nmax_steps = = 3\n"), ["cfg.py, line 2", "syntax"]),
     ("config file undefined name", train.main, config_file("max_steps = steps\n"), ["cfg.py, line 1", "NameError"]),
     ("config file bad value", train.main, config_file("p_max = 2.0\n"), ["p_max=2.0"]),
+    ("config file infinite lr", train.main, config_file("lr = float('inf')\n"), ["lr=inf", ">= 0"]),
     ("config file missing", train.main, lambda tmp, *_: (["nope.py"], tmp / "out"), ["nope.py", "not found"]),
     # train.py: token data
     ("meta.json garbage", train.main, data_copy(write("meta.json", b"{vocab")), ["meta.json", "not valid JSON"]),

@@ -184,8 +184,8 @@ def load_data(cfg, rank=0, world=1):
 def _load_data(cfg, global_batch):
     B, T = cfg.micro_batch, cfg.block_size
     G = global_batch
+    savedir.verify(cfg.data_dir, required=False)  # a data set data/prepare.py or data/instruct.py wrote as a whole
     if cfg.dataset == "tokens":
-        savedir.verify(cfg.data_dir, required=False)  # a data set data/prepare.py wrote as a whole
         train, meta = load_split(cfg.data_dir, "train")
         val, _ = load_split(cfg.data_dir, "val")
         for split, data in (("train", train), ("val", val)):
@@ -448,7 +448,7 @@ def main():
     cfg = check_values(configure(TrainConfig()), TRAIN_RULES)
     rank, world, device = setup_distributed(cfg)
     master = rank == 0
-    out_lock, manifest = None, None
+    out_lock, manifest = None, None  # out_lock: the lock on out_dir, held while this file stays open
     if cfg.init_from == "resume":  # verified before anything is built from it
         if not any(os.path.isfile(os.path.join(cfg.out_dir, d, savedir.MANIFEST)) for d in ("", savedir.NEXT)):
             raise FileNotFoundError(f"cannot resume: {cfg.out_dir} holds no saved checkpoint (no {savedir.MANIFEST})")
@@ -490,7 +490,8 @@ def main():
     start_step = load_train_state(model, optimizer, cfg, manifest) if cfg.init_from == "resume" else 0
     eval_exits = parse_exits(cfg.eval_exits, model.n_layer)
     L = model.n_layer
-    out_lock = out_lock or claim_out_dir(cfg, rank)
+    if cfg.init_from != "resume":  # a resumed run holds it already
+        out_lock = claim_out_dir(cfg, rank)
     if master:
         print(f"model: {model.num_params() / 1e6:.2f}M parameters, {L} layers; {world} process(es) on {device}; "
               f"{cfg.micro_batch * cfg.grad_accum * world * cfg.block_size:,} tokens per step; starting at step {start_step}")

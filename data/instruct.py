@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.prepare import HERE, is_val, list_files, read_texts  # noqa: E402
-from model import atomic_write  # noqa: E402
+import savedir  # noqa: E402
 
 IGNORE = -100
 PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
@@ -66,10 +66,14 @@ def build_stdlib(out_dir, val_percent=5):
     splits = {"train": [], "val": []}
     for rel, text in texts:
         splits["val" if is_val(rel, val_percent) else "train"].extend(function_records(text))
-    os.makedirs(out_dir, exist_ok=True)
-    for split, records in splits.items():
-        atomic_write(os.path.join(out_dir, f"{split}.jsonl"),
-                     lambda p: open(p, "w").writelines(json.dumps(r) + "\n" for r in records))
+    with savedir.lock(out_dir):  # written as a whole, like data/prepare.py's token sets
+        savedir.settle(out_dir)
+        nxt = savedir.start_next(out_dir)
+        for split, records in splits.items():
+            with open(os.path.join(nxt, f"{split}.jsonl"), "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+        savedir.write_manifest(nxt)
+        savedir.commit(out_dir)
     return {k: len(v) for k, v in splits.items()}
 
 

@@ -239,6 +239,20 @@ def hf_config(**changes):
     return make
 
 
+def changed_data(tmp, data, trained, plain):
+    """A prepared data set (with its manifest) whose val.bin was rewritten afterwards."""
+    shutil.copytree(data[0], tmp / "d")
+    tokens(tmp / "d", "val", [5] * 500)
+    return train_args(tmp / "d", tmp / "out", "--max_steps=2"), tmp / "out"
+
+
+def changed_checkpoint(tmp, data, trained, plain):
+    """A checkpoint train.py saved (with its manifest), 64 bytes of its weights overwritten afterwards."""
+    shutil.copytree(trained[0], tmp / "c")
+    write("model.safetensors", b"\0" * 64, 4096)(tmp / "c")
+    return [f"--out_dir={tmp / 'c'}"], tmp / "c"
+
+
 def distilled(*flags):
     return lambda tmp, data, trained, plain: (
         [f"--init_from={plain}", f"--data_dir={data[0]}", f"--out_dir={tmp / 'out'}", "--max_steps=2",
@@ -291,9 +305,7 @@ CASES = [
     ("train.bin shorter than a window", train.main, data_copy(lambda d: tokens(d, "train", [1] * 20)), ["train.bin", "20 tokens", "33"]),
     ("ids beyond the vocabulary", train.main, data_copy(lambda d: tokens(d, "train", [60000] * 100)), ["60000", "vocab_size 600"]),
     ("val.bin missing", train.main, data_copy(lambda d: os.remove(d / "val.bin")), ["val.bin"]),
-    ("data set changed after prepare", train.main,
-     lambda tmp, data, *_: (shutil.copytree(data[0], tmp / "d"), tokens(tmp / "d", "val", [5] * 500),
-                            (train_args(tmp / "d", tmp / "out"), tmp / "out"))[-1], ["val.bin", "checksum"]),
+    ("data set changed after prepare", train.main, changed_data, ["val.bin", "checksum"]),
     ("data dir missing", train.main, lambda tmp, data, *_: (train_args(tmp / "none", tmp / "out"), tmp / "out"), ["none"]),
     # data/prepare.py
     ("prepare: files of NUL bytes", prepare.main, prepared([nul_files]), ["2 files of UTF-8 text", "found 0"]),
@@ -314,9 +326,9 @@ CASES = [
     ("block shorter than every prompt", train.main, records([GOOD], "--block_size=8"),
      ["every prompt", "record 0", "block_size is 8"]),
     ("distill: block shorter than every prompt", distill.main,
-     lambda tmp, data, trained, plain: (shutil.copytree(plain, tmp / "teacher"), [f"--init_from={tmp / 'teacher'}",
-                                        f"--data_dir={data[1]}", "--dataset=instruct", "--block_size=8",
-                                        f"--out_dir={tmp / 'out'}"], tmp / "out")[1:], ["every prompt", "block_size is 8"]),
+     lambda tmp, data, trained, plain: ([f"--init_from={plain}", f"--data_dir={data[1]}", "--dataset=instruct",
+                                         "--block_size=8", f"--out_dir={tmp / 'out'}"], tmp / "out"),
+     ["every prompt", "block_size is 8"]),
     ("distill: kl_weight negative", distill.main, distilled("--kl_weight=-1"), ["kl_weight=-1"]),
     ("distill: steps_per_layer 0", distill.main, distilled("--steps_per_layer=0"), ["steps_per_layer=0"]),
     ("dynamic: budget 0", dynamic.main, distilled("--budget=0"), ["budget=0"]),
@@ -338,9 +350,7 @@ CASES = [
     ("config: mlp unknown", sample.main, checkpoint_copy(edit_config(mlp="tanh")), ["mlp='tanh'"]),
     ("weights: truncated safetensors", sample.main, checkpoint_copy(truncate("model.safetensors", 100)), ["model.safetensors"]),
     ("tokenizer truncated", sample.main, checkpoint_copy(truncate("tokenizer.model", 3000)), ["tokenizer.model", "not a valid"]),
-    ("saved checkpoint changed", sample.main,
-     lambda tmp, data, trained, plain: (shutil.copytree(trained[0], tmp / "c"), write("model.safetensors", b"\0" * 64, 4096)(tmp / "c"),
-                                        ([f"--out_dir={tmp / 'c'}"], tmp / "c"))[-1], ["model.safetensors", "checksum"]),
+    ("saved checkpoint changed", sample.main, changed_checkpoint, ["model.safetensors", "checksum"]),
     # resume: the state must be the saved one and fit the model's config
     ("resume: config.json edited to 2 layers", train.main, resumed(edit_config(n_layer=2)), ["config.json", "checksum"]),
     ("resume: zeros inside a shard", train.main, resumed(write("train_state/__0_0.distcp", b"\0" * 4096, 8192)),

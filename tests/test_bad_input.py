@@ -256,7 +256,7 @@ def changed_checkpoint(tmp, data, trained, plain):
 def distilled(*flags):
     return lambda tmp, data, trained, plain: (
         [f"--init_from={plain}", f"--data_dir={data[0]}", f"--out_dir={tmp / 'out'}", "--max_steps=2",
-         "--steps_per_layer=1", "--block_size=32", "--eval_batches=1", *flags], tmp / "out")
+         "--block_size=32", "--eval_batches=1", *flags], tmp / "out")
 
 
 CASES = [

@@ -104,10 +104,17 @@ def first_id(value, default):
     return default if value is None else value
 
 
+SIZE_KEYS = ("vocab_size", "hidden_size", "n_embed", "num_hidden_layers", "n_layer", "num_attention_heads", "n_head",
+             "num_key_value_heads", "intermediate_size", "ffn_dim", "max_position_embeddings", "head_dim")
+
+
 def config_from_hf(hf, block_size=None):
     kind = hf.get("model_type")
     if kind not in NAME_MAPS:
         raise ValueError(f"unsupported model_type {kind!r} (supported: {', '.join(NAME_MAPS)})")
+    for key in SIZE_KEYS:  # before any division by them
+        if key in hf and not (isinstance(hf[key], int) and hf[key] >= 1):
+            raise ValueError(f"{key}={hf[key]!r}: must be an integer >= 1")
     common = dict(vocab_size=hf["vocab_size"], family=kind, tie_embeddings=hf.get("tie_word_embeddings", kind in ("opt", "bloom")),
                   bos_id=first_id(hf.get("bos_token_id"), 1), eos_id=first_id(hf.get("eos_token_id"), 2))
     if kind in ("llama", "phi3"):
@@ -328,7 +335,15 @@ def from_hf(hf_dir, out, block_size=None):
     cfg_path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{hf_dir} has no config.json")
-    cfg = config_from_hf(json.load(open(cfg_path)), block_size)
+    try:
+        hf = json.load(open(cfg_path))
+        if not isinstance(hf, dict):
+            raise ValueError("must hold a JSON object")
+        cfg = config_from_hf(hf, block_size)
+    except KeyError as e:
+        raise ValueError(f"{cfg_path}: missing key {e.args[0]!r}") from None
+    except ValueError as e:  # bad JSON, or a value config_from_hf or Config.validate refuses
+        raise ValueError(f"{cfg_path}: {e}") from None
     ckpt = HFCheckpoint(hf_dir, cfg.family)
     check_tensors(ckpt, cfg)
     tmp = prepare_out_dir(out)

@@ -6,8 +6,10 @@ be an existing key. Command-line overrides come after and are type-checked again
 annotations of the script's config dataclass. Problems raise ValueError with one line.
 """
 import ast
+import math
 import os
 import sys
+import traceback
 import types
 import typing
 from dataclasses import fields, replace
@@ -30,14 +32,14 @@ def _parse_value(key, text, annotation):
     except (ValueError, SyntaxError):
         value = text  # a bare word is a string
     try:
-        return _check_type(key, value, annotation)
+        return check_type(key, value, annotation)
     except ValueError:
         if str in allowed:  # "1,2" for a string key stays the text "1,2"
             return text
         raise
 
 
-def _check_type(key, value, annotation):
+def check_type(key, value, annotation):
     allowed = _allowed_types(annotation)
     for t in allowed:
         t = typing.get_origin(t) or t
@@ -67,13 +69,13 @@ def configure(defaults, argv=None):
             if not os.path.isfile(arg):
                 raise ValueError(f"config file {arg!r} not found")
             scope = dict(values)
-            exec(compile(open(arg).read(), arg, "exec"), scope)
+            run_config_file(arg, scope)
             for key, value in scope.items():
                 if key.startswith("_") or isinstance(value, types.ModuleType) or key == "__builtins__":
                     continue
                 if key not in values:
                     raise ValueError(f"{arg}: unknown config key {key!r}")
-                values[key] = _check_type(key, value, hints[key])
+                values[key] = check_type(key, value, hints[key])
             i += 1
             continue
         key, eq, text = arg[2:].partition("=")
@@ -93,6 +95,44 @@ def configure(defaults, argv=None):
             values[key] = _parse_value(key, text, hints[key])
         i += 1
     return replace(defaults, **values)
+
+
+def run_config_file(path, scope):
+    """exec a config file in `scope`; a syntax error or an exception inside it is one line with the line number."""
+    try:
+        exec(compile(open(path).read(), path, "exec"), scope)
+    except SyntaxError as e:
+        raise ValueError(f"{path}, line {e.lineno}: syntax error ({e.msg})") from None
+    except Exception as e:
+        line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if f.filename == path), "?")
+        raise ValueError(f"{path}, line {line}: {type(e).__name__}: {e}") from None
+
+
+# ---- value rules: {key: (is_allowed(value), "what is allowed")}, checked by check_values ----
+
+def at_least(low):
+    return lambda v: math.isfinite(v) and v >= low, f">= {low}"
+
+
+def above(low):
+    return lambda v: math.isfinite(v) and v > low, f"> {low}"
+
+
+UNIT_INTERVAL = (lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def one_of(*choices):
+    return lambda v: v in choices, f"one of {', '.join(map(str, choices))}"
+
+
+def check_values(obj, rules, where="config key"):
+    """ValueError naming the first field of dataclass `obj` whose value breaks its rule (None passes:
+    an optional field left unset)."""
+    for key, (is_allowed, allowed) in rules.items():
+        value = getattr(obj, key)
+        if value is not None and not is_allowed(value):
+            raise ValueError(f"{where} {key}={value!r}: must be {allowed}")
+    return obj
 
 
 def run_main(main):

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from configurator import configure, run_main
+from configurator import at_least, check_values, configure, run_main
 from data.instruct import IGNORE
 from model import Transformer, layer_mask
-from train import TrainConfig, copy_tokenizer, load_data, log_metrics
+from train import TRAIN_RULES, TrainConfig, copy_tokenizer, load_data, log_metrics
 
 
 @dataclass
@@ -65,8 +65,11 @@ def val_loss(model, val_batch, batches, skip_layers=()):
     return sum(model(x, y, skip_mask=mask)[0].item() for x, y in map(val_batch, range(batches))) / batches
 
 
+DISTILL_RULES = {**TRAIN_RULES, "kl_weight": at_least(0), "steps_per_layer": at_least(1)}
+
+
 def main():
-    cfg = configure(DistillConfig())
+    cfg = check_values(configure(DistillConfig()), DISTILL_RULES)
     torch.manual_seed(cfg.seed)
     train_batch, val_batch, _, _, tok_file = load_data(cfg)
     teacher = Transformer.from_pretrained(cfg.init_from).requires_grad_(False)

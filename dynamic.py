@@ -15,17 +15,17 @@ The prompt always runs every layer; the first and last layers always run.
 """
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from configurator import configure, run_main
+from configurator import above, at_least, check_values, configure, run_main
 from data.instruct import IGNORE
 from model import Transformer, atomic_write
-from train import TrainConfig, copy_tokenizer, load_data, lr_at
+from train import TRAIN_RULES, TrainConfig, copy_tokenizer, load_data, lr_at
 from unified import response_tokens
 
 
@@ -151,8 +151,12 @@ def evaluate(model, ctrl, val_batch, batches):
     return sum(l.item() for l in losses) / batches, sum(fractions) / batches
 
 
+DYNAMIC_RULES = {**TRAIN_RULES, "budget": (lambda v: 0 < v <= 1, "in (0, 1]"), "alpha": at_least(0),
+                 "tau": above(0)}
+
+
 def main():
-    cfg = configure(DynamicConfig())
+    cfg = check_values(configure(DynamicConfig()), DYNAMIC_RULES)
     torch.manual_seed(cfg.seed)
     train_batch, val_batch, _, _, tok_file = load_data(cfg)
     model = Transformer.from_pretrained(cfg.init_from).train()

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 import tasks
-from configurator import configure, run_main
+from configurator import at_least, check_values, configure, run_main
 from dynamic import controlled_forward, load_controllers
 from generate import generate, generate_speculative
 from layerskip import dropout_rates, layer_dropout_mask
@@ -235,8 +235,11 @@ def run_tasks(cfg):
     report(rows, path, quality)
 
 
+EVAL_RULES = {k: at_least(1) for k in ("eval_batches", "micro_batch", "block_size")}
+
+
 def main():
-    cfg = configure(EvalConfig())
+    cfg = check_values(configure(EvalConfig()), EVAL_RULES)
     if cfg.task != "lm":
         return run_tasks(cfg)
     data_cfg = TrainConfig(dataset="instruct", data_dir=cfg.data_dir, init_from=cfg.ckpt,

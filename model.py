@@ -12,12 +12,15 @@ import copy
 import json
 import math
 import os
+import typing
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import savedir
+from configurator import above, at_least, check_type, check_values, one_of
 from kernels import FUSED
 from kernels.linear_cross_entropy import linear_cross_entropy
 from kernels.rmsnorm import rms_norm, rms_norm_reference
@@ -63,15 +66,15 @@ class Config:
         return self.n_embd // self.n_head
 
     def validate(self):
+        """ValueError (one line) for a value of the wrong type (ints become floats where a float is
+        declared), outside MODEL_RULES, or shapes that do not divide."""
+        for name, annotation in typing.get_type_hints(type(self)).items():
+            setattr(self, name, check_type(name, getattr(self, name), annotation))
+        check_values(self, MODEL_RULES, where="config")
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
             raise ValueError(f"config: n_embd ({self.n_embd}) must divide by n_head ({self.n_head}) "
                              f"and n_head by n_kv_head ({self.n_kv_head})")
-        choices = {"norm": ("rmsnorm", "layernorm"), "norm_position": ("pre", "post"),
-                   "pos_emb": ("rope", "learned", "alibi"), "mlp": ("swiglu", "relu", "gelu_tanh")}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"config: {key} must be one of {allowed}, got {getattr(self, key)!r}")
-        if self.skip_layers and not all(0 <= l < self.n_layer for l in self.skip_layers):
+        if self.skip_layers and not all(isinstance(l, int) and 0 <= l < self.n_layer for l in self.skip_layers):
             raise ValueError(f"config: skip_layers {self.skip_layers} must lie in [0, {self.n_layer - 1}]")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ("default", "linear", "dynamic", "llama3", "longrope"):
@@ -80,11 +83,25 @@ class Config:
 
     @classmethod
     def from_dict(cls, d):
+        """A Config from config.json's object: unknown keys, wrong types and bad values are one line."""
+        if not isinstance(d, dict):
+            raise ValueError(f"config.json must hold a JSON object, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"config.json: unknown key(s) {unknown}")
         return cls(**d).validate()
+
+
+# value rules of Config (configurator.check_values)
+MODEL_RULES = {
+    **{k: at_least(1) for k in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size",
+                                "block_size", "emb_dim", "sliding_window")},
+    "norm_eps": above(0), "rope_theta": above(0), "pos_offset": at_least(0),
+    "family": one_of("llama", "phi3", "opt", "bloom"),
+    "norm": one_of("rmsnorm", "layernorm"), "norm_position": one_of("pre", "post"),
+    "pos_emb": one_of("rope", "learned", "alibi"), "mlp": one_of("swiglu", "relu", "gelu_tanh"),
+}
 
 
 PRESETS = {
@@ -624,7 +641,8 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, ckpt_dir, device="cpu", dtype=None):
-        """Load a nanoskip checkpoint directory (config.json + model.safetensors)."""
+        """Load a nanoskip checkpoint directory (config.json + model.safetensors), checked against its
+        manifest.json when it has one (a directory train.py saved)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
         cfg_path = os.path.join(ckpt_dir, "config.json")
@@ -632,10 +650,13 @@ class Transformer(nn.Module):
         for path in (cfg_path, weights_path):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"checkpoint {ckpt_dir!r} has no {os.path.basename(path)}")
+        savedir.verify(ckpt_dir, only=lambda rel: not rel.startswith("train_state"), required=False)
         try:
             cfg = Config.from_dict(json.load(open(cfg_path)))
         except json.JSONDecodeError as e:
             raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+        except ValueError as e:
+            raise ValueError(f"{cfg_path}: {e}") from None
         try:
             state = load_file(weights_path)
         except SafetensorError as e:
@@ -647,7 +668,8 @@ class Transformer(nn.Module):
         return model.eval()
 
     def load_weights(self, state):
-        """Load a full state dict, naming any missing, unexpected or wrongly shaped tensor."""
+        """Load a full state dict, naming any missing, unexpected, wrongly shaped, integer or non-finite
+        tensor; tensors of mixed float dtypes are cast to float32."""
         expected = {k: v.shape for k, v in self.state_dict().items()}
         if self.cfg.tie_embeddings:
             expected.pop("lm_head.weight")
@@ -660,6 +682,12 @@ class Transformer(nn.Module):
         for k, shape in expected.items():
             if tuple(state[k].shape) != tuple(shape):
                 raise ValueError(f"tensor {k} has shape {list(state[k].shape)}, expected {list(shape)}")
+            if not state[k].is_floating_point():
+                raise ValueError(f"tensor {k} has dtype {state[k].dtype}; weights must be floating point")
+            if not torch.isfinite(state[k]).all():
+                raise ValueError(f"tensor {k} holds NaN or inf values")
+        if len({t.dtype for t in state.values()}) > 1:  # mixed precisions (one fp16 tensor among fp32...)
+            state = {k: t.float() for k, t in state.items()}
         self.load_state_dict(state, strict=False, assign=True)
         if self.cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight

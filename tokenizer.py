@@ -12,7 +12,11 @@ class JSONTokenizer:
             from tokenizers import Tokenizer
         except ImportError:
             raise ValueError(f"{path} needs the optional package tokenizers: pip install tokenizers") from None
-        self.tok, self._bos, self._eos = Tokenizer.from_file(path), bos_id, eos_id
+        try:
+            self.tok = Tokenizer.from_file(path)
+        except Exception as e:  # tokenizers raises a plain Exception for a damaged file
+            raise ValueError(f"{path}: not a valid tokenizer.json ({first_line(e)})") from None
+        self._bos, self._eos = bos_id, eos_id
 
     def encode(self, text):
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -43,4 +47,11 @@ def load_tokenizer(path, bos_id, eos_id):
         raise FileNotFoundError(f"tokenizer {path!r} not found")
     if path.endswith(".json"):
         return JSONTokenizer(path, bos_id, eos_id)
-    return spm.SentencePieceProcessor(model_file=path)
+    try:
+        return spm.SentencePieceProcessor(model_file=path)
+    except (RuntimeError, OSError) as e:  # a truncated or foreign file
+        raise ValueError(f"{path}: not a valid sentencepiece model ({first_line(e)})") from None
+
+
+def first_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]

@@ -3,25 +3,28 @@ Train a skippable Llama:  python train.py [config/NAME.py] [--key=value ...]
 
 Single process: fp32 on CPU, bf16 autocast (and per-block torch.compile) on CUDA. Every batch is a
 function of (seed, step, micro step), so a resumed run (--init_from=resume) sees exactly the
-data an uninterrupted run would; the resumable state is one file written atomically.
+data an uninterrupted run would; a checkpoint and its resumable state are saved as one unit (savedir.py).
 """
 import json
 import math
 import os
+import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
-from configurator import configure, run_main
+import savedir
+from configurator import UNIT_INTERVAL, above, at_least, check_values, configure, one_of, run_main
 from data.instruct import IGNORE, encode_records, epoch_indices, load_records, make_batch, save_template
 from layerskip import dropout_rates, exit_weights, layer_dropout_mask
 from model import PRESETS, Config, Transformer, atomic_write
@@ -79,6 +82,32 @@ class TrainConfig:
     compile: bool | None = None      # per-block torch.compile; default on for CUDA
 
 
+def device_available(device):
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and (device == "cuda" or int(device[5:]) < torch.cuda.device_count())
+    return device == "cpu"
+
+
+DEVICE_RULE = (lambda d: d == "auto" or (re.fullmatch(r"cpu|cuda(:\d+)?", d) is not None and device_available(d)),
+               "auto, cpu or cuda[:N] (cuda only where a CUDA device is present)")
+
+TRAIN_RULES = {
+    **{k: at_least(1) for k in ("micro_batch", "block_size", "grad_accum", "max_steps", "lr_decay_steps",
+                                "eval_interval", "eval_batches", "log_interval", "exit_period",
+                                "n_layer", "n_embd", "n_head", "n_kv_head", "intermediate_size")},
+    **{k: at_least(0) for k in ("lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "e_scale")},
+    "epochs": above(0),
+    "beta1": UNIT_INTERVAL, "beta2": UNIT_INTERVAL, "p_max": UNIT_INTERVAL,
+    "skip_speedup": (lambda v: v == 0 or v >= 1, "0 (off) or >= 1"),
+    "dataset": one_of("tokens", "instruct"),
+    "model": one_of(*PRESETS),
+    "dropout_scale": one_of("exp", "linear", "uniform"),
+    "dropout_curriculum": one_of("constant", "exp"),
+    "early_exit_curriculum": one_of("off", "none", "rotational", "gradual"),
+    "device": DEVICE_RULE,
+}
+
+
 # dense bf16 datasheet peaks for MFU, by GPU name; other devices report no MFU
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -98,13 +127,41 @@ def load_split(data_dir, split, block_size):
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"no prepared data in {data_dir!r}: run python data/prepare.py first")
-    meta = json.load(open(meta_path))
+    meta = read_meta(meta_path)
     path = os.path.join(data_dir, f"{split}.bin")
-    n_tokens = os.path.getsize(path) // np.dtype(meta["dtype"]).itemsize if os.path.isfile(path) else 0
-    if n_tokens < block_size + 1:  # np.memmap cannot map an empty file
-        raise ValueError(f"the {split} split ({path}) holds {n_tokens} tokens; one window of block_size "
+    data = token_file(path, meta)
+    if len(data) < block_size + 1:
+        raise ValueError(f"the {split} split ({path}) holds {len(data)} tokens; one window of block_size "
                          f"{block_size} needs {block_size + 1}")
-    return np.memmap(path, dtype=meta["dtype"], mode="r"), meta
+    return data, meta
+
+
+def read_meta(path):
+    """meta.json of a token data set: a JSON object with an integer vocab_size >= 1 and dtype uint16 or uint32."""
+    try:
+        meta = json.load(open(path))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("dtype") not in ("uint16", "uint32") or \
+            not isinstance(meta.get("vocab_size"), int) or meta["vocab_size"] < 1:
+        raise ValueError(f"{path}: needs a JSON object with an integer vocab_size >= 1 and dtype uint16 or uint32")
+    return meta
+
+
+def token_file(path, meta):
+    """The token ids of a .bin file as a memmap (an empty array for an empty file, which np.memmap cannot map),
+    checked: whole ids, all below meta's vocab_size."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: run python data/prepare.py first")
+    itemsize, size = np.dtype(meta["dtype"]).itemsize, os.path.getsize(path)
+    if size % itemsize:
+        raise ValueError(f"{path} holds {size} bytes: not a whole number of {meta['dtype']} token ids")
+    if size == 0:
+        return np.zeros(0, dtype=meta["dtype"])
+    data = np.memmap(path, dtype=meta["dtype"], mode="r")
+    if int(data.max()) >= meta["vocab_size"]:
+        raise ValueError(f"{path} holds token id {int(data.max())}, beyond meta.json's vocab_size {meta['vocab_size']}")
+    return data
 
 
 def get_batch(data, batch_size, block_size, seed):
@@ -138,6 +195,7 @@ def load_data(cfg, rank=0, world=1):
 def _load_data(cfg, global_batch):
     B, T = cfg.micro_batch, cfg.block_size
     G = global_batch
+    savedir.verify(cfg.data_dir, required=False)  # a data set data/prepare.py or data/instruct.py wrote as a whole
     if cfg.dataset == "tokens":
         train, meta = load_split(cfg.data_dir, "train", T)
         val, _ = load_split(cfg.data_dir, "val", T)
@@ -155,8 +213,8 @@ def _load_data(cfg, global_batch):
                          f"{bos_id}/{eos_id}: they do not belong together")
     tok_file = source if os.path.isfile(source) else next(
         os.path.join(source, f) for f in ("tokenizer.model", "tokenizer.json") if os.path.isfile(os.path.join(source, f)))
-    train = encode_records(tok, load_records(os.path.join(cfg.data_dir, "train.jsonl")), T)
-    val = encode_records(tok, load_records(os.path.join(cfg.data_dir, "val.jsonl")), T)
+    train, val = (encode_records(tok, load_records(path), T, path) for path in
+                  (os.path.join(cfg.data_dir, "train.jsonl"), os.path.join(cfg.data_dir, "val.jsonl")))
     if not train or not val:
         raise ValueError(f"{cfg.data_dir}: no usable train or val records")
     return (lambda step, micro: make_batch(train, epoch_indices(len(train), (step * cfg.grad_accum + micro) * G, G, cfg.seed), T),
@@ -254,29 +312,61 @@ def format_exit_table(losses):
 
 
 def save_checkpoint(model, optimizer, step, cfg, tokenizer_file, rank):
-    """out_dir/ for sample.py (config.json, model.safetensors, tokenizer) and out_dir/train_state/, the
-    sharded resumable state (torch.distributed.checkpoint: model, optimizer, step). Every file and the
-    state directory are written under a temporary name and renamed: a crash never leaves a partial one."""
+    """Save the weights (config.json, model.safetensors), the tokenizer and train_state/ (the sharded
+    resumable state: model, optimizer, step; torch.distributed.checkpoint) as one unit (savedir.py):
+    written into out_dir/.next/, committed by its manifest, then moved into out_dir (rank 0 moves,
+    every rank writes its shards). Non-finite weights or a failed write (a full disk) raise ValueError
+    while out_dir still holds the previous checkpoint untouched."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    bad = on_all_ranks(nonfinite_tensor(full) if rank == 0 else None)
+    if bad:
+        raise ValueError(f"weight {bad} holds NaN or inf at step {step}; stopping without saving: {kept(cfg)}")
+    nxt = os.path.join(cfg.out_dir, savedir.NEXT)
+    try:
+        if rank == 0:
+            savedir.start_next(cfg.out_dir)
+            model.save_pretrained(nxt, state=full)
+            copy_tokenizer(tokenizer_file, nxt)
+            if cfg.dataset == "instruct":
+                save_template(nxt)
+        barrier()
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state_dir = os.path.join(nxt, "train_state")
+        dcp.save({"model": model_state, "optim": optim_state, "step": torch.tensor(step)}, checkpoint_id=state_dir)
+        barrier()
+        if rank == 0:
+            with open(os.path.join(state_dir, "step.json"), "w") as f:
+                f.write(json.dumps({"step": step}))
+            savedir.write_manifest(nxt, step=step)
+    except (Exception, CheckpointException) as e:
+        if rank == 0:
+            shutil.rmtree(nxt, ignore_errors=True)
+        raise ValueError(f"cannot save the checkpoint of step {step} ({one_line(e)}): {kept(cfg)}") from None
     if rank == 0:
-        model.save_pretrained(cfg.out_dir, state=full)
-        copy_tokenizer(tokenizer_file, cfg.out_dir)
-        if cfg.dataset == "instruct":
-            save_template(cfg.out_dir)
-    final, tmp, old = (os.path.join(cfg.out_dir, n) for n in ("train_state", "train_state.tmp", "train_state.old"))
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        savedir.commit(cfg.out_dir)
     barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state, "step": torch.tensor(step)}, checkpoint_id=tmp)
-    barrier()
-    if rank == 0:
-        atomic_write(os.path.join(tmp, "step.json"), lambda p: open(p, "w").write(json.dumps({"step": step})))
-        if os.path.isdir(final):
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    barrier()
+
+
+def nonfinite_tensor(state):
+    """The name of the first tensor of `state` holding NaN or inf, else None."""
+    return next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+
+
+def kept(cfg):
+    """What a stopped run leaves in out_dir: its last complete checkpoint."""
+    try:
+        return f"the checkpoint of step {savedir.read_manifest(cfg.out_dir)['step']} in {cfg.out_dir} is kept as it was"
+    except ValueError:
+        return f"no checkpoint had been saved in {cfg.out_dir}"
+
+
+def one_line(e):
+    """A short reason for an exception; torch's CheckpointException carries each rank's own exception."""
+    for failure in getattr(e, "failures", {}).values():
+        e = getattr(failure, "exc", e)
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
 
 
 def copy_tokenizer(tokenizer_file, out_dir):
@@ -286,23 +376,36 @@ def copy_tokenizer(tokenizer_file, out_dir):
         atomic_write(dst, lambda p: shutil.copyfile(tokenizer_file, p))
 
 
-def train_state_dir(cfg):
-    """out_dir/train_state, or train_state.old after a crash between save_checkpoint's two renames."""
-    for path in (os.path.join(cfg.out_dir, "train_state"), os.path.join(cfg.out_dir, "train_state.old")):
-        if os.path.isfile(os.path.join(path, "step.json")):
-            return path
-    raise FileNotFoundError(f"cannot resume: {cfg.out_dir}/train_state does not exist")
+def claim_out_dir(cfg, rank):
+    """Lock out_dir against a second run (the lock lives as long as the returned file) and settle an
+    interrupted save; rank 0 does it, the other ranks wait."""
+    lock = savedir.lock(cfg.out_dir) if rank == 0 else None
+    if rank == 0:
+        savedir.settle(cfg.out_dir)
+    barrier()
+    return lock
 
 
-def load_train_state(model, optimizer, cfg):
+def verify_resumable(cfg):
+    """out_dir's checkpoint, every file checked against its manifest (a changed config.json, a damaged
+    shard, a garbage step.json are each one line naming the file); return the manifest."""
+    manifest = savedir.verify(cfg.out_dir)
+    if not isinstance(manifest.get("step"), int) or "train_state/step.json" not in manifest["files"]:
+        raise ValueError(f"cannot resume: {cfg.out_dir}/{savedir.MANIFEST} names no training state")
+    return manifest
+
+
+def load_train_state(model, optimizer, cfg, manifest):
     """Restore model and optimizer (resharded to this run's process count); return the step."""
-    path = train_state_dir(cfg)
+    path = os.path.join(cfg.out_dir, "train_state")
     model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state, "step": torch.tensor(0)}
+    state = {"model": model_state, "optim": optim_state, "step": torch.tensor(-1)}
     try:
         dcp.load(state, checkpoint_id=path)
-    except Exception as e:  # a damaged or foreign checkpoint
-        raise ValueError(f"cannot resume: {path} is not a valid training state ({type(e).__name__})") from None
+    except (Exception, CheckpointException) as e:  # a state that does not fit the model
+        raise ValueError(f"cannot resume: {path} does not fit the model of config.json ({one_line(e)})") from None
+    if int(state["step"]) != manifest["step"]:
+        raise ValueError(f"cannot resume: {path} holds step {int(state['step'])}, its manifest step {manifest['step']}")
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return int(state["step"])
 
@@ -323,6 +426,15 @@ def setup_distributed(cfg):
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def on_all_ranks(value):
+    """Rank 0's `value` (any picklable object) on every rank."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def collective_device():
@@ -361,9 +473,15 @@ def shard(model, device):
 # ---- main loop ----
 
 def main():
-    cfg = configure(TrainConfig())
+    cfg = check_values(configure(TrainConfig()), TRAIN_RULES)
     rank, world, device = setup_distributed(cfg)
     master = rank == 0
+    out_lock, manifest = None, None  # out_lock: the lock on out_dir, held while this file stays open
+    if cfg.init_from == "resume":  # verified before anything is built from it
+        if not any(os.path.isfile(os.path.join(cfg.out_dir, d, savedir.MANIFEST)) for d in ("", savedir.NEXT)):
+            raise FileNotFoundError(f"cannot resume: {cfg.out_dir} holds no saved checkpoint (no {savedir.MANIFEST})")
+        out_lock = claim_out_dir(cfg, rank)  # noqa: F841 (the open lock file is held until the process exits)
+        manifest = verify_resumable(cfg)
     cuda = device.startswith("cuda")
     use_compile = cfg.compile if cfg.compile is not None else cuda
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
@@ -372,8 +490,6 @@ def main():
         if n_train is None:
             raise ValueError("epochs needs dataset=instruct; use max_steps for token data")
         cfg = replace(cfg, max_steps=math.ceil(cfg.epochs * n_train / (cfg.micro_batch * cfg.grad_accum * world)))
-    if cfg.init_from == "resume":
-        train_state_dir(cfg)  # fail with one line before anything is built
 
     model = build_model(cfg, vocab_size)
     model.check_vocabulary(vocab_size, f"the tokenizer of {cfg.data_dir!r}")
@@ -399,11 +515,12 @@ def main():
     if cfg.freeze_embeddings:
         model.tok_emb.weight.requires_grad_(False)
     optimizer = make_optimizer(model, cfg, fused=cuda)
-    start_step = load_train_state(model, optimizer, cfg) if cfg.init_from == "resume" else 0
+    start_step = load_train_state(model, optimizer, cfg, manifest) if cfg.init_from == "resume" else 0
     eval_exits = parse_exits(cfg.eval_exits, model.n_layer)
     L = model.n_layer
+    if cfg.init_from != "resume":  # a resumed run holds it already
+        out_lock = claim_out_dir(cfg, rank)  # noqa: F841 (the open lock file is held until the process exits)
     if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
         print(f"model: {model.num_params() / 1e6:.2f}M parameters, {L} layers; {world} process(es) on {device}; "
               f"{cfg.micro_batch * cfg.grad_accum * world * cfg.block_size:,} tokens per step; starting at step {start_step}")
 
@@ -427,6 +544,10 @@ def main():
                     if cfg.skip_speedup else ""))
                 log_metrics(metrics_path, row)
             if step > start_step:
+                bad = next((e for e, v in losses.items() if not math.isfinite(v)), None)
+                if bad is not None:
+                    raise ValueError(f"validation loss at exit {bad} is {losses[bad]} at step {step}; stopping "
+                                     f"without saving: {kept(cfg)}")
                 save_checkpoint(model, optimizer, step, cfg, tokenizer_file, rank)
             t0, timed_steps = time.time(), 0
         if step == cfg.max_steps:
@@ -460,8 +581,7 @@ def main():
                 exit_sums[e] = exit_sums[e] + exit_losses[e].double() * share
         exit_means = dict(zip(exit_sums, sum_over_ranks(torch.stack(list(exit_sums.values())).tolist())))
         if not all(math.isfinite(v) for v in exit_means.values()):
-            raise ValueError(f"loss is {exit_means[L]} at step {step}; stopping, the last checkpoint in "
-                             f"{cfg.out_dir} is kept as it was")
+            raise ValueError(f"training loss is {exit_means[L]} at step {step}; stopping: {kept(cfg)}")
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()

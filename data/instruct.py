@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.prepare import HERE, is_val, list_files, read_texts  # noqa: E402
-from model import atomic_write  # noqa: E402
+import savedir  # noqa: E402
 
 IGNORE = -100
 PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
@@ -90,38 +90,64 @@ def build_stdlib(out_dir, val_percent=5):
     splits = {"train": [], "val": []}
     for rel, text in texts:
         splits["val" if is_val(rel, val_percent) else "train"].extend(function_records(text))
-    os.makedirs(out_dir, exist_ok=True)
-    for split, records in splits.items():
-        atomic_write(os.path.join(out_dir, f"{split}.jsonl"),
-                     lambda p: open(p, "w").writelines(json.dumps(r) + "\n" for r in records))
+    with savedir.lock(out_dir):  # written as a whole, like data/prepare.py's token sets
+        savedir.settle(out_dir)
+        nxt = savedir.start_next(out_dir)
+        for split, records in splits.items():
+            with open(os.path.join(nxt, f"{split}.jsonl"), "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+        savedir.write_manifest(nxt)
+        savedir.commit(out_dir)
     return {k: len(v) for k, v in splits.items()}
 
 
 # ---- loading and batching ----
 
 def load_records(path):
-    """Records from a .json list or a .jsonl file, each checked for the Alpaca fields."""
+    """Records from a .json list or a .jsonl file, each checked for the Alpaca fields: one line naming the
+    file and record for bad UTF-8, bad JSON, a field of the wrong type or an empty instruction."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"instruction data {path!r} not found")
-    with open(path, encoding="utf-8") as f:
-        try:
-            records = json.load(f) if path.endswith(".json") else [json.loads(l) for l in f if l.strip()]
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    raw = open(path, "rb").read()
+    if path.endswith(".json"):
+        records = [_parse(path, raw, "the file")]
+        if not isinstance(records[0], list):
+            raise ValueError(f"{path}: must hold a JSON list of records")
+        records = records[0]
+    else:
+        records = [_parse(path, line, f"line {i + 1}") for i, line in enumerate(raw.split(b"\n")) if line.strip()]
     for i, r in enumerate(records):
-        if not isinstance(r, dict) or not isinstance(r.get("instruction"), str) or not isinstance(r.get("output"), str):
-            raise ValueError(f"{path}: record {i} needs string fields 'instruction' and 'output'")
+        if not isinstance(r, dict) or not isinstance(r.get("instruction"), str) or not isinstance(r.get("output"), str) \
+                or not isinstance(r.get("input", ""), str):
+            raise ValueError(f"{path}: record {i} needs string fields 'instruction' and 'output' (and 'input', if any)")
+        if not r["instruction"].strip():
+            raise ValueError(f"{path}: record {i} has an empty instruction")
     return records
 
 
-def encode_records(tok, records, block_size):
-    """[(ids, n_prompt)]: ids = [bos] + prompt + output + [eos], at most block_size + 1 tokens."""
-    examples = []
-    for r in records:
+def _parse(path, data, where):
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: {where} is not UTF-8 (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: {where} is not valid JSON ({e})") from None
+
+
+def encode_records(tok, records, block_size, source="records"):
+    """[(ids, n_prompt)]: ids = [bos] + prompt + output + [eos], at most block_size + 1 tokens.
+    Records whose prompt fills the block are dropped; ValueError if that drops every record."""
+    examples, shortest = [], None
+    for i, r in enumerate(records):
         prompt = [tok.bos_id()] + tok.encode(format_prompt(r))
         ids = (prompt + tok.encode(r["output"]) + [tok.eos_id()])[:block_size + 1]
         if len(prompt) < len(ids):  # some response is left to learn from
             examples.append((ids, len(prompt)))
+        if shortest is None or len(prompt) < shortest[1]:
+            shortest = (i, len(prompt))
+    if records and not examples:
+        raise ValueError(f"{source}: every prompt fills the block: the shortest (record {shortest[0]}) has "
+                         f"{shortest[1]} tokens with bos, block_size is {block_size}; raise block_size")
     return examples
 
 

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import random
+import re
 import sys
 import sysconfig
 import zlib
@@ -22,9 +23,10 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import atomic_write  # noqa: E402
+import savedir  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+USABLE = re.compile(r"[^\s\x00-\x1f\x7f]")  # a character that is text
 
 
 def list_files(paths, suffixes):
@@ -69,6 +71,15 @@ def train_tokenizer(texts, vocab_size, max_lines=300_000):
     if len(lines) > max_lines:  # our own seeded sample: sentencepiece's sampling is not reproducible
         lines = random.Random(1234).sample(lines, max_lines)
     proto = io.BytesIO()
+    try:
+        _train_spm(lines, proto, vocab_size)
+    except RuntimeError as e:  # sentencepiece: a vocabulary too small or too large for the corpus
+        reason = str(e).split("] ")[-1].splitlines()[0].split(" Increase vocab_size")[0]
+        raise ValueError(f"vocab_size {vocab_size} does not fit this corpus: {reason}") from None
+    return proto.getvalue()
+
+
+def _train_spm(lines, proto, vocab_size):
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=proto, model_type="bpe", vocab_size=vocab_size,
         byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
@@ -76,7 +87,6 @@ def train_tokenizer(texts, vocab_size, max_lines=300_000):
         split_digits=True, user_defined_symbols=["\n", "\t"], input_sentence_size=0,
         shuffle_input_sentence=False, max_sentence_length=8192, character_coverage=0.9999,
         num_threads=1, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
-    return proto.getvalue()
 
 
 def encode_all(sp, texts, dtype, desc):
@@ -92,28 +102,39 @@ def encode_all(sp, texts, dtype, desc):
 
 
 def prepare(paths, out_dir, vocab_size=4096, val_percent=5, suffixes=(".py",)):
+    """Write the data set into out_dir/.next/ and move it in as a whole (savedir.py): a run killed part
+    way leaves out_dir's previous data set, or the new one."""
+    if not 0 <= val_percent < 100:
+        raise ValueError(f"--val_percent {val_percent}: must be in [0, 100)")
     files = list_files(paths, suffixes)
     texts, skipped = read_texts(files)
-    if len(texts) < 2:
-        raise ValueError(f"need at least 2 readable files, found {len(texts)} under {paths}")
+    usable = sum(1 for _, text in texts if USABLE.search(text))  # more than whitespace, NULs, control characters
+    if usable < 2:
+        raise ValueError(f"need at least 2 files of UTF-8 text, found {usable} of {len(files)} under {paths}")
     train = [t for t in texts if not is_val(t[0], val_percent)]
     val = [t for t in texts if is_val(t[0], val_percent)]
     if not val:  # tiny inputs: keep the last file for validation
         train, val = train[:-1], train[-1:]
+    if not train:
+        raise ValueError(f"--val_percent {val_percent} puts all {len(val)} files in validation: none left to train on")
     proto = train_tokenizer(train, vocab_size)
     sp = spm.SentencePieceProcessor(model_proto=proto)
     dtype = np.uint16 if sp.vocab_size() <= 2**16 else np.uint32
-    os.makedirs(out_dir, exist_ok=True)
     meta = {"vocab_size": sp.vocab_size(), "dtype": np.dtype(dtype).name, "bos_id": sp.bos_id(),
             "eos_id": sp.eos_id(), "sources": [os.path.abspath(p) for p in paths],
             "skipped_non_utf8": skipped}
-    for split, split_texts in (("train", train), ("val", val)):
-        tokens = encode_all(sp, split_texts, dtype, f"encoding {split}")
-        atomic_write(os.path.join(out_dir, f"{split}.bin"), tokens.tofile)
-        meta[f"{split}_files"] = len(split_texts)
-        meta[f"{split}_tokens"] = int(len(tokens))
-    atomic_write(os.path.join(out_dir, "tokenizer.model"), lambda p: open(p, "wb").write(proto))
-    atomic_write(os.path.join(out_dir, "meta.json"), lambda p: open(p, "w").write(json.dumps(meta, indent=2)))
+    with savedir.lock(out_dir):
+        savedir.settle(out_dir)
+        nxt = savedir.start_next(out_dir)
+        for split, split_texts in (("train", train), ("val", val)):
+            tokens = encode_all(sp, split_texts, dtype, f"encoding {split}")
+            tokens.tofile(os.path.join(nxt, f"{split}.bin"))
+            meta[f"{split}_files"] = len(split_texts)
+            meta[f"{split}_tokens"] = int(len(tokens))
+        open(os.path.join(nxt, "tokenizer.model"), "wb").write(proto)
+        open(os.path.join(nxt, "meta.json"), "w").write(json.dumps(meta, indent=2))
+        savedir.write_manifest(nxt)
+        savedir.commit(out_dir)
     return meta
 
 

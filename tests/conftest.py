@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -72,3 +73,10 @@ def layerskip_trained(stdlib_data, tmp_path_factory):
 def stdlib_instruct(tmp_path_factory):
     """The stdlib instruction set (Alpaca format), built once per test session."""
     return built_data(tmp_path_factory, "instruct", "data/instruct.py")
+
+
+def checkpoint_tokenizer(ckpt_dir):
+    """The tokenizer of a checkpoint directory with the special-token ids its config.json names."""
+    from tokenizer import load_tokenizer
+    cfg = json.load(open(os.path.join(ckpt_dir, "config.json")))
+    return load_tokenizer(ckpt_dir, cfg["bos_id"], cfg["eos_id"])

@@ -17,7 +17,7 @@ from data.instruct import encode_records
 from data.prepare import train_tokenizer
 from generate import check_sampling, generate, generate_speculative, probs_from_logits
 from model import PRESETS, Transformer
-from tokenizer import load_tokenizer
+from conftest import checkpoint_tokenizer
 
 N_TOKENS, VOCAB = 400, 448  # a tokenizer smaller than the model's (padded) vocabulary
 
@@ -104,7 +104,7 @@ def test_padded_vocabulary_never_generates_an_id_the_tokenizer_lacks(ckpt, monke
 
 def test_stop_strings_end_plain_and_speculative_rows_at_the_same_token(ckpt, monkeypatch, capsys):
     model = Transformer.from_pretrained(str(ckpt)).eval()
-    tok = load_tokenizer(str(ckpt))
+    tok = checkpoint_tokenizer(str(ckpt))
     prompt = [tok.bos_id()] + tok.encode("def ")
     free = generate(model, torch.tensor([prompt]), 40, temperature=0, n_tokens=N_TOKENS)[0, len(prompt):].tolist()
     completions = sample.Completions(tok, [prompt[1:]], model.cfg.eos_id, [])
@@ -127,7 +127,7 @@ def test_stop_strings_end_plain_and_speculative_rows_at_the_same_token(ckpt, mon
 
 
 def test_streaming_holds_back_incomplete_characters_and_stop_string_starts(ckpt, capsys):
-    tok = load_tokenizer(str(ckpt))
+    tok = checkpoint_tokenizer(str(ckpt))
     e_acute = [tok.piece_to_id(f"<0x{b:02X}>") for b in "é".encode()]  # two byte-fallback pieces
     completions = sample.Completions(tok, [tok.encode("x = ")], 2, ["\ndef"], stream=True)
     printed = []
@@ -158,7 +158,7 @@ def test_instruction_prompt_is_the_training_prompt(ckpt, tmp_path, monkeypatch, 
     monkeypatch.setattr(sample, "generate", lambda model, idx, *a, **kw: fed.append(idx[0].tolist()) or idx)
     code, _ = run_sample(monkeypatch, capsys, f"--out_dir={out}", f"--instruction={record['instruction']}",
                          f"--input={record['input']}", "--max_new_tokens=0")
-    ids, n_prompt = encode_records(load_tokenizer(str(out)), [record], 256)[0]
+    ids, n_prompt = encode_records(checkpoint_tokenizer(str(out)), [record], 256)[0]
     assert code == 0 and fed == [ids[:n_prompt]]
     (tmp_path / "prompts.json").write_text(json.dumps([{"instruction": record["instruction"], "input": record["input"]}]))
     code, _ = run_sample(monkeypatch, capsys, f"--out_dir={out}", f"--prompts={tmp_path / 'prompts.json'}",
@@ -176,7 +176,7 @@ def test_export_encodes_and_decodes_greedily_as_sample(ckpt, tmp_path):
     transformers = pytest.importorskip("transformers")
     from checkpoints_convert import to_hf
     to_hf(str(ckpt), str(tmp_path / "hf"))
-    tok, theirs = load_tokenizer(str(ckpt)), transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    tok, theirs = checkpoint_tokenizer(str(ckpt)), transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     for text in ("def ", "  x = 1\n\tif é:\n"):
         assert theirs(text).input_ids == [tok.bos_id()] + tok.encode(text)
     assert (theirs.bos_token_id, theirs.eos_token_id) == (tok.bos_id(), tok.eos_id())

@@ -17,6 +17,7 @@ import tasks
 from data.prepare import train_tokenizer
 from model import PRESETS, Transformer
 import sandbox
+from conftest import checkpoint_tokenizer
 from sandbox import run_programs
 
 LIMITS = dict(timeout=1.5, memory_mb=256)
@@ -217,7 +218,7 @@ def test_settings_table_on_a_tiny_model(tiny_checkpoint, tmp_path):
 
     # greedy self-speculation gives full depth's completions; the skip plan and the exit do not
     model = evaluate.load(tiny_checkpoint)
-    tok = evaluate.load_tokenizer(tiny_checkpoint)
+    tok = checkpoint_tokenizer(tiny_checkpoint)
     cfg = evaluate.EvalConfig(max_new_tokens=10)
     problems = tasks.code_tasks(str(data))
     complete = {s.name: evaluate.complete(model, tok, problems, s, cfg, "cpu")[0]

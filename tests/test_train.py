@@ -33,8 +33,8 @@ def test_training_lowers_validation_loss(trained):
         assert len(val_curve(trained, e)) == 3
     last = val_rows(trained)[-1]
     assert abs(last["val_ppl"]["2"] - math.exp(last["val_loss"]["2"])) < 1e-6 * last["val_ppl"]["2"]
-    assert sorted(os.listdir(trained)) == ["config.json", "metrics.jsonl", "model.safetensors",
-                                           "tokenizer.model", "train_state"]
+    assert sorted(os.listdir(trained)) == ["config.json", "manifest.json", "metrics.jsonl", "model.safetensors",
+                                           "run.lock", "tokenizer.model", "train_state"]
 
 
 def test_early_exit_loss_lowers_the_middle_exit_loss(trained, layerskip_trained):

@@ -1,0 +1,552 @@
+"""Every bad input is one line, and faults never cost a good checkpoint.
+
+Entry points run in-process (sys.argv patched, main() through configurator.run_main): each case asserts a
+non-zero exit, one line naming the problem, no traceback, and no file added, changed or lost in the output
+directory. The fault tests inject a kill at every step of a save, a NaN run, a full disk (RLIMIT_FSIZE in a
+child process), a second run on one out_dir and a kill inside data/prepare.py; each leaves a directory that
+verifies and resumes bitwise-exactly.
+"""
+import contextlib
+import hashlib
+import io
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import ROOT
+import checkpoints_convert
+import distill
+import dynamic
+import savedir
+import sample
+import train
+from configurator import run_main
+from data import instruct, prepare
+from model import PRESETS, Transformer
+
+TINY = ["--model=test-tiny", "--block_size=32", "--micro_batch=4", "--eval_batches=1", "--warmup_steps=1",
+        "--eval_interval=2"]
+
+
+class Killed(BaseException):
+    """A kill -9 at this point: nothing after it runs (no except clause catches it)."""
+
+
+def run(main, *argv):
+    """(exit code, the error line or '', stderr) of main() run as `script argv...`."""
+    err = io.StringIO()
+    old_argv = sys.argv
+    sys.argv = ["script", *map(str, argv)]
+    try:
+        with contextlib.redirect_stderr(err):
+            run_main(main)
+        code, message = 0, ""
+    except SystemExit as e:
+        code, message = (1, e.code) if isinstance(e.code, str) else (e.code, "")
+    finally:
+        sys.argv = old_argv
+    return code, message, err.getvalue()
+
+
+def assert_one_line(result, *words):
+    code, message, stderr = result
+    assert code != 0, stderr[-2000:]
+    assert message.startswith("error: ") and "\n" not in message, message
+    assert "Traceback" not in stderr, stderr
+    for w in words:
+        assert w in message, message
+
+
+def snapshot(d):
+    """{relative path: sha256} of every file under d (the lock file's content is the holder's pid, not data)."""
+    if not os.path.isdir(d):
+        return None
+    out = {}
+    for dirpath, _, names in os.walk(d):
+        for n in names:
+            path = os.path.join(dirpath, n)
+            out[os.path.relpath(path, d)] = "" if n == savedir.LOCK else hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return out
+
+
+def train_args(data, out, *extra):
+    return [*TINY, f"--data_dir={data}", f"--out_dir={out}", *extra]
+
+
+# ---- shared inputs: a small prepared corpus, a trained checkpoint, a plain (manifest-less) checkpoint ----
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    prepare.prepare([os.path.join(ROOT, f) for f in ("model.py", "train.py", "generate.py")], str(d / "tokens"),
+                    vocab_size=600)
+    inst = d / "instruct"
+    inst.mkdir()
+    rec = {"instruction": "Add two numbers.", "input": "", "output": "return a + b\n"}
+    for split in ("train", "val"):
+        (inst / f"{split}.jsonl").write_text("\n".join(json.dumps(rec) for _ in range(4)) + "\n")
+    return str(d / "tokens"), str(inst)
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """test-tiny trained 2 steps (checkpoint at step 2), and the same run resumed to step 3."""
+    base = tmp_path_factory.mktemp("trained")
+    step2, step3 = str(base / "step2"), str(base / "step3")
+    assert run(train.main, *train_args(data[0], step2, "--max_steps=2"))[0] == 0
+    shutil.copytree(step2, step3)
+    assert run(train.main, *train_args(data[0], step3, "--max_steps=3", "--init_from=resume"))[0] == 0
+    return step2, step3
+
+
+@pytest.fixture(scope="module")
+def plain(data, tmp_path_factory):
+    """A checkpoint as save_pretrained writes it (no manifest), with the data's tokenizer."""
+    d = tmp_path_factory.mktemp("plain")
+    torch.manual_seed(0)
+    Transformer(replace(PRESETS["test-tiny"], vocab_size=600)).save_pretrained(str(d))
+    shutil.copy(os.path.join(data[0], "tokenizer.model"), d)
+    return str(d)
+
+
+# ---- the table: (name, entry point, how to build the input, argv, words the line must hold) ----
+# `make(tmp, data, trained, plain)` returns (argv, the directory that must not change)
+
+def bad_train_value(*flags):  # a short run, should a value be accepted
+    return lambda tmp, data, trained, plain: (train_args(data[0], tmp / "out", "--max_steps=2", *flags), tmp / "out")
+
+
+def config_file(text):
+    def make(tmp, data, trained, plain):
+        (tmp / "cfg.py").write_text(text)
+        return [str(tmp / "cfg.py"), *train_args(data[0], tmp / "out", "--max_steps=2")], tmp / "out"
+    return make
+
+
+def data_copy(edit):
+    """train.py on a copy of the token data with edit(dir) applied (its manifest removed: a hand-made set)."""
+    def make(tmp, data, trained, plain):
+        d = tmp / "data"
+        shutil.copytree(data[0], d)
+        os.remove(d / savedir.MANIFEST)
+        edit(d)
+        return train_args(d, tmp / "out", "--max_steps=2"), tmp / "out"
+    return make
+
+
+def tokens(d, split, ids, dtype="uint16"):
+    np.array(ids, dtype=dtype).tofile(d / f"{split}.bin")
+
+
+def prepared(args):
+    def make(tmp, data, trained, plain):
+        return [*[a(tmp) if callable(a) else a for a in args], "--out", tmp / "out"], tmp / "out"
+    return make
+
+
+def nul_files(tmp):
+    (tmp / "nul").mkdir(exist_ok=True)
+    for n in ("a.py", "b.py"):
+        (tmp / "nul" / n).write_bytes(b"\0" * 1000)
+    return tmp / "nul"
+
+
+def records(lines, *flags):
+    """train.py --dataset=instruct on a train.jsonl of `lines` (bytes or records)."""
+    def make(tmp, data, trained, plain):
+        d = tmp / "inst"
+        shutil.copytree(data[1], d)
+        body = b"\n".join(l if isinstance(l, bytes) else json.dumps(l).encode() for l in lines)
+        (d / "train.jsonl").write_bytes(body + b"\n")
+        return train_args(d, tmp / "out", "--max_steps=2", "--dataset=instruct",
+                          f"--tokenizer={data[0]}/tokenizer.model", *flags), tmp / "out"
+    return make
+
+
+GOOD = {"instruction": "Add.", "input": "", "output": "return a + b\n"}
+
+
+def checkpoint_copy(edit):
+    """sample.py on a copy of the plain checkpoint with edit(dir) applied."""
+    def make(tmp, data, trained, plain):
+        d = tmp / "ckpt"
+        shutil.copytree(plain, d)
+        edit(d)
+        return [f"--out_dir={d}", "--max_new_tokens=2"], d
+    return make
+
+
+def edit_config(**changes):
+    def edit(d):
+        cfg = json.load(open(d / "config.json"))
+        cfg.update(changes)
+        (d / "config.json").write_text(json.dumps(cfg))
+    return edit
+
+
+def edit_tensor(name, change):
+    def edit(d):
+        state = load_file(d / "model.safetensors")
+        state[name] = change(state[name])
+        save_file(state, d / "model.safetensors")
+    return edit
+
+
+def resumed(edit, *flags):
+    """train.py --init_from=resume on a copy of the step-2 checkpoint with edit(dir) applied."""
+    def make(tmp, data, trained, plain):
+        d = tmp / "run"
+        shutil.copytree(trained[0], d)
+        edit(d)
+        return train_args(data[0], d, "--max_steps=3", "--init_from=resume", *flags), d
+    return make
+
+
+def write(rel, data, offset=None):
+    def edit(d):
+        if offset is None:
+            (d / rel).write_bytes(data)
+        else:
+            with open(d / rel, "r+b") as f:
+                f.seek(offset)
+                f.write(data)
+    return edit
+
+
+def truncate(rel, size):
+    return lambda d: os.truncate(d / rel, size)
+
+
+def hf_config(**changes):
+    def make(tmp, data, trained, plain):
+        d = tmp / "hf"
+        d.mkdir()
+        hf = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64,
+              "max_position_embeddings": 64, "rms_norm_eps": 1e-5}
+        hf.update(changes)
+        (d / "config.json").write_text(json.dumps({k: v for k, v in hf.items() if v is not None}))
+        return ["--from_hf", d, "--out", tmp / "out"], tmp / "out"
+    return make
+
+
+def changed_data(tmp, data, trained, plain):
+    """A prepared data set (with its manifest) whose val.bin was rewritten afterwards."""
+    shutil.copytree(data[0], tmp / "d")
+    tokens(tmp / "d", "val", [5] * 500)
+    return train_args(tmp / "d", tmp / "out", "--max_steps=2"), tmp / "out"
+
+
+def changed_checkpoint(tmp, data, trained, plain):
+    """A checkpoint train.py saved (with its manifest), 64 bytes of its weights overwritten afterwards."""
+    shutil.copytree(trained[0], tmp / "c")
+    write("model.safetensors", b"\0" * 64, 4096)(tmp / "c")
+    return [f"--out_dir={tmp / 'c'}"], tmp / "c"
+
+
+def distilled(*flags):
+    return lambda tmp, data, trained, plain: (
+        [f"--init_from={plain}", f"--data_dir={data[0]}", f"--out_dir={tmp / 'out'}", "--max_steps=2",
+         "--block_size=32", "--eval_batches=1", *flags], tmp / "out")
+
+
+CASES = [
+    # train.py: every TrainConfig value where it enters
+    ("max_steps 0", train.main, bad_train_value("--max_steps=0"), ["max_steps=0", ">= 1"]),
+    ("max_steps -5", train.main, bad_train_value("--max_steps=-5"), ["max_steps=-5"]),
+    ("micro_batch -1", train.main, bad_train_value("--micro_batch=-1"), ["micro_batch=-1"]),
+    ("block_size 0", train.main, bad_train_value("--block_size=0"), ["block_size=0"]),
+    ("grad_accum 0", train.main, bad_train_value("--grad_accum=0"), ["grad_accum=0"]),
+    ("eval_interval 0", train.main, bad_train_value("--eval_interval=0"), ["eval_interval=0"]),
+    ("exit_period 0", train.main, bad_train_value("--exit_period=0", "--early_exit_curriculum=rotational"), ["exit_period=0"]),
+    ("p_max 1.5", train.main, bad_train_value("--p_max=1.5"), ["p_max=1.5", "[0, 1)"]),
+    ("warmup_steps -10", train.main, bad_train_value("--warmup_steps=-10"), ["warmup_steps=-10", ">= 0"]),
+    ("eval_batches 0", train.main, bad_train_value("--eval_batches=0"), ["eval_batches=0"]),
+    ("log_interval 0", train.main, bad_train_value("--log_interval=0"), ["log_interval=0"]),
+    ("lr_decay_steps 0", train.main, bad_train_value("--lr_decay_steps=0"), ["lr_decay_steps=0"]),
+    ("lr negative", train.main, bad_train_value("--lr=-1"), ["lr=-1"]),
+    ("beta2 1", train.main, bad_train_value("--beta2=1.0"), ["beta2=1.0"]),
+    ("grad_clip negative", train.main, bad_train_value("--grad_clip=-1"), ["grad_clip"]),
+    ("weight_decay negative", train.main, bad_train_value("--weight_decay=-0.1"), ["weight_decay"]),
+    ("epochs 0", train.main, bad_train_value("--epochs=0"), ["epochs=0", "> 0"]),
+    ("skip_speedup 0.5", train.main, bad_train_value("--skip_speedup=0.5"), ["skip_speedup=0.5"]),
+    ("dataset unknown", train.main, bad_train_value("--dataset=csv"), ["dataset='csv'", "tokens"]),
+    ("model unknown", train.main, bad_train_value("--model=gpt5"), ["model='gpt5'", "test-tiny"]),
+    ("dropout_scale", train.main, bad_train_value("--dropout_scale=cubic"), ["dropout_scale"]),
+    ("dropout_curriculum", train.main, bad_train_value("--dropout_curriculum=x"), ["dropout_curriculum"]),
+    ("early_exit_curriculum", train.main, bad_train_value("--early_exit_curriculum=x"), ["early_exit_curriculum"]),
+    ("n_head 0", train.main, bad_train_value("--n_head=0"), ["n_head=0"]),
+    ("n_head 3 does not divide", train.main, bad_train_value("--n_head=3"), ["n_embd (64)", "n_head (3)"]),
+    ("n_layer 0", train.main, bad_train_value("--n_layer=0"), ["n_layer=0"]),
+    ("device tpu", train.main, bad_train_value("--device=tpu"), ["device='tpu'"]),
+    ("eval_exits out of range", train.main, bad_train_value("--eval_exits=9"), ["eval_exits", "[1, 4]"]),
+    ("unknown key", train.main, bad_train_value("--max_step=3"), ["max_step"]),
+    ("wrong type", train.main, bad_train_value("--max_steps=three"), ["max_steps", "int"]),
+    ("config file syntax error", train.main, config_file("max_steps = 3\nmax_steps = = 3\n"), ["cfg.py, line 2", "syntax"]),
+    ("config file undefined name", train.main, config_file("max_steps = steps\n"), ["cfg.py, line 1", "NameError"]),
+    ("config file bad value", train.main, config_file("p_max = 2.0\n"), ["p_max=2.0"]),
+    ("config file infinite lr", train.main, config_file("lr = float('inf')\n"), ["lr=inf", ">= 0"]),
+    ("config file missing", train.main, lambda tmp, *_: (["nope.py"], tmp / "out"), ["nope.py", "not found"]),
+    # train.py: token data
+    ("meta.json garbage", train.main, data_copy(write("meta.json", b"{vocab")), ["meta.json", "not valid JSON"]),
+    ("meta.json a list", train.main, data_copy(write("meta.json", b"[]")), ["meta.json", "vocab_size"]),
+    ("meta.json dtype", train.main, data_copy(write("meta.json", b'{"vocab_size": 600, "dtype": "int8"}')), ["dtype"]),
+    ("train.bin empty", train.main, data_copy(write("train.bin", b"")), ["train.bin", "0 tokens"]),
+    ("train.bin odd length", train.main, data_copy(write("train.bin", b"\1\0" * 100 + b"\1")), ["train.bin", "201 bytes"]),
+    ("train.bin shorter than a window", train.main, data_copy(lambda d: tokens(d, "train", [1] * 20)), ["train.bin", "20 tokens", "33"]),
+    ("ids beyond the vocabulary", train.main, data_copy(lambda d: tokens(d, "train", [60000] * 100)), ["60000", "vocab_size 600"]),
+    ("val.bin missing", train.main, data_copy(lambda d: os.remove(d / "val.bin")), ["val.bin"]),
+    ("data set changed after prepare", train.main, changed_data, ["val.bin", "checksum"]),
+    ("data dir missing", train.main, lambda tmp, data, *_: (train_args(tmp / "none", tmp / "out"), tmp / "out"), ["none"]),
+    # data/prepare.py
+    ("prepare: files of NUL bytes", prepare.main, prepared([nul_files]), ["2 files of UTF-8 text", "found 0"]),
+    ("prepare: vocab_size 10", prepare.main, prepared([os.path.join(ROOT, "model.py"), os.path.join(ROOT, "train.py"),
+                                                       "--vocab_size=10"]), ["vocab_size 10", "smaller"]),
+    ("prepare: vocab_size too large", prepare.main, prepared([os.path.join(ROOT, "model.py"), os.path.join(ROOT, "train.py"),
+                                                              "--vocab_size=100000"]), ["vocab_size 100000", "too high"]),
+    ("prepare: val_percent 100", prepare.main, prepared([os.path.join(ROOT, "model.py"), "--val_percent=100"]), ["val_percent 100"]),
+    ("prepare: no such path", prepare.main, prepared([lambda tmp: tmp / "none"]), ["none"]),
+    # instruction data (train.py --dataset=instruct; distill.py and dynamic.py load it the same way)
+    ("record: instruction an int", train.main, records([GOOD, {"instruction": 3, "output": "x"}]), ["train.jsonl", "record 1"]),
+    ("record: output a list", train.main, records([{"instruction": "a", "output": ["x"]}]), ["record 0", "'output'"]),
+    ("record: input a number", train.main, records([{"instruction": "a", "input": 1, "output": "x"}]), ["record 0", "'input'"]),
+    ("record: empty instruction", train.main, records([GOOD, GOOD, {"instruction": "  ", "output": "x"}]), ["record 2", "empty instruction"]),
+    ("record: bad encoding", train.main, records([GOOD, b'{"instruction": "caf\xe9", "output": "x"}']), ["line 2", "not UTF-8"]),
+    ("record: bad JSON", train.main, records([GOOD, b'{"instruction": ']), ["line 2", "not valid JSON"]),
+    ("record: not an object", train.main, records([GOOD, [1, 2]]), ["record 1"]),
+    ("block shorter than every prompt", train.main, records([GOOD], "--block_size=8"),
+     ["every prompt", "record 0", "block_size is 8"]),
+    ("distill: block shorter than every prompt", distill.main,
+     lambda tmp, data, trained, plain: ([f"--init_from={plain}", f"--data_dir={data[1]}", "--dataset=instruct",
+                                         "--block_size=8", f"--out_dir={tmp / 'out'}"], tmp / "out"),
+     ["every prompt", "block_size is 8"]),
+    ("distill: kl_weight negative", distill.main, distilled("--kl_weight=-1"), ["kl_weight=-1"]),
+    ("distill: steps_per_layer 0", distill.main, distilled("--steps_per_layer=0"), ["steps_per_layer=0"]),
+    ("dynamic: budget 0", dynamic.main, distilled("--budget=0"), ["budget=0"]),
+    ("dynamic: tau 0", dynamic.main, distilled("--tau=0"), ["tau=0"]),
+    # checkpoints (sample.py loads through Transformer.from_pretrained)
+    ("weights: int64 tok_emb", sample.main, checkpoint_copy(edit_tensor("tok_emb.weight", lambda t: t.long())),
+     ["tok_emb.weight", "int64"]),
+    ("weights: NaN in norm.weight", sample.main, checkpoint_copy(edit_tensor("norm.weight", lambda t: t * float("nan"))),
+     ["norm.weight", "NaN"]),
+    ("weights: inf in a layer", sample.main, checkpoint_copy(edit_tensor("layers.1.mlp.w_down.weight", lambda t: t / 0)),
+     ["layers.1.mlp.w_down.weight"]),
+    ("config: n_layer a string", sample.main, checkpoint_copy(edit_config(n_layer="4")), ["config.json", "n_layer", "int"]),
+    ("config: a list", sample.main, checkpoint_copy(write("config.json", b"[]")), ["config.json", "JSON object"]),
+    ("config: n_head 0", sample.main, checkpoint_copy(edit_config(n_head=0)), ["config.json", "n_head=0"]),
+    ("config: n_kv_head 3", sample.main, checkpoint_copy(edit_config(n_kv_head=3)), ["n_kv_head (3)"]),
+    ("config: norm_eps 0", sample.main, checkpoint_copy(edit_config(norm_eps=0)), ["norm_eps=0"]),
+    ("config: unknown key", sample.main, checkpoint_copy(edit_config(n_layers=4)), ["n_layers"]),
+    ("config: not JSON", sample.main, checkpoint_copy(write("config.json", b"{")), ["config.json", "not valid JSON"]),
+    ("config: mlp unknown", sample.main, checkpoint_copy(edit_config(mlp="tanh")), ["mlp='tanh'"]),
+    ("weights: truncated safetensors", sample.main, checkpoint_copy(truncate("model.safetensors", 100)), ["model.safetensors"]),
+    ("tokenizer truncated", sample.main, checkpoint_copy(truncate("tokenizer.model", 3000)), ["tokenizer.model", "not a valid"]),
+    ("saved checkpoint changed", sample.main, changed_checkpoint, ["model.safetensors", "checksum"]),
+    # resume: the state must be the saved one and fit the model's config
+    ("resume: config.json edited to 2 layers", train.main, resumed(edit_config(n_layer=2)), ["config.json", "checksum"]),
+    ("resume: zeros inside a shard", train.main, resumed(write("train_state/__0_0.distcp", b"\0" * 4096, 8192)),
+     ["__0_0.distcp", "checksum"]),
+    ("resume: garbage step.json", train.main, resumed(write("train_state/step.json", b"garbage")), ["step.json"]),
+    ("resume: truncated shard", train.main, resumed(truncate("train_state/__0_0.distcp", 1000)), ["__0_0.distcp"]),
+    ("resume: garbage .metadata", train.main, resumed(write("train_state/.metadata", b"garbage")), [".metadata"]),
+    ("resume: manifest garbage", train.main, resumed(write(savedir.MANIFEST, b"{")), ["manifest.json", "damaged"]),
+    ("resume: no checkpoint", train.main, lambda tmp, data, *_: (train_args(data[0], tmp / "out", "--init_from=resume"),
+                                                                 tmp / "out"), ["cannot resume"]),
+    ("resume: bad TrainConfig value", train.main, resumed(lambda d: None, "--grad_accum=0"), ["grad_accum=0"]),
+    # checkpoints_convert.py
+    ("convert: no num_hidden_layers", checkpoints_convert.main, hf_config(num_hidden_layers=None), ["num_hidden_layers"]),
+    ("convert: num_attention_heads 0", checkpoints_convert.main, hf_config(num_attention_heads=0), ["num_attention_heads=0"]),
+    ("convert: hidden_size a string", checkpoints_convert.main, hf_config(hidden_size="32"), ["hidden_size='32'"]),
+    ("convert: unknown model_type", checkpoints_convert.main, hf_config(model_type="mamba"), ["mamba"]),
+    ("convert: no weights", checkpoints_convert.main, hf_config(), ["hf"]),
+]
+
+
+@pytest.mark.parametrize("name, main, make, words", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_changes_nothing(name, main, make, words, tmp_path, data, trained, plain):
+    argv, out = make(tmp_path, data, trained, plain)
+    before = snapshot(out)
+    assert_one_line(run(main, *argv), *words)
+    assert snapshot(out) == before
+
+
+def test_the_table_is_large():
+    assert len(CASES) >= 60
+
+
+def test_mixed_float_dtypes_are_cast(plain, tmp_path):
+    d = tmp_path / "ckpt"
+    shutil.copytree(plain, d)
+    edit_tensor("layers.0.attn.wo.weight", lambda t: t.half())(d)
+    model = Transformer.from_pretrained(str(d))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_cuda_without_cuda_is_one_line(data, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert_one_line(run(train.main, *train_args(data[0], tmp_path / "out", "--device=cuda")), "device='cuda'")
+    assert not (tmp_path / "out").exists()
+
+
+# ---- faults ----
+
+def weights(d):
+    return load_file(os.path.join(d, "model.safetensors"))
+
+
+def assert_same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def save_calls(monkeypatch, kill_at):
+    """Count os.replace / savedir.write_manifest calls; raise Killed at call number kill_at."""
+    calls = []
+    real_replace, real_manifest = os.replace, savedir.write_manifest
+
+    def counted(real):
+        def call(*args, **kwargs):
+            calls.append(real.__name__)
+            if len(calls) - 1 == kill_at:
+                raise Killed
+            return real(*args, **kwargs)
+        return call
+    monkeypatch.setattr(os, "replace", counted(real_replace))
+    monkeypatch.setattr(savedir, "write_manifest", counted(real_manifest))
+    return calls
+
+
+def test_a_kill_at_every_step_of_a_save_leaves_a_checkpoint_that_resumes_bitwise(data, trained, tmp_path, monkeypatch):
+    step2, step3 = trained
+    resume = ["--max_steps=3", "--init_from=resume"]
+    calls = save_calls(monkeypatch, kill_at=-1)  # a dry run counts the steps of one save
+    d = tmp_path / "dry"
+    shutil.copytree(step2, d)
+    assert run(train.main, *train_args(data[0], d, *resume))[0] == 0
+    monkeypatch.undo()
+    n_steps = len(calls)
+    assert n_steps >= 8, calls
+    for k in range(n_steps):
+        d = tmp_path / f"kill{k}"
+        shutil.copytree(step2, d)
+        save_calls(monkeypatch, kill_at=k)
+        with pytest.raises(Killed):
+            run(train.main, *train_args(data[0], d, *resume))
+        monkeypatch.undo()
+        # the next run settles the directory: it verifies as step 2 or step 3, and resumes to step 3 exactly
+        assert run(train.main, *train_args(data[0], d, *resume))[0] == 0, k
+        assert savedir.verify(str(d))["step"] == 3
+        assert_same_weights(d, step3)
+        assert not os.path.exists(d / savedir.NEXT)
+
+
+def test_a_diverged_run_says_which_checkpoint_it_kept_and_that_one_is_finite(data, trained, tmp_path):
+    """The issue's run: --lr=1e30 --eval_interval=1 saves while the weights are huge but finite, then stops at
+    the first NaN; the checkpoint it names is the one in out_dir, it verifies and its weights are finite."""
+    d = tmp_path / "run"
+    shutil.copytree(trained[0], d)
+    code, message, _ = run(train.main, *train_args(data[0], d, "--max_steps=40", "--init_from=resume", "--lr=1e30",
+                                                   "--eval_interval=1"))
+    assert code != 0 and "nan" in message.lower() and "kept as it was" in message, message
+    manifest = savedir.verify(str(d))
+    assert f"the checkpoint of step {manifest['step']} in" in message, message
+    assert all(torch.isfinite(t).all() for t in weights(d).values())
+
+
+@pytest.mark.parametrize("poisoned, words", [
+    ("norm.weight", ["validation loss at exit 1 is nan at step 3"]),           # every exit's loss is NaN
+    ("layers.3.mlp.w_down.weight", ["weight layers.3.mlp.w_down.weight"]),  # exit 1's loss stays finite
+])
+def test_nan_weights_are_caught_before_anything_is_saved(poisoned, words, data, trained, tmp_path, monkeypatch):
+    """An optimizer step that leaves NaN in one weight: the run stops before the next save, says that step 2's
+    checkpoint is kept, and that checkpoint is byte for byte the same and resumes exactly."""
+    real_step = torch.optim.AdamW.step
+
+    def poisoning_step(self, *args, **kwargs):
+        real_step(self, *args, **kwargs)
+        with torch.no_grad():
+            dict(model_params)[poisoned].fill_(float("nan"))
+    model_params = []
+    real_make = train.make_optimizer
+
+    def make_optimizer(model, *args, **kwargs):  # remembers the model's parameters by name
+        model_params.extend(model.named_parameters())
+        return real_make(model, *args, **kwargs)
+    monkeypatch.setattr(train, "make_optimizer", make_optimizer)
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoning_step)
+    d = tmp_path / "run"
+    shutil.copytree(trained[0], d)
+    before = {k: v for k, v in snapshot(d).items() if k != "metrics.jsonl"}
+    result = run(train.main, *train_args(data[0], d, "--max_steps=3", "--init_from=resume", "--eval_exits=1"))
+    assert_one_line(result, *words, "the checkpoint of step 2", "kept as it was")
+    assert {k: v for k, v in snapshot(d).items() if k != "metrics.jsonl"} == before
+    monkeypatch.undo()
+    assert run(train.main, *train_args(data[0], d, "--max_steps=3", "--init_from=resume"))[0] == 0
+    assert_same_weights(d, trained[1])
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_old_state(data, trained, tmp_path):
+    d = tmp_path / "run"
+    shutil.copytree(trained[0], d)
+    before = {k: v for k, v in snapshot(d).items() if k != "metrics.jsonl"}
+    limit = 400_000  # bytes per file: metrics lines fit, the 1 MB weights do not
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    proc = subprocess.run([sys.executable, "train.py", *train_args(data[0], d, "--max_steps=3", "--init_from=resume")],
+                          cwd=ROOT, capture_output=True, text=True, preexec_fn=small_files, timeout=300)
+    lines = [l for l in proc.stderr.replace("\r", "\n").splitlines() if l.startswith("error")]
+    assert proc.returncode != 0 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "cannot save the checkpoint of step 3" in lines[0] and "step 2" in lines[0] and "kept" in lines[0], lines[0]
+    assert {k: v for k, v in snapshot(d).items() if k != "metrics.jsonl"} == before
+    assert run(train.main, *train_args(data[0], d, "--max_steps=3", "--init_from=resume"))[0] == 0
+    assert_same_weights(d, trained[1])
+
+
+def test_a_second_run_on_the_same_out_dir_is_refused(data, trained, tmp_path):
+    d = tmp_path / "run"
+    shutil.copytree(trained[0], d)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, '.'); import savedir; "
+                               f"f = savedir.lock({str(d)!r}); print('locked', flush=True); time.sleep(60)"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = snapshot(d)
+        assert_one_line(run(train.main, *train_args(data[0], d, "--max_steps=3", "--init_from=resume")),
+                        "in use", f"pid {holder.pid}")
+        assert snapshot(d) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run(train.main, *train_args(data[0], d, "--max_steps=3", "--init_from=resume"))[0] == 0  # free again
+    assert_same_weights(d, trained[1])
+
+
+def test_a_kill_inside_prepare_leaves_the_old_or_the_new_data_set(data, tmp_path, monkeypatch):
+    old, new = str(tmp_path / "old"), str(tmp_path / "new")
+    shutil.copytree(data[0], old)
+    sources = [os.path.join(ROOT, f) for f in ("model.py", "sample.py")]
+    calls = save_calls(monkeypatch, kill_at=-1)
+    prepare.prepare(sources, new, vocab_size=500)
+    monkeypatch.undo()
+    old_manifest, new_manifest = savedir.verify(old), savedir.verify(new)
+    for k in range(len(calls)):
+        d = str(tmp_path / f"kill{k}")
+        shutil.copytree(old, d)
+        save_calls(monkeypatch, kill_at=k)
+        with pytest.raises(Killed):
+            prepare.prepare(sources, d, vocab_size=500)
+        monkeypatch.undo()
+        got = savedir.verify(d)  # a reader settles it: the old set or the new one, whole
+        assert got["files"] in (old_manifest["files"], new_manifest["files"]), k
+        assert sorted(os.listdir(d)) == sorted(os.listdir(old)), k

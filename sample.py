@@ -3,7 +3,10 @@ Generate from a trained model:  python sample.py [--out_dir out] [--prompt "def 
 
 --exit_layer E decodes with the first E layers and the shared exit. --skip_layers 3,5,7 skips those
 layers (0-based) for generated tokens; without it, a plan stored in the checkpoint's config applies
-(--skip_layers none turns it off). --speculative drafts with [0, E) and verifies with the rest.
+(--skip_layers none turns it off). --speculative drafts with [0, E) and verifies with the rest;
+--draft_skip_layers 3,5,7 (or auto: chosen from the prompts) drafts with every layer but those instead,
+for models not trained with LayerSkip; --draft_threshold p stops a round's drafting when the draft's top
+probability falls below p (--num_speculations is then the cap).
 --prompts FILE (a JSON list of strings) decodes several prompts as one batch. temperature 0 is greedy.
 --sweep times self-speculation over a grid of (exit_layer, num_speculations), one prompt at a time,
 prints a table, writes it as CSV and names the fastest setting. --compile runs decode steps as
@@ -35,7 +38,9 @@ class SampleConfig:
     top_p: float | None = None
     exit_layer: int | None = None
     speculative: bool = False        # self-speculative decoding: draft with [0, exit_layer), verify with the rest
-    num_speculations: int = 3        # d: tokens drafted per round
+    num_speculations: int = 3        # d: the most tokens drafted per round
+    draft_threshold: float | None = None  # a row stops drafting for the round when its draft's top probability < this
+    draft_skip_layers: str = ""      # draft with every layer but these ("3,5,7"; "auto": chosen from the prompts)
     skip_layers: str = ""            # comma-separated 0-based layers to skip while generating; "none": no plan
     sweep: bool = False              # time self-speculation over sweep_exit_layers x sweep_num_speculations
     sweep_exit_layers: str = ""      # default: up to 6 depths spread over [1, L)
@@ -139,12 +144,17 @@ def main():
     idx, lens = pad_prompts(ids)
     idx = idx.to(device)
     t0 = time.perf_counter()
-    if cfg.speculative:  # generate_speculative checks the draft depth and d itself
-        if cfg.exit_layer is None:
-            raise ValueError("--speculative needs --exit_layer E (the draft depth)")
+    if cfg.speculative:  # generate_speculative checks the draft and its values itself
+        plan = cfg.draft_skip_layers
+        if plan and plan != "auto":
+            plan = parse_layers(plan, "draft_skip_layers", 0, model.n_layer - 1)
         out, stats = generate_speculative(model, idx, cfg.max_new_tokens, cfg.exit_layer, cfg.num_speculations,
+                                          draft_skip_layers=plan or None, draft_threshold=cfg.draft_threshold,
                                           prompt_lens=lens, **sampling)
-        header = (f"self-speculative: draft {cfg.exit_layer} layers, d={cfg.num_speculations}, "
+        draft = (f"{cfg.exit_layer} layers" if cfg.exit_layer else
+                 f"skipping layers {stats['draft_skip_layers']}")
+        header = (f"self-speculative: draft {draft}, d={cfg.num_speculations}"
+                  f"{f', threshold {cfg.draft_threshold}' if cfg.draft_threshold is not None else ''}, "
                   f"acceptance {stats['acceptance_rate']:.1%}")
     else:
         out = generate(model, idx, cfg.max_new_tokens, prompt_lens=lens, exit_layer=cfg.exit_layer,

@@ -6,6 +6,8 @@ Benchmarks that print ratios against a baseline measured in the same run (machin
     python bench.py --mode decode [--ckpt out-layerskip]  # batch-1 decoding vs transformers.generate, on the
                                        # same weights; self-speculation on a trained checkpoint
     python bench.py --mode kernels     # each fused op and a whole train step, fused vs unfused (kernels/)
+    python bench.py --mode speculation [--ckpt out] [--plain_ckpt out-plain] [--models abc]  # does self-speculation
+                                       # pay: speedup, acceptance and fraction of ideal (benchmarks/speculation.py)
 
 CPU: fp32, a TinyLlama-shaped small model (vocab 32000). CUDA: bf16 autocast, TinyLlama-1.1B, seq 2048.
 Peak memory: CUDA max_memory_allocated; on CPU each configuration runs in a fresh process and reports
@@ -518,8 +520,16 @@ def bench_kernels(steps):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--mode", choices=("layerskip", "train", "decode", "kernels"), default="layerskip")
-    parser.add_argument("--ckpt", default=None, help="decode mode: a trained checkpoint to speculate with")
+    parser.add_argument("--mode", choices=("layerskip", "train", "decode", "kernels", "speculation"),
+                        default="layerskip")
+    parser.add_argument("--ckpt", default=None, help="decode mode: a trained checkpoint to speculate with; "
+                        "speculation mode: the LayerSkip-trained checkpoint (default: out, README's job)")
+    parser.add_argument("--plain_ckpt", default="out-plain", help="speculation mode: a checkpoint trained "
+                        "without LayerSkip, for skip-plan drafts")
+    parser.add_argument("--models", default="abc", help="speculation mode: which of (a) LayerSkip checkpoint, (b) "
+                        "TinyLlama-shaped random Llama, (c) plain checkpoint to run")
+    parser.add_argument("--new_tokens", type=int, default=64, help="speculation mode: tokens generated per prompt")
+    parser.add_argument("--eager", action="store_true", help="speculation mode: eager decode steps, not compiled")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--_memory", default=None, help=argparse.SUPPRESS)
@@ -532,6 +542,9 @@ def main():
     torch.manual_seed(0)
     if args.mode == "decode":
         return bench_decode(args.steps, args.ckpt)
+    if args.mode == "speculation":
+        from benchmarks.speculation import bench_speculation
+        return bench_speculation(args.ckpt or "out", args.plain_ckpt, args.new_tokens, 1, not args.eager, args.models)
     {"layerskip": bench_layerskip, "train": bench_train, "kernels": bench_kernels}[args.mode](args.steps)
 
 

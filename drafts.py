@@ -61,3 +61,37 @@ def choose_draft_plan(model, idx, lens, d):
         if speedup > best_speedup:
             best, best_speedup = plan, speedup
     return best
+
+
+class ExitChooser:
+    """--exit_layer auto (after DEL, REFERENCE.md section 5): the exit layer E and the cap d of each round, from
+    acceptance measured while generating. Every round's acceptance counts for the exit it drafted with; every
+    `probe_every` rounds the head also reads the hidden state at every candidate exit (shallower ones during the
+    draft, deeper ones during verification, where they are at hand), and whether each would have predicted the
+    tokens the round accepted counts for it. Counts decay by `decay` per update, so the choice follows the
+    context. Cost of a draft step and of a verification in weights read (expected_speedup, plan_cost)."""
+
+    def __init__(self, model, cap, probe_every=8, decay=0.9):
+        L = model.n_layer
+        if L < 2:
+            raise ValueError(f"exit_layer auto needs a model of at least 2 layers to draft with, this one has {L}")
+        self.L, self.cap, self.probe_every, self.decay = L, cap, probe_every, decay
+        self.candidates = sorted({max(1, round(L * i / 8)) for i in range(1, 8)} - {L})
+        self.agreed = {e: 1.0 for e in self.candidates}  # prior: one agreement in two
+        self.seen = {e: 2.0 for e in self.candidates}
+        self.head = head_cost(model)
+        self.rounds = 0
+
+    def choose(self):
+        """-> (exit layer, cap, probe: whether this round reads every candidate exit)."""
+        best = (0.0, self.candidates[0], 1)
+        for e in self.candidates:
+            c, v = plan_cost(torch.arange(self.L) >= e, self.head)
+            a = self.agreed[e] / self.seen[e]
+            best = max(best, *((expected_speedup(a, d, c, v), e, d) for d in range(1, self.cap + 1)))
+        self.rounds += 1
+        return best[1], best[2], self.rounds % self.probe_every == 1
+
+    def count(self, e, agreed, seen):
+        self.agreed[e] = self.decay * self.agreed[e] + agreed
+        self.seen[e] = self.decay * self.seen[e] + seen

@@ -237,6 +237,34 @@ def draft_step(model, tokens, pos, shared, runs, cache):
     return h, model.head(x)[:, -1]
 
 
+def heads_at(model, x, pos, start, stops, cache):
+    """Hidden states x [B, T, C] at positions pos through layers [start, stops[-1]) -> (the hidden state at the
+    end, [logits [B, T, V] of the exit after each layer in stops]): the shadow predictions of --exit_layer auto."""
+    logits = []
+    for stop in stops:
+        x = layers(model, x, pos, start, stop, cache)
+        logits.append(model.head(x))
+        start = stop
+    return x, logits
+
+
+def count_agreement(chooser, E, counts, n_acc, settled, shallow, shallow_preds, deeper, deeper_preds):
+    """Tell the exit chooser how its exits did this round. settled [B, K+1]: the tokens at the round's positions,
+    valid up to each row's n_acc (the accepted drafts and the verifier's token). The exit E drafted: its accepted
+    drafts agreed, a rejected one did not. Probe rounds: shallow_preds (per draft step, one [B] per shallow exit)
+    and deeper_preds (one [B, K+1] per deeper exit) are what those exits' heads predicted there."""
+    chooser.count(E, int(n_acc.sum()), int(torch.minimum(counts, n_acc + 1).sum()))
+    if shallow_preds is None:
+        return
+    valid = (torch.arange(settled.shape[1]) <= n_acc[:, None]).to(settled.device)  # [B, K+1]
+    shallow_preds = [torch.stack([step[j] for step in shallow_preds], 1) for j in range(len(shallow))]  # [B, S]
+    for exits, preds in ((shallow, shallow_preds), (deeper, deeper_preds)):
+        for e, pred in zip(exits, preds):
+            k = min(pred.shape[1], settled.shape[1])
+            ok = valid[:, :k]
+            chooser.count(e, int(((pred[:, :k] == settled[:, :k]) & ok).sum()), int(ok.sum()))
+
+
 def draft_plan(model, exit_layer, draft_skip_layers):
     """The layers a draft skips, as a mask [L]: an early exit at E skips [E, L); a skip plan (layer indices
     or a mask [L]) skips its layers. The draft must run a layer and skip one."""
@@ -274,7 +302,7 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
     generate()'s, stats).
 
     Each round drafts up to d = num_speculations tokens one at a time with the draft: layers [0, exit_layer) +
-    the shared head, or every layer but those in draft_skip_layers (indices, a mask [L], or "auto": the plan
+    the shared head (exit_layer "auto": E and d chosen every round, drafts.ExitChooser), or every layer but those in draft_skip_layers (indices, a mask [L], or "auto": the plan
     chosen from the prompts, drafts.choose_draft_plan). The draft keeps each drafted position's hidden state
     before f, its first skipped layer (the exit state: output of layer f-1), then verifies all of them in one
     pass through layers [f, L) only: the KV cache of layers < f is shared. draft_threshold p: a row stops
@@ -290,9 +318,14 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
     if draft_skip_layers == "auto":
         from drafts import choose_draft_plan
         draft_skip_layers = choose_draft_plan(model, idx, check_lengths(model, idx, prompt_lens, 0), d)
-    plan = draft_plan(model, exit_layer, draft_skip_layers)
     if not isinstance(d, int) or d < 1:
         raise ValueError(f"num_speculations must be at least 1, got {d}")
+    chooser = None
+    if exit_layer == "auto":  # E and d chosen every round from acceptance measured online
+        from drafts import ExitChooser
+        chooser = ExitChooser(model, d)
+        exit_layer = chooser.candidates[0]
+    plan = draft_plan(model, exit_layer, draft_skip_layers)
     check_draft_threshold(draft_threshold)
     lens = check_lengths(model, idx, prompt_lens, max_new_tokens)
     f = int(plan.nonzero()[0])                      # the first layer the draft skips
@@ -307,12 +340,19 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
     row_ids = torch.arange(B)                      # original row of each row still in the batch
     drafted, accepted = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
     calls = {"rounds": 0, "draft_steps": 0, "exit_steps": 0}  # what a round's time is spent on (benchmarks)
+    exits_used = {}                                # exit layer -> rounds drafted with it
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     draft, exit_step, verify_layers = ((compiled(draft_step, idx.device), compiled(step, idx.device),
                                         compiled(layers, idx.device)) if compile else (draft_step, step, layers))
 
     while len(row_ids):
-        steps = int((end[row_ids] - n).min().clamp(max=d))  # no row drafts past its end
+        d_round, probe = d, False
+        if chooser:
+            f, d_round, probe = chooser.choose()
+            exits_used[f] = exits_used.get(f, 0) + 1
+            shallow, deeper = [e for e in chooser.candidates if e < f], [e for e in chooser.candidates if e > f]
+            shallow_preds = []
+        steps = int((end[row_ids] - n).min().clamp(max=d_round))  # no row drafts past its end
         rows = torch.arange(len(row_ids), device=idx.device)
         counts = torch.full((len(row_ids),), steps)          # [B] drafts each row counts this round
         exit_states, draft_probs = [], []
@@ -324,7 +364,12 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
                 exit_states.append(exit_step(model, token, at, 0, f, cache).clone())
                 calls["exit_steps"] += 1
                 break
-            h, logits = draft(model, token, at, f, runs, cache)
+            if probe:  # eager, with the head at every shallower candidate exit too
+                h, heads = heads_at(model, model.embed(token, at), at, 0, shallow + [f], cache)
+                logits = heads[-1][:, -1]
+                shallow_preds.append([x[:, -1].argmax(-1) for x in heads[:-1]])  # per shallow exit [B]
+            else:
+                h, logits = draft(model, token, at, f, runs, cache)
             calls["draft_steps"] += 1
             exit_states.append(h.clone())  # a CUDA graph's next replay overwrites its output
             if temperature == 0:
@@ -340,15 +385,23 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
                 if bool((counts < steps).all()):
                     break
         K = int(counts.max())  # verify positions n-1 .. n+K-1 in one pass through layers [f, L)
-        h = verify_layers(model, torch.cat(exit_states[:K + 1], dim=1), row_positions(n - 1, cache, idx.device), f, L,
-                          cache)  # [B, K+1, C]
+        states, at = torch.cat(exit_states[:K + 1], dim=1), row_positions(n - 1, cache, idx.device)  # [B, K+1, C]
+        if probe:  # eager, with the head at every deeper candidate exit too
+            _, heads = heads_at(model, states, at, f, deeper + [L], cache)
+            logits = heads[-1]
+        else:
+            logits = model.head(verify_layers(model, states, at, f, L, cache))  # [B, K+1, V]
         at = (n[:, None] + torch.arange(K)).to(idx.device)  # [B, K]: draft positions
-        n_acc, next_token = accept_drafts(model.head(h), out[rows[:, None], at],
+        n_acc, next_token = accept_drafts(logits, out[rows[:, None], at],
                                           torch.stack(draft_probs, 1)[:, :K] if draft_probs else None, **sampling,
                                           counts=counts)
         n_acc = n_acc.cpu()
         calls["rounds"] += 1
         out[rows, (n + n_acc).to(idx.device)] = next_token
+        if chooser:
+            count_agreement(chooser, f, counts, n_acc, out[rows[:, None], (n[:, None] + torch.arange(K + 1)).to(
+                idx.device)], shallow, shallow_preds if probe else None, deeper,
+                            [x.argmax(-1) for x in heads[:-1]] if probe else None)
         drafted[row_ids] += counts
         accepted[row_ids] += n_acc
         n = n + n_acc + 1
@@ -364,4 +417,7 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
              "acceptance_rate": int(accepted.sum()) / max(int(drafted.sum()), 1),
              "row_acceptance_rate": (accepted / drafted.clamp(min=1)).tolist(),
              "draft_skip_layers": plan.nonzero()[:, 0].tolist(), **calls}
+    if chooser:  # the exit layers drafted with, not one plan
+        stats["exit_layers"] = exits_used
+        del stats["draft_skip_layers"]
     return result, stats

@@ -5,7 +5,8 @@ Generate from a trained model:  python sample.py [--out_dir out] [--prompt "def 
 layers (0-based) for generated tokens; without it, a plan stored in the checkpoint's config applies
 (--skip_layers none turns it off). --speculative drafts with [0, E) and verifies with the rest;
 --draft_skip_layers 3,5,7 (or auto: chosen from the prompts) drafts with every layer but those instead,
-for models not trained with LayerSkip; --draft_threshold p stops a round's drafting when the draft's top
+for models not trained with LayerSkip; --exit_layer auto chooses E and d every round from the acceptance
+measured while generating; --draft_threshold p stops a round's drafting when the draft's top
 probability falls below p (--num_speculations is then the cap).
 --prompts FILE (a JSON list of strings) decodes several prompts as one batch. temperature 0 is greedy.
 --sweep times self-speculation over a grid of (exit_layer, num_speculations), one prompt at a time,
@@ -36,7 +37,7 @@ class SampleConfig:
     temperature: float = 0.8
     top_k: int | None = 200
     top_p: float | None = None
-    exit_layer: int | None = None
+    exit_layer: int | str | None = None  # with --speculative also "auto": E and d chosen while generating
     speculative: bool = False        # self-speculative decoding: draft with [0, exit_layer), verify with the rest
     num_speculations: int = 3        # d: the most tokens drafted per round
     draft_threshold: float | None = None  # a row stops drafting for the round when its draft's top probability < this
@@ -125,11 +126,13 @@ def sweep(cfg, model, prompts, sampling):
 
 def main():
     cfg = configure(SampleConfig())
+    if isinstance(cfg.exit_layer, str) and not (cfg.exit_layer == "auto" and cfg.speculative):
+        raise ValueError(f"exit_layer must be an integer (or auto, with --speculative), got {cfg.exit_layer!r}")
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if not os.path.isdir(cfg.out_dir):
         raise FileNotFoundError(f"no checkpoint directory {cfg.out_dir!r}: train one first (python train.py)")
     model = Transformer.from_pretrained(cfg.out_dir, device=device)
-    if cfg.exit_layer is not None:
+    if cfg.exit_layer not in (None, "auto"):
         model.check_exit_layer(cfg.exit_layer)
     skip_mask = parse_skip_layers(cfg.skip_layers, model.n_layer)
     tok = load_tokenizer(cfg.out_dir, model.cfg.bos_id, model.cfg.eos_id)
@@ -151,7 +154,8 @@ def main():
         out, stats = generate_speculative(model, idx, cfg.max_new_tokens, cfg.exit_layer, cfg.num_speculations,
                                           draft_skip_layers=plan or None, draft_threshold=cfg.draft_threshold,
                                           prompt_lens=lens, **sampling)
-        draft = (f"{cfg.exit_layer} layers" if cfg.exit_layer else
+        draft = (f"{cfg.exit_layer} layers" if isinstance(cfg.exit_layer, int) else
+                 f"exit layers (rounds) {stats['exit_layers']}" if cfg.exit_layer else
                  f"skipping layers {stats['draft_skip_layers']}")
         header = (f"self-speculative: draft {draft}, d={cfg.num_speculations}"
                   f"{f', threshold {cfg.draft_threshold}' if cfg.draft_threshold is not None else ''}, "

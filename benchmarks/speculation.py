@@ -69,17 +69,19 @@ def run_setting(model, prompts, n, full_time, full_out, repeats, compile, costs,
                          repeats)
     same = all(torch.equal(o, f) for (o, _), f in zip(results, full_out))
     ideal_time = full_depth_time = 0.0
-    for _, s in results:  # the plan (auto: chosen per prompt) sets the costs of its steps
-        c = costs(s["draft_skip_layers"], draft.get("num_speculations", 3))
+    for _, s in results:  # the plan (auto: chosen per prompt; exit auto: its most used exit) sets the step costs
+        skipped = s.get("draft_skip_layers") or list(range(max(s["exit_layers"], key=s["exit_layers"].get),
+                                                             model.n_layer))
+        c = costs(skipped, draft.get("num_speculations", 3))
         ideal_time += s["draft_steps"] * c["draft"] + s["exit_steps"] * c["exit"] + s["rounds"] * c["verify"]
         full_depth_time += n * c["full"]
     total = {k: sum(s[k] for _, s in results) for k in ("drafted", "accepted", "rounds")}
     ideal, speedup = full_depth_time / ideal_time, full_time / t
-    plans = sorted({str(s["draft_skip_layers"]) for _, s in results})
+    plans = sorted({str(s.get("draft_skip_layers", s.get("exit_layers"))) for _, s in results})
     print(f"  {label:42s} {speedup:5.2f}x  acceptance {total['accepted'] / max(total['drafted'], 1):6.1%}  "
           f"tokens/round {n * len(prompts) / total['rounds']:4.2f}  ideal {ideal:5.2f}x  fraction "
           f"{speedup / ideal:4.0%}  identical {same}" + (f"  plans {' '.join(plans)}" if "draft_skip_layers" in draft
-                                                         else ""))
+                                                         or draft.get("exit_layer") == "auto" else ""))
     return speedup
 
 
@@ -115,7 +117,8 @@ def layerskip_settings(L):
     static = [(f"E={E} d={d}", dict(exit_layer=E, num_speculations=d)) for E in exits for d in (2, 4, 6)]
     dynamic = [("threshold {draft_threshold} at E={exit_layer}, cap {num_speculations}",
                 lambda r, p=p: dict(best_static(r), num_speculations=8, draft_threshold=p)) for p in (0.5, 0.8)]
-    return static + dynamic
+    auto = [("exit layer auto, cap 8", dict(exit_layer="auto", num_speculations=8))]
+    return static + dynamic + auto
 
 
 def plain_settings(L):
@@ -169,7 +172,8 @@ def bench_tinyllama(n, repeats, compile, E=4, scale=0.05, d=4):
     del hf
     settings = [(f"E={E} d={dd}", dict(exit_layer=E, num_speculations=dd)) for dd in (2, 4, 6)] + [
         ("threshold {draft_threshold} at E={exit_layer}, cap {num_speculations}",
-         lambda r: dict(best_static(r), num_speculations=8, draft_threshold=0.5))]
+         lambda r: dict(best_static(r), num_speculations=8, draft_threshold=0.5)),
+        ("exit layer auto, cap 8", dict(exit_layer="auto", num_speculations=8))]
     bench_model(ours, [prompt], n, repeats, compile, settings)
 
 

@@ -2,6 +2,7 @@
 (batch 1 and ragged batches, random and trained weights, every family), and bad values are one line."""
 import os
 import sys
+from dataclasses import replace
 from unittest import mock
 
 import pytest
@@ -10,15 +11,20 @@ import torch
 import sample
 from configurator import run_main
 from generate import generate, generate_speculative, pad_prompts
-from model import Transformer
+from model import PRESETS, Transformer
 from test_generate import FAMILIES, model_with, ragged_prompts
 from tokenizer import load_tokenizer
 
 DRAFTS = [dict(exit_layer=2, draft_threshold=0.3), dict(draft_skip_layers=[1, 3]),
-          dict(draft_skip_layers=[0, 4], draft_threshold=0.3), dict(draft_skip_layers="auto")]
+          dict(draft_skip_layers=[0, 4], draft_threshold=0.3), dict(draft_skip_layers="auto"), dict(exit_layer="auto")]
 
 
-def assert_drafts_give_greedy(model, idx, lens, n, drafts=DRAFTS, ds=(1, 4)):
+def layers(n):
+    torch.manual_seed(0)
+    return Transformer(replace(PRESETS["test-tiny"], n_layer=n)).eval()
+
+
+def assert_drafts_give_greedy(model, idx, lens, n, drafts=DRAFTS, ds=(4,)):
     """Every draft setting in `drafts` decodes idx (ragged, lengths lens) and each row alone as plain greedy."""
     expected = generate(model, idx, n, prompt_lens=lens, temperature=0)
     stats = {}
@@ -49,7 +55,8 @@ def test_drafts_on_a_layerskip_trained_model(layerskip_trained, stdlib_path):
     tok = load_tokenizer(layerskip_trained, model.cfg.bos_id, model.cfg.eos_id)
     texts = [open(os.path.join(stdlib_path, f), encoding="utf-8").read()[:300] for f in ("argparse.py", "heapq.py")]
     idx, lens = pad_prompts([[tok.bos_id()] + tok.encode(t)[:n] for t, n in zip(texts, (20, 9))])
-    drafts = [dict(exit_layer=2, draft_threshold=0.5), dict(draft_skip_layers=[2]), dict(draft_skip_layers="auto")]
+    drafts = [dict(exit_layer=2, draft_threshold=0.5), dict(draft_skip_layers=[2]), dict(draft_skip_layers="auto"),
+              dict(exit_layer="auto", draft_threshold=0.3)]
     stats = assert_drafts_give_greedy(model, idx, lens, 40, drafts, ds=(3, 6))
     assert stats[str(drafts[0]), 6]["acceptance_rate"] > 0.5, stats
     assert stats[str(drafts[1]), 6]["acceptance_rate"] > 0.5, stats
@@ -72,6 +79,21 @@ def test_auto_plan_skips_the_layers_that_change_nothing():
     assert {2, 4} <= set(stats["draft_skip_layers"])
 
 
+def test_exit_layer_auto_follows_the_measured_acceptance():
+    """Layers from 2 on nearly identities (output projections x0.05): exit 2 agrees with the last layer and exit 1
+    does not, so the exit measured online settles on 2 (probe rounds measure the other candidates)."""
+    model = layers(8)
+    with torch.no_grad():
+        for block in model.layers[2:]:
+            block.attn.wo.weight.mul_(0.05)
+            block.mlp.w_down.weight.mul_(0.05)
+    idx, lens = pad_prompts(ragged_prompts(seed=3))
+    out, stats = generate_speculative(model, idx, 40, "auto", 6, prompt_lens=lens)
+    assert out.tolist() == generate(model, idx, 40, prompt_lens=lens, temperature=0).tolist()
+    assert max(stats["exit_layers"], key=stats["exit_layers"].get) == 2, stats
+    assert stats["acceptance_rate"] > 0.7, stats
+
+
 @pytest.mark.parametrize("draft, words", [
     (dict(exit_layer=2, draft_threshold=1.0), ["draft_threshold", "[0, 1)"]),
     (dict(exit_layer=2, draft_threshold=-0.1), ["draft_threshold", "[0, 1)"]),
@@ -80,11 +102,17 @@ def test_auto_plan_skips_the_layers_that_change_nothing():
     (dict(draft_skip_layers=[6]), ["draft_skip_layers", "[0, 5]"]),
     (dict(exit_layer=2, draft_skip_layers=[3]), ["exit_layer", "draft_skip_layers"]),
     (dict(), ["exit_layer", "draft_skip_layers"]),
+    (dict(exit_layer="auto", draft_skip_layers=[3]), ["exit_layer", "draft_skip_layers"]),
 ])
 def test_bad_draft_values(draft, words):
     with pytest.raises(ValueError) as e:
         generate_speculative(model_with(), torch.zeros(1, 3, dtype=torch.long), 5, num_speculations=2, **draft)
     assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_exit_layer_auto_needs_two_layers():
+    with pytest.raises(ValueError, match="exit_layer auto needs a model of at least 2 layers"):
+        generate_speculative(layers(1), torch.zeros(1, 3, dtype=torch.long), 5, "auto", 2)
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +133,8 @@ def tiny_dir(tmp_path_factory):
     (["--draft_skip_layers=x"], ["draft_skip_layers", "integers"]),
     (["--draft_skip_layers=1,2", "--exit_layer=2"], ["exit_layer", "draft_skip_layers"]),
     ([], ["exit_layer", "draft_skip_layers"]),
+    (["--exit_layer=auto", "--speculative=False"], ["exit_layer", "auto", "--speculative"]),
+    (["--exit_layer=deep"], ["exit_layer", "integer"]),
 ])
 def test_sample_bad_draft_flags(args, words, tiny_dir):
     argv = ["sample.py", f"--out_dir={tiny_dir}", "--speculative", "--max_new_tokens=4", "--device=cpu", *args]
@@ -115,7 +145,8 @@ def test_sample_bad_draft_flags(args, words, tiny_dir):
 
 
 def test_sample_draft_flags(tiny_dir, capsys):
-    for args in (["--exit_layer=2", "--draft_threshold=0.5"], ["--draft_skip_layers=1,3"], ["--draft_skip_layers=auto"]):
+    for args in (["--exit_layer=2", "--draft_threshold=0.5"], ["--draft_skip_layers=1,3"], ["--draft_skip_layers=auto"],
+                 ["--exit_layer=auto"]):
         argv = ["sample.py", f"--out_dir={tiny_dir}", "--speculative", "--max_new_tokens=4", "--device=cpu",
                 "--prompt=w5 w7", *args]
         with mock.patch.object(sys, "argv", argv):

@@ -248,7 +248,7 @@ def heads_at(model, x, pos, start, stops, cache):
     return x, logits
 
 
-def count_agreement(chooser, E, counts, n_acc, settled, shallow, shallow_preds, deeper, deeper_preds):
+def count_agreement(chooser, E, counts, n_acc, settled, shallow=(), shallow_preds=None, deeper=(), deeper_preds=()):
     """Tell the exit chooser how its exits did this round. settled [B, K+1]: the tokens at the round's positions,
     valid up to each row's n_acc (the accepted drafts and the verifier's token). The exit E drafted: its accepted
     drafts agreed, a rejected one did not. Probe rounds: shallow_preds (per draft step, one [B] per shallow exit)
@@ -302,8 +302,9 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
     generate()'s, stats).
 
     Each round drafts up to d = num_speculations tokens one at a time with the draft: layers [0, exit_layer) +
-    the shared head (exit_layer "auto": E and d chosen every round, drafts.ExitChooser), or every layer but those in draft_skip_layers (indices, a mask [L], or "auto": the plan
-    chosen from the prompts, drafts.choose_draft_plan). The draft keeps each drafted position's hidden state
+    the shared head (exit_layer "auto": E and d chosen every round, drafts.ExitChooser; its probe rounds run
+    eagerly), or every layer but those in draft_skip_layers (indices, a mask [L], or "auto": the plan chosen
+    from the prompts, drafts.choose_draft_plan). The draft keeps each drafted position's hidden state
     before f, its first skipped layer (the exit state: output of layer f-1), then verifies all of them in one
     pass through layers [f, L) only: the KV cache of layers < f is shared. draft_threshold p: a row stops
     drafting for the round when its draft's top probability falls below p (the round ends when every row has
@@ -351,7 +352,7 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
             f, d_round, probe = chooser.choose()
             exits_used[f] = exits_used.get(f, 0) + 1
             shallow, deeper = [e for e in chooser.candidates if e < f], [e for e in chooser.candidates if e > f]
-            shallow_preds = []
+            shallow_preds, deeper_preds = [], []
         steps = int((end[row_ids] - n).min().clamp(max=d_round))  # no row drafts past its end
         rows = torch.arange(len(row_ids), device=idx.device)
         counts = torch.full((len(row_ids),), steps)          # [B] drafts each row counts this round
@@ -388,7 +389,7 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
         states, at = torch.cat(exit_states[:K + 1], dim=1), row_positions(n - 1, cache, idx.device)  # [B, K+1, C]
         if probe:  # eager, with the head at every deeper candidate exit too
             _, heads = heads_at(model, states, at, f, deeper + [L], cache)
-            logits = heads[-1]
+            logits, deeper_preds = heads[-1], [x.argmax(-1) for x in heads[:-1]]
         else:
             logits = model.head(verify_layers(model, states, at, f, L, cache))  # [B, K+1, V]
         at = (n[:, None] + torch.arange(K)).to(idx.device)  # [B, K]: draft positions
@@ -399,9 +400,9 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
         calls["rounds"] += 1
         out[rows, (n + n_acc).to(idx.device)] = next_token
         if chooser:
-            count_agreement(chooser, f, counts, n_acc, out[rows[:, None], (n[:, None] + torch.arange(K + 1)).to(
-                idx.device)], shallow, shallow_preds if probe else None, deeper,
-                            [x.argmax(-1) for x in heads[:-1]] if probe else None)
+            settled = out[rows[:, None], (n[:, None] + torch.arange(K + 1)).to(idx.device)]  # [B, K+1]
+            probes = (shallow, shallow_preds, deeper, deeper_preds) if probe else ()
+            count_agreement(chooser, f, counts, n_acc, settled, *probes)
         drafted[row_ids] += counts
         accepted[row_ids] += n_acc
         n = n + n_acc + 1

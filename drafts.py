@@ -8,10 +8,10 @@ known from one forward, and keeps the plan with the largest expected speedup:
 
     tokens per round  = (1 - a^(d+1)) / (1 - a)             (Leviathan et al. 2023, section 3)
     cost of a round   = d * c + v                            (a full-depth decode step = 1)
-    c = (layers the draft runs + head) / (L + head),  v = (L - f + head) / (L + head)
+    c = (layers the draft runs + head) / (L + head),  v = 1
 
-with f the plan's first skipped layer (verification reruns [f, L)) and costs counted in weights read, since
-batch-1 decoding is bandwidth-bound.
+with costs counted in weights read, since batch-1 decoding is bandwidth-bound: a round's last draft token runs
+layers [0, f) (f: the plan's first skipped layer) and verification reruns [f, L) + head, every weight once.
 """
 import torch
 
@@ -29,10 +29,10 @@ def expected_speedup(a, d, c, v):
 
 
 def plan_cost(plan, head):
-    """(c, v) of a skip plan [L]: a draft step's cost and a verification's, a full decode step being 1."""
+    """(c, v) of a skip plan [L]: a draft step's cost and a verification's (with the exit step before it), a full
+    decode step being 1."""
     L = len(plan)
-    f = int(plan.nonzero()[0])
-    return (L - int(plan.sum()) + head) / (L + head), (L - f + head) / (L + head)
+    return (L - int(plan.sum()) + head) / (L + head), 1.0
 
 
 @torch.inference_mode()

@@ -46,7 +46,8 @@ def test_dynamic_and_skip_plan_drafts_give_greedy_decoding(kw):
     idx, lens = pad_prompts(ragged_prompts(seed=3))
     stats = assert_drafts_give_greedy(model, idx, lens, 20)
     thresholded = stats[str(DRAFTS[0]), 4]
-    assert 0 < thresholded["drafted"] < 4 * 20 * 4 // 2, thresholded  # rows stopped drafting early, not always
+    _, plain = generate_speculative(model, idx, 20, 2, 4, prompt_lens=lens)  # the same draft, no threshold
+    assert 0 < thresholded["drafted"] < 0.75 * plain["drafted"], (thresholded, plain)  # unsure drafts were stopped
 
 
 def test_drafts_on_a_layerskip_trained_model(layerskip_trained, stdlib_path):

@@ -8,6 +8,8 @@ mode in benchmarks/; every run first prints the machine, versions, date, commit 
                                        # same weights; self-speculation on a trained checkpoint
     python bench.py --mode kernels     # each fused op and a whole train step, fused vs unfused (kernels/)
     python bench.py --mode bandwidth   # batch-1 bf16 decoding of TinyLlama-1.1B's shape vs the bandwidth limit
+    python bench.py --mode speculation [--ckpt out] [--plain_ckpt out-plain] [--models abc]  # does self-speculation
+                                       # pay: speedup, acceptance and fraction of ideal (benchmarks/speculation.py)
     (--tiny: test-sized shapes, every mode in seconds on a CPU; scripts/gpu_checks.sh runs the GPU set)
 
 CPU: fp32, a TinyLlama-shaped small model (vocab 32000). CUDA: bf16 autocast, TinyLlama-1.1B, seq 2048.
@@ -19,13 +21,21 @@ import sys
 
 import torch
 
-from benchmarks import bandwidth, common, decode, kernels, layerskip, train
+from benchmarks import bandwidth, common, decode, kernels, layerskip, speculation, train
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--mode", choices=("layerskip", "train", "decode", "kernels", "bandwidth"), default="layerskip")
-    parser.add_argument("--ckpt", default=None, help="decode mode: a trained checkpoint to speculate with")
+    parser.add_argument("--mode", choices=("layerskip", "train", "decode", "kernels", "bandwidth", "speculation"),
+                        default="layerskip")
+    parser.add_argument("--ckpt", default=None, help="decode mode: a trained checkpoint to speculate with; "
+                        "speculation mode: the LayerSkip-trained checkpoint (default: out, README's job)")
+    parser.add_argument("--plain_ckpt", default="out-plain", help="speculation mode: a checkpoint trained "
+                        "without LayerSkip, for skip-plan drafts")
+    parser.add_argument("--models", default="abc", help="speculation mode: which of (a) LayerSkip checkpoint, (b) "
+                        "TinyLlama-shaped random Llama, (c) plain checkpoint to run")
+    parser.add_argument("--new_tokens", type=int, default=64, help="speculation mode: tokens generated per prompt")
+    parser.add_argument("--eager", action="store_true", help="speculation mode: eager decode steps, not compiled")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--tiny", action="store_true", help="test-sized shapes: a smoke run of any mode")
@@ -39,6 +49,9 @@ def main():
     torch.manual_seed(0)
     if args.mode == "decode":
         return decode.bench_decode(args.steps, args.ckpt)
+    if args.mode == "speculation":
+        return speculation.bench_speculation(args.ckpt or "out", args.plain_ckpt, args.new_tokens, 1, not args.eager,
+                                             args.models)
     {"layerskip": layerskip.bench_layerskip, "train": train.bench_train, "kernels": kernels.bench_kernels,
      "bandwidth": bandwidth.bench_bandwidth}[args.mode](args.steps)
 

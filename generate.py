@@ -275,9 +275,10 @@ def generate(model, idx, max_new_tokens, *, prompt_lens=None, temperature=1.0, t
     return out
 
 
-def accept_drafts(logits, drafts, draft_probs, temperature, top_k, top_p, generator):
+def accept_drafts(logits, drafts, draft_probs, temperature, top_k, top_p, generator, counts=None):
     """Verifier logits [B, d+1, V] (row i predicts draft i; row d the bonus token), drafts [B, d]
     -> (accepted count [B], next token [B]: the correction after the accepted prefix, or the bonus).
+    counts [B] (default d): row b's drafts past counts[b] are not its own (it stopped drafting) and never count.
 
     Greedy: accept the prefix where drafts equal the verifier's argmax. Sampling (draft_probs q
     [B, d, V]): accept draft x with prob min(1, p(x)/q(x)); the first rejection resamples from
@@ -285,47 +286,133 @@ def accept_drafts(logits, drafts, draft_probs, temperature, top_k, top_p, genera
     """
     B, d = drafts.shape
     rows = torch.arange(B, device=drafts.device)
+    own = torch.ones(B, d, dtype=torch.bool, device=drafts.device) if counts is None else (
+        torch.arange(d) < counts[:, None]).to(drafts.device)          # [B, d]: drafts each row counts
     if temperature == 0:
         verified = logits.argmax(-1)                                  # [B, d+1]
-        n_acc = (drafts == verified[:, :d]).long().cumprod(1).sum(1)  # [B]
+        n_acc = ((drafts == verified[:, :d]) & own).long().cumprod(1).sum(1)  # [B]
         return n_acc, verified[rows, n_acc]
     p = probs_from_logits(logits.flatten(0, 1), temperature, top_k, top_p).view(B, d + 1, -1)
     p_x = p[:, :d].gather(-1, drafts[..., None])[..., 0]              # [B, d]
     q_x = draft_probs.gather(-1, drafts[..., None])[..., 0]
     u = torch.rand(B, d, generator=generator, device=drafts.device)
-    n_acc = (u < (p_x / q_x).clamp(max=1.0)).long().cumprod(1).sum(1)  # [B]
-    q_pad = torch.cat([draft_probs, torch.zeros_like(draft_probs[:, :1])], dim=1)  # bonus row: q = 0
-    residual = (p[rows, n_acc] - q_pad[rows, n_acc]).clamp(min=0)   # [B, V]; equals p when all accepted
+    n_acc = ((u < (p_x / q_x).clamp(max=1.0)) & own).long().cumprod(1).sum(1)  # [B]
+    q_pad = torch.cat([draft_probs * own[..., None], torch.zeros_like(p[:, :1])], dim=1)  # past a row's own
+    residual = (p[rows, n_acc] - q_pad[rows, n_acc]).clamp(min=0)   # [B, V]; drafts q = 0, so p (the bonus)
     return n_acc, torch.multinomial(residual / residual.sum(-1, keepdim=True), 1, generator=generator)[:, 0]
 
 
-@torch.inference_mode()
-def generate_speculative(model, idx, max_new_tokens, exit_layer, num_speculations, *, prompt_lens=None,
-                         temperature=0.0, top_k=None, top_p=None, generator=None, compile=False, stop_at_eos=True,
-                         stop=None, n_tokens=None):
-    """Self-speculative decoding (LayerSkip section 4.3): idx [B, T] right-padded prompts (prompt_lens [B])
-    -> ([B, T + max_new_tokens] laid out as generate()'s, stats).
+def draft_step(model, tokens, pos, shared, runs, cache):
+    """One draft step of a skip-plan draft: tokens [B, 1] through layers [0, shared), which the draft and the
+    verification share, then the draft's runs of later layers ((start, stop), ...) and the head
+    -> (hidden state before layer `shared` [B, 1, C]: where verification starts, draft logits [B, V])."""
+    x = model.embed(tokens, pos)
+    attn_mask = cache_mask(model, x, pos, cache)  # one mask for every run
+    h = x = model.run_layers(x, 0, shared, None, cache, pos, attn_mask)
+    for start, stop in runs:
+        x = model.run_layers(x, start, stop, None, cache, pos, attn_mask)
+    return h, model.head(x)[:, -1]
 
-    Each round drafts d tokens with layers [0, E) + the shared head, keeping each drafted position's
-    exit hidden state (output of layer E-1), then verifies all of them in one pass through layers
-    [E, L) only: the draft's KV cache for layers < E is reused. Rows accept different numbers of
+
+def heads_at(model, x, pos, start, stops, cache):
+    """Hidden states x [B, T, C] at positions pos through layers [start, stops[-1]) -> (the hidden state at the
+    end, [logits [B, T, V] of the exit after each layer in stops]): the shadow predictions of --exit_layer auto."""
+    logits = []
+    for stop in stops:
+        x = layers(model, x, pos, start, stop, cache)
+        logits.append(model.head(x))
+        start = stop
+    return x, logits
+
+
+def count_agreement(chooser, E, counts, n_acc, settled, shallow=(), shallow_preds=None, deeper=(), deeper_preds=()):
+    """Tell the exit chooser how its exits did this round. settled [B, K+1]: the tokens at the round's positions,
+    valid up to each row's n_acc (the accepted drafts and the verifier's token). The exit E drafted: its accepted
+    drafts agreed, a rejected one did not. Probe rounds: shallow_preds (per draft step, one [B] per shallow exit)
+    and deeper_preds (one [B, K+1] per deeper exit) are what those exits' heads predicted there."""
+    chooser.count(E, int(n_acc.sum()), int(torch.minimum(counts, n_acc + 1).sum()))
+    if shallow_preds is None:
+        return
+    valid = (torch.arange(settled.shape[1]) <= n_acc[:, None]).to(settled.device)  # [B, K+1]
+    shallow_preds = [torch.stack([step[j] for step in shallow_preds], 1) for j in range(len(shallow))]  # [B, S]
+    for exits, preds in ((shallow, shallow_preds), (deeper, deeper_preds)):
+        for e, pred in zip(exits, preds):
+            k = min(pred.shape[1], settled.shape[1])
+            ok = valid[:, :k]
+            chooser.count(e, int(((pred[:, :k] == settled[:, :k]) & ok).sum()), int(ok.sum()))
+
+
+def draft_plan(model, exit_layer, draft_skip_layers):
+    """The layers a draft skips, as a mask [L]: an early exit at E skips [E, L); a skip plan (layer indices
+    or a mask [L]) skips its layers. The draft must run a layer and skip one."""
+    L = model.n_layer
+    if (exit_layer is None) == (draft_skip_layers is None):
+        raise ValueError("speculation drafts with exit_layer E or with draft_skip_layers (one of them)")
+    if exit_layer is not None:
+        model.check_exit_layer(exit_layer)
+        if exit_layer >= L:
+            raise ValueError(f"speculation needs exit_layer < {L} (the draft must be shallower than the model)")
+        return torch.arange(L) >= exit_layer
+    plan = torch.as_tensor(draft_skip_layers)
+    if plan.dtype != torch.bool:
+        if plan.dim() != 1 or not bool(((plan >= 0) & (plan < L)).all()):
+            raise ValueError(f"draft_skip_layers must be layer indices in [0, {L - 1}], got {draft_skip_layers!r}")
+        plan = layer_mask(plan.tolist(), L)
+    if tuple(plan.shape) != (L,) or not bool(plan.any()) or bool(plan.all()):
+        raise ValueError(f"draft_skip_layers must skip at least one of the {L} layers and keep at least one, "
+                         f"got {draft_skip_layers!r}")
+    return plan
+
+
+def check_draft_threshold(draft_threshold):
+    if draft_threshold is not None and not (isinstance(draft_threshold, (int, float))
+                                            and 0 <= draft_threshold < 1):
+        raise ValueError(f"draft_threshold must be a probability in [0, 1), got {draft_threshold!r}")
+
+
+@torch.inference_mode()
+def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_speculations=3, *, draft_skip_layers=None,
+                         draft_threshold=None, prompt_lens=None, temperature=0.0, top_k=None, top_p=None,
+                         generator=None, compile=False, stop_at_eos=True, stop=None, n_tokens=None):
+    """Self-speculative decoding (LayerSkip section 4.3; skip-plan drafts as in Draft & Verify, REFERENCE.md
+    section 5): idx [B, T] right-padded prompts (prompt_lens [B]) -> ([B, T + max_new_tokens] laid out as
+    generate()'s, stats).
+
+    Each round drafts up to d = num_speculations tokens one at a time with the draft: layers [0, exit_layer) +
+    the shared head (exit_layer "auto": E and d chosen every round, drafts.ExitChooser; its probe rounds run
+    eagerly), or every layer but those in draft_skip_layers (indices, a mask [L], or "auto": the plan chosen
+    from the prompts, drafts.choose_draft_plan). The draft keeps each drafted position's hidden state
+    before f, its first skipped layer (the exit state: output of layer f-1), then verifies all of them in one
+    pass through layers [f, L) only: the KV cache of layers < f is shared. draft_threshold p: a row stops
+    drafting for the round when its draft's top probability falls below p (the round ends when every row has
+    stopped; a stopped row's further drafts are not counted). Rows accept different numbers of
     drafts, so each row has its own position n[b]; a row that has all its tokens leaves the batch.
     Invariant at the start of a round: every layer's cache holds a row's positions [0, n-1); token
-    n-1 is unprocessed. Later rounds overwrite rejected positions: cropping the cache is moving n.
-    With LongRoPE no round straddles the switch to the long factors (model.rope_switch), and a row's first
-    round past it recomputes the cache (refill), so greedy output still equals greedy full-depth decoding.
-    compile: draft steps and verification as compiled graphs. Rows end, and ids are limited, as in generate():
-    an eos (or stop) inside the accepted drafts ends the row there.
+    n-1 is unprocessed. Later rounds overwrite rejected positions (and the draft's own K/V of layers past f):
+    cropping the cache is moving n. With LongRoPE no round straddles the switch to the long factors
+    (model.rope_switch), and a row's first round past it recomputes the cache (refill), so greedy output still
+    equals greedy full-depth decoding. compile: draft steps and verification as compiled graphs. Rows end, and
+    ids are limited, as in generate(): an eos (or stop) inside the accepted drafts ends the row there.
     """
     B, T = idx.shape
     check_sampling(max_new_tokens, temperature, top_k, top_p)
-    model.check_exit_layer(exit_layer)
-    E, L, d = exit_layer, model.n_layer, num_speculations
-    if E >= L:
-        raise ValueError(f"speculation needs exit_layer < {L} (the draft must be shallower than the model)")
-    if d < 1:
+    L, d = model.n_layer, num_speculations
+    if draft_skip_layers == "auto":
+        from drafts import choose_draft_plan
+        draft_skip_layers = choose_draft_plan(model, idx, check_lengths(model, idx, prompt_lens, 0), d)
+    if not isinstance(d, int) or d < 1:
         raise ValueError(f"num_speculations must be at least 1, got {d}")
+    chooser = None
+    if exit_layer == "auto":  # E and d chosen every round from acceptance measured online
+        from drafts import ExitChooser
+        chooser = ExitChooser(model, d)
+        exit_layer = chooser.candidates[0]
+    plan = draft_plan(model, exit_layer, draft_skip_layers)
+    check_draft_threshold(draft_threshold)
     lens = check_lengths(model, idx, prompt_lens, max_new_tokens)
+    f = int(plan.nonzero()[0])                      # the first layer the draft skips
+    runs, _ = layer_runs(plan[None], L)
+    runs = tuple(r for r in runs if r[0] > f)       # the draft's layers after f
     cache = decode_cache(model, idx, T + max_new_tokens, compile)  # positions written stay below T + max_new_tokens
     result = eos_padded(model, idx, lens, max_new_tokens)
     out = torch.cat([idx, result[:, T:], idx.new_zeros(B, d + 1)], dim=1)  # working buffer, rows leave as they finish
@@ -334,45 +421,79 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer, num_speculation
     n, end = lens.clone(), lens + max_new_tokens   # [B] on the CPU
     row_ids = torch.arange(B)                      # original row of each row still in the batch
     drafted, accepted = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
+    calls = {"rounds": 0, "draft_steps": 0, "exit_steps": 0}  # what a round's time is spent on (benchmarks)
+    exits_used = {}                                # exit layer -> rounds drafted with it
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-    draft_step, verify_layers = (compiled(step, idx.device), compiled(layers, idx.device)) if compile else (step, layers)
+    draft, exit_step, verify_layers = ((compiled(draft_step, idx.device), compiled(step, idx.device),
+                                        compiled(layers, idx.device)) if compile else (draft_step, step, layers))
     switch = rope_switch(model.cfg)
 
     while len(row_ids) and max_new_tokens:
-        steps = int((end[row_ids] - n).min().clamp(max=d))  # no row drafts past its end
+        d_round, probe = d, False
+        if chooser:
+            f, d_round, probe = chooser.choose()
+            exits_used[f] = exits_used.get(f, 0) + 1
+            shallow, deeper = [e for e in chooser.candidates if e < f], [e for e in chooser.candidates if e > f]
+            shallow_preds, deeper_preds = [], []
+        steps = int((end[row_ids] - n).min().clamp(max=d_round))  # no row drafts past its end
         if switch is not None:  # LongRoPE: a round stays on one side of the switch (lengths n .. n+steps)
             if bool((n <= switch).any()):
                 steps = min(steps, int((switch - n[n <= switch]).min()))
             if bool((n == switch + 1).any()):  # a row's first round past it: its cache was computed before
                 refill(model, out, n, L, cache)
         rows = torch.arange(len(row_ids), device=idx.device)
+        counts = torch.full((len(row_ids),), steps)          # [B] drafts each row counts this round
         exit_states, draft_probs = [], []
-        for i in range(steps + 1):  # tokens n-1 .. n+steps-1 through layers [0, E); the last is not sampled from
+        for i in range(steps + 1):  # tokens n-1 .. n+i-1 through the draft; the last only through [0, f)
             pos = n - 1 + i
             token = out[rows, pos.to(idx.device)][:, None]  # [B, 1]
-            h = draft_step(model, token, row_positions(pos, cache, idx.device), 0, E, cache)
-            exit_states.append(h.clone())  # a CUDA graph's next replay overwrites its output
+            at = row_positions(pos, cache, idx.device)
             if i == steps:
+                exit_states.append(exit_step(model, token, at, 0, f, cache).clone())
+                calls["exit_steps"] += 1
                 break
-            logits = model.head(h)[:, -1, :n_tokens]
+            if probe:  # eager, with the head at every shallower candidate exit too
+                h, heads = heads_at(model, model.embed(token, at), at, 0, shallow + [f], cache)
+                logits = heads[-1][:, -1, :n_tokens]
+                shallow_preds.append([x[:, -1].argmax(-1) for x in heads[:-1]])  # per shallow exit [B]
+            else:
+                h, logits = draft(model, token, at, f, runs, cache)
+                logits = logits[:, :n_tokens]
+            calls["draft_steps"] += 1
+            exit_states.append(h.clone())  # a CUDA graph's next replay overwrites its output
             if temperature == 0:
                 token = logits.argmax(-1)
+                probs = torch.softmax(logits.float(), -1) if draft_threshold is not None else None
             else:
-                draft_probs.append(probs_from_logits(logits, temperature, top_k, top_p))
-                token = torch.multinomial(draft_probs[-1], 1, generator=generator)[:, 0]
+                probs = probs_from_logits(logits, temperature, top_k, top_p)
+                draft_probs.append(probs)
+                token = torch.multinomial(probs, 1, generator=generator)[:, 0]
             out[rows, (pos + 1).to(idx.device)] = token
-        # verify positions n-1 .. n+steps-1 in one pass through layers [E, L)
-        h = verify_layers(model, torch.cat(exit_states, dim=1), row_positions(n - 1, cache, idx.device), E, L,
-                          cache)  # [B, steps+1, C]
-        at = (n[:, None] + torch.arange(steps)).to(idx.device)  # [B, steps]: draft positions
-        no_drafts = h.new_zeros(len(rows), 0, n_tokens or model.cfg.vocab_size, dtype=torch.float32)  # a round of 0 drafts
-        n_acc, next_token = accept_drafts(model.head(h)[..., :n_tokens], out[rows[:, None], at],
-                                          torch.stack(draft_probs, 1) if draft_probs else no_drafts, **sampling)
+            if draft_threshold is not None:  # a row whose draft is unsure stops: its count is i
+                counts = torch.where((counts == steps) & (probs.max(-1).values.cpu() < draft_threshold), i, counts)
+                if bool((counts < steps).all()):
+                    break
+        K = int(counts.max())  # verify positions n-1 .. n+K-1 in one pass through layers [f, L)
+        states, at = torch.cat(exit_states[:K + 1], dim=1), row_positions(n - 1, cache, idx.device)  # [B, K+1, C]
+        if probe:  # eager, with the head at every deeper candidate exit too
+            _, heads = heads_at(model, states, at, f, deeper + [L], cache)
+            logits, deeper_preds = heads[-1], [x.argmax(-1) for x in heads[:-1]]
+        else:
+            logits = model.head(verify_layers(model, states, at, f, L, cache))  # [B, K+1, V]
+        at = (n[:, None] + torch.arange(K)).to(idx.device)  # [B, K]: draft positions
+        no_drafts = logits.new_zeros(len(rows), 0, logits[..., :n_tokens].shape[-1], dtype=torch.float32)
+        n_acc, next_token = accept_drafts(logits[..., :n_tokens], out[rows[:, None], at],
+                                          torch.stack(draft_probs, 1)[:, :K] if draft_probs else no_drafts,
+                                          **sampling, counts=counts)
         n_acc = n_acc.cpu()
+        calls["rounds"] += 1
         out[rows, (n + n_acc).to(idx.device)] = next_token
-        drafted[row_ids] += steps
+        new = out[rows[:, None], (n[:, None] + torch.arange(K + 1)).to(idx.device)]  # [B, K+1]: settled up to n_acc
+        if chooser:
+            probes = (shallow, shallow_preds, deeper, deeper_preds) if probe else ()
+            count_agreement(chooser, f, counts, n_acc, new, *probes)
+        drafted[row_ids] += counts
         accepted[row_ids] += n_acc
-        new = out[rows[:, None], (n[:, None] + torch.arange(steps + 1)).to(idx.device)]  # [B, steps+1]
         kept, ended = row_ends(new, n_acc + 1, model.cfg.eos_id if stop_at_eos else None, row_ids, stop)
         n = n + kept
         done = ended | (n >= end[row_ids])
@@ -385,5 +506,9 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer, num_speculation
             cache = cache.keep_rows(keep.to(idx.device))
     stats = {"drafted": int(drafted.sum()), "accepted": int(accepted.sum()),
              "acceptance_rate": int(accepted.sum()) / max(int(drafted.sum()), 1),
-             "row_acceptance_rate": (accepted / drafted.clamp(min=1)).tolist()}
+             "row_acceptance_rate": (accepted / drafted.clamp(min=1)).tolist(),
+             "draft_skip_layers": plan.nonzero()[:, 0].tolist(), **calls}
+    if chooser:  # the exit layers drafted with, not one plan
+        stats["exit_layers"] = exits_used
+        del stats["draft_skip_layers"]
     return result, stats

@@ -3,7 +3,11 @@ Generate from a trained model:  python sample.py [--out_dir out] [--prompt "def 
 
 --exit_layer E decodes with the first E layers and the shared exit. --skip_layers 3,5,7 skips those
 layers (0-based) for generated tokens; without it, a plan stored in the checkpoint's config applies
-(--skip_layers none turns it off). --speculative drafts with [0, E) and verifies with the rest.
+(--skip_layers none turns it off). --speculative drafts with [0, E) and verifies with the rest;
+--draft_skip_layers 3,5,7 (or auto: chosen from the prompts) drafts with every layer but those instead,
+for models not trained with LayerSkip; --exit_layer auto chooses E and d every round from the acceptance
+measured while generating; --draft_threshold p stops a round's drafting when the draft's top
+probability falls below p (--num_speculations is then the cap).
 --prompts FILE (a JSON list of strings, or of {"instruction", "input"} records) decodes several prompts as one
 batch. --instruction "..." [--input "..."] asks a fine-tuned checkpoint in the prompt template it was trained with.
 A row ends at eos, or after the token that completes a --stop string (repeatable; the text is cut before it).
@@ -43,9 +47,11 @@ class SampleConfig:
     temperature: float = 0.8
     top_k: int | None = 200
     top_p: float | None = None
-    exit_layer: int | None = None
+    exit_layer: int | str | None = None  # with --speculative also "auto": E and d chosen while generating
     speculative: bool = False        # self-speculative decoding: draft with [0, exit_layer), verify with the rest
-    num_speculations: int = 3        # d: tokens drafted per round
+    num_speculations: int = 3        # d: the most tokens drafted per round
+    draft_threshold: float | None = None  # a row stops drafting for the round when its draft's top probability < this
+    draft_skip_layers: str = ""      # draft with every layer but these ("3,5,7"; "auto": chosen from the prompts)
     skip_layers: str = ""            # comma-separated 0-based layers to skip while generating; "none": no plan
     sweep: bool = False              # time self-speculation over sweep_exit_layers x sweep_num_speculations
     sweep_exit_layers: str = ""      # default: up to 6 depths spread over [1, L)
@@ -194,12 +200,14 @@ def sweep(cfg, model, prompts, sampling):
 def main():
     cfg = configure(SampleConfig())
     check_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    if isinstance(cfg.exit_layer, str) and not (cfg.exit_layer == "auto" and cfg.speculative):
+        raise ValueError(f"exit_layer must be an integer (or auto, with --speculative), got {cfg.exit_layer!r}")
     stops = stop_strings(cfg.stop)
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if not os.path.isdir(cfg.out_dir):
         raise FileNotFoundError(f"no checkpoint directory {cfg.out_dir!r}: train one first (python train.py)")
     model = Transformer.from_pretrained(cfg.out_dir, device=device)
-    if cfg.exit_layer is not None:
+    if cfg.exit_layer not in (None, "auto"):
         model.check_exit_layer(cfg.exit_layer)
     skip_mask = parse_skip_layers(cfg.skip_layers, model.n_layer)
     tok = load_tokenizer(cfg.out_dir, model.cfg.bos_id, model.cfg.eos_id)
@@ -213,10 +221,13 @@ def main():
         return sweep(cfg, model, [torch.tensor([p], device=device) for p in ids], sampling)
     idx, lens = pad_prompts(ids)
     idx = idx.to(device)
-    if cfg.speculative:  # generate_speculative checks the draft depth and d itself
-        if cfg.exit_layer is None:
-            raise ValueError("--speculative needs --exit_layer E (the draft depth)")
-        header = f"self-speculative: draft {cfg.exit_layer} layers, d={cfg.num_speculations}"
+    if cfg.speculative:  # generate_speculative checks the draft and its values itself
+        plan = cfg.draft_skip_layers
+        if plan and plan != "auto":
+            plan = parse_layers(plan, "draft_skip_layers", 0, model.n_layer - 1)
+        draft = f"exit layer {cfg.exit_layer}" if cfg.exit_layer is not None else f"skipping layers {plan}"
+        header = f"self-speculative: draft {draft}, d={cfg.num_speculations}"
+        header += f", threshold {cfg.draft_threshold}" if cfg.draft_threshold is not None else ""
     else:
         plan = model.cfg.skip_layers if skip_mask is None else skip_mask.nonzero()[:, 0].tolist()
         header = f"exit layer {cfg.exit_layer}" if cfg.exit_layer else f"all {model.n_layer} layers"
@@ -230,7 +241,12 @@ def main():
     stop = completions if stops or stream else None
     if cfg.speculative:
         out, stats = generate_speculative(model, idx, cfg.max_new_tokens, cfg.exit_layer, cfg.num_speculations,
+                                          draft_skip_layers=plan or None, draft_threshold=cfg.draft_threshold,
                                           prompt_lens=lens, stop=stop, **sampling)
+        if "exit_layers" in stats:
+            header += f", exit layers used (rounds) {stats['exit_layers']}"
+        elif plan == "auto":
+            header += f" {stats['draft_skip_layers']}"
         header += f", acceptance {stats['acceptance_rate']:.1%}"
     else:
         out = generate(model, idx, cfg.max_new_tokens, prompt_lens=lens, exit_layer=cfg.exit_layer,

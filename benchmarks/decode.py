@@ -27,17 +27,17 @@ def decode_flops(cfg, n_layers, T):
     return n_layers * 2 * (layer + 2 * cfg.n_head * hd * T) + 2 * cfg.n_embd * cfg.vocab_size
 
 
-def converted_pair(cfg, E):
-    """A random transformers Llama and the same weights converted to nanoskip. Layers from E on get their
-    output projections scaled by 0.02, so that (like a LayerSkip-trained model) the exit at E mostly agrees
-    with the last layer and speculation has drafts to accept."""
+def converted_pair(cfg, E, scale=0.02):
+    """A random transformers Llama of cfg's shape and the same weights converted to nanoskip. Layers from E on
+    get their output projections scaled by `scale`, so that (like a LayerSkip-trained model) the exit at E mostly
+    agrees with the last layer and speculation has drafts to accept (at the rate a run measures and prints)."""
     import tempfile
     from checkpoints_convert import from_hf
     hf = hf_llama(cfg).eval()
     with torch.no_grad():
         for layer in hf.model.layers[E:]:
-            layer.self_attn.o_proj.weight.mul_(0.02)
-            layer.mlp.down_proj.weight.mul_(0.02)
+            layer.self_attn.o_proj.weight.mul_(scale)
+            layer.mlp.down_proj.weight.mul_(scale)
     hf.generation_config.eos_token_id = None  # random weights: never stop early, on either side
     hf.generation_config.pad_token_id = 0
     with tempfile.TemporaryDirectory() as tmp:

@@ -191,10 +191,13 @@ def test_greedy_speculation_with_alibi_and_sliding_window():
             assert generate_speculative(model, idx, 24, E, d)[0].tolist() == expected.tolist()
 
 
-@pytest.mark.parametrize("batched", [False, True])
-def test_speculative_sampling_matches_the_model_distribution(batched):
+@pytest.mark.parametrize("batched, draft", [(False, dict(exit_layer=1)), (True, dict(exit_layer=1)),
+                                           (True, dict(exit_layer=1, draft_threshold=0.38)),
+                                           (True, dict(draft_skip_layers=[1, 3]))])
+def test_speculative_sampling_matches_the_model_distribution(batched, draft):
     """Chi-square test on the joint distribution of the first two sampled tokens (V=4: 16 cells),
-    from N calls with one prompt, or one call with N rows."""
+    from N calls with one prompt, or one call with N rows; drafts by an early exit, stopped by a confidence
+    threshold, or by a skip plan."""
     torch.manual_seed(0)
     model = Transformer(replace(PRESETS["test-tiny"], vocab_size=4, n_layer=4)).eval()
     with torch.no_grad():
@@ -206,17 +209,22 @@ def test_speculative_sampling_matches_the_model_distribution(batched):
     for a in range(4):
         p2 = probs_from_logits(model(torch.tensor([[1, a]]))[:, -1])[0]
         exact[a] = (p1[a] * p2).double()
-    draft_p1 = probs_from_logits(model(idx, exit_layer=1)[:, -1])[0]
+    plan = generate_module.draft_plan(model, draft.get("exit_layer"), draft.get("draft_skip_layers"))
+    draft_p1 = probs_from_logits(model(idx, skip_mask=plan)[:, -1])[0]
     assert (draft_p1 - p1).abs().max() > 0.1  # the draft really is a different distribution
     g = torch.Generator().manual_seed(123)
     N = 3000
     counts = torch.zeros(4, 4, dtype=torch.float64)
     runs = [idx.expand(N, 1)] if batched else [idx] * N
+    drafted = 0
     for prompts in runs:
-        out, _ = generate_speculative(model, prompts, 2, exit_layer=1, num_speculations=2, temperature=1.0, generator=g,
-                                      stop_at_eos=False)  # eos (id 2) is one of the 4 tokens: the joint of any two
+        out, stats = generate_speculative(model, prompts, 2, num_speculations=2, temperature=1.0, generator=g,
+                                          stop_at_eos=False, **draft)  # eos (id 2) is one of the 4 tokens
+        drafted += stats["drafted"]
         for row in out.tolist():
             counts[row[1], row[2]] += 1
+    if "draft_threshold" in draft:  # the second draft is unsure after some first tokens only: some rows stop
+        assert N < drafted < 2 * N, drafted
     expected = N * exact
     keep = expected > 5
     chi2 = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum().item()

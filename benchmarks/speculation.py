@@ -1,0 +1,182 @@
+"""
+python bench.py --mode speculation: does self-speculation pay, and how close does it come to what its
+acceptance allows? Batch 1, greedy, prompts one at a time; every speedup is against our own full-depth decoding
+of the same prompts in the same process, and every speculative output is checked identical to it.
+
+For each setting: measured speedup, acceptance, and the ideal speedup that the measured rounds (draft steps,
+exit steps, verifications) and the measured cost of one draft step, one exit step and one verification
+predict (REFERENCE.md section 5: tokens per round over the round's cost); fraction = measured / ideal.
+Models: (a) a LayerSkip-trained checkpoint on a mixed code prompt set, (b) a converted random transformers
+Llama of TinyLlama-1.1B's shape with later layers' output projections scaled down (against transformers'
+assistant_early_exit on the same weights), (c) a checkpoint trained without LayerSkip, with skip-plan drafts.
+"""
+import os
+import sysconfig
+import time
+from dataclasses import replace
+
+import torch
+
+from benchmarks.common import fixed_length_decoders
+from benchmarks.decode import converted_pair
+from generate import compiled, decode_cache, draft_plan, draft_step, layer_runs, layers, next_logits, prefill, step
+from model import PRESETS, Transformer
+from tokenizer import load_tokenizer
+
+generate, generate_speculative = fixed_length_decoders()  # every run decodes all its tokens: equal work
+
+# (file, character offset): repetitive tables and boilerplate (easy to draft) to prose and dense logic (hard)
+PROMPT_FILES = [("token.py", 200), ("keyword.py", 300), ("argparse.py", 6000), ("json/decoder.py", 1200),
+                ("heapq.py", 9000), ("this.py", 0), ("textwrap.py", 4000), ("colorsys.py", 2000)]
+
+
+def code_prompts(tok, device, n_tokens=48):
+    stdlib = sysconfig.get_paths()["stdlib"]
+    texts = [open(os.path.join(stdlib, f), encoding="utf-8").read()[at:at + 800] for f, at in PROMPT_FILES]
+    return [torch.tensor([[tok.bos_id()] + tok.encode(t)[:n_tokens]], device=device) for t in texts]
+
+
+WARM_UP = True  # a first, untimed call (compiled steps compile in it)
+
+
+def seconds(fn, repeats):
+    """Shortest of `repeats` timed calls, after one warm-up call when WARM_UP."""
+    result = fn() if WARM_UP else None
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, result
+
+
+@torch.inference_mode()
+def step_costs(model, prompt, plan, d, compile, repeats=10):
+    """Seconds of one full-depth decode step, one draft step, one exit step (layers [0, f)) and one verification
+    of d+1 tokens (layers [f, L) + head), batch 1 at the prompt's end, through the graphs decoding uses."""
+    L, T = model.n_layer, prompt.shape[1]
+    cache = decode_cache(model, prompt, T + d + 1, compile)
+    prefill(model, prompt, torch.tensor([T]), L, cache)
+    f = int(plan.nonzero()[0])
+    runs = tuple(r for r in layer_runs(plan[None], L)[0] if r[0] > f)
+    fns = [compiled(fn, prompt.device) if compile else fn for fn in (next_logits, draft_step, step, layers)]
+    full, draft, exit_, verify = fns
+    token, states = prompt[:, -1:], torch.zeros(1, d + 1, model.cfg.n_embd, device=prompt.device)
+    calls = {"full": lambda: full(model, token, T, ((0, L),), cache),
+             "draft": lambda: draft(model, token, T, f, runs, cache),
+             "exit": lambda: exit_(model, token, T, 0, f, cache),
+             "verify": lambda: model.head(verify(model, states, T, f, L, cache))}
+    return {k: seconds(fn, repeats)[0] for k, fn in calls.items()}
+
+
+def run_setting(model, prompts, n, full_time, full_out, repeats, compile, costs, label, **draft):
+    """Time one speculative setting over the prompts; print speedup, acceptance, ideal speedup, fraction."""
+    t, results = seconds(lambda: [generate_speculative(model, p, n, compile=compile, **draft) for p in prompts],
+                         repeats)
+    same = all(torch.equal(o, f) for (o, _), f in zip(results, full_out))
+    ideal_time = full_depth_time = 0.0
+    for _, s in results:  # the plan (auto: chosen per prompt; exit auto: its most used exit) sets the step costs
+        skipped = s.get("draft_skip_layers") or list(range(max(s["exit_layers"], key=s["exit_layers"].get),
+                                                             model.n_layer))
+        c = costs(skipped, round(s["drafted"] / s["rounds"]))  # batch 1: a round verifies its drafts + 1
+        ideal_time += s["draft_steps"] * c["draft"] + s["exit_steps"] * c["exit"] + s["rounds"] * c["verify"]
+        full_depth_time += n * c["full"]
+    total = {k: sum(s[k] for _, s in results) for k in ("drafted", "accepted", "rounds")}
+    ideal, speedup = full_depth_time / ideal_time, full_time / t
+    plans = sorted({str(s.get("draft_skip_layers", s.get("exit_layers"))) for _, s in results})
+    print(f"  {label:42s} {speedup:5.2f}x  acceptance {total['accepted'] / max(total['drafted'], 1):6.1%}  "
+          f"tokens/round {n * len(prompts) / total['rounds']:4.2f}  ideal {ideal:5.2f}x  fraction "
+          f"{speedup / ideal:4.0%}  identical {same}" + (f"  plans {' '.join(plans)}" if "draft_skip_layers" in draft
+                                                         or draft.get("exit_layer") == "auto" else ""))
+    return speedup
+
+
+def bench_model(model, prompts, n, repeats, compile, settings):
+    """Full depth, then every setting in `settings` (label -> generate_speculative keywords, or a function of
+    the results so far returning them)."""
+    t_full, full_out = seconds(lambda: [generate(model, p, n, temperature=0, compile=compile) for p in prompts], repeats)
+    print(f"  full depth: {t_full / (n * len(prompts)) * 1e3:.2f} ms/token")
+    cost_cache = {}
+
+    def costs(skipped, d):
+        if (tuple(skipped), d) not in cost_cache:
+            plan = draft_plan(model, None, skipped)
+            cost_cache[tuple(skipped), d] = step_costs(model, prompts[0], plan, d, compile)
+        return cost_cache[tuple(skipped), d]
+
+    results = {}
+    for label, draft in settings:
+        if callable(draft):
+            draft = draft(results)
+            label = label.format(**draft)
+        results[label] = (run_setting(model, prompts, n, t_full, full_out, repeats, compile, costs, label, **draft),
+                          draft)
+    return t_full, full_out
+
+
+def best_static(results):
+    return max((r for r in results.values() if "draft_threshold" not in r[1]), key=lambda r: r[0])[1]
+
+
+def layerskip_settings(L):
+    exits = sorted({L // 4, L // 2})
+    static = [(f"E={E} d={d}", dict(exit_layer=E, num_speculations=d)) for E in exits for d in (2, 4, 6)]
+    dynamic = [("threshold {draft_threshold} at E={exit_layer}, cap {num_speculations}",
+                lambda r, p=p: dict(best_static(r), num_speculations=8, draft_threshold=p)) for p in (0.5, 0.8)]
+    auto = [("exit layer auto, cap 8", dict(exit_layer="auto", num_speculations=8))]
+    return static + dynamic + auto
+
+
+def plain_settings(L):
+    return [(f"auto plan, d={d}", dict(draft_skip_layers="auto", num_speculations=d)) for d in (2, 4)] + [
+        (f"plan skipping every other layer of the second half, d={d}",
+         dict(draft_skip_layers=list(range(L // 2, L, 2)), num_speculations=d)) for d in (2, 4)]
+
+
+def bench_tinyllama(n, repeats, compile, E=4, scale=0.05, d=4):
+    """Model (b): ours against transformers on the same weights, then our settings (eager: no warm-up calls,
+    each fp32 1.1B decode being tens of seconds on a shared CPU)."""
+    hf, ours = converted_pair(replace(PRESETS["tinyllama-1.1b"], block_size=512), E, scale)
+    ours.decode_layout()  # what the first decode would do, kept out of the timed calls
+    prompt = torch.randint(32000, (1, 16), generator=torch.Generator().manual_seed(0))
+    print(f"\n(b) random Llama of TinyLlama-1.1B's shape, fp32, layers >= {E} output projections x{scale}; prompt 16, "
+          f"{n} new tokens")
+
+    def hf_generate(threshold=None, **kw):
+        hf.generation_config.assistant_confidence_threshold = threshold  # read by the early-exit assistant
+        with torch.no_grad():
+            return hf.generate(prompt, max_new_tokens=n, do_sample=False, **kw)
+
+    settings = [(f"E={E} d={dd}", dict(exit_layer=E, num_speculations=dd)) for dd in ((2, 4, 6) if compile else (d,))] + [
+        ("exit layer auto, cap 8", dict(exit_layer="auto", num_speculations=8))]
+    t_ours, (ours_out,) = bench_model(ours, [prompt], n, repeats, compile, settings)
+    t_hf, hf_out = seconds(hf_generate, repeats)
+    print(f"  transformers generate: {t_hf / n * 1e3:.0f} ms/token, our full depth {t_hf / t_ours:.2f}x faster; "
+          f"identical {torch.equal(hf_out, ours_out)}")
+    for threshold in (0.0, 0.4):
+        t, out = seconds(lambda: hf_generate(threshold, assistant_early_exit=E, num_assistant_tokens=d,
+                                             num_assistant_tokens_schedule="constant"), repeats)
+        print(f"  transformers assistant_early_exit={E} d={d} confidence threshold {threshold}: {t_ours / t:.2f}x "
+              f"over our full depth; identical {torch.equal(out, ours_out)}")
+
+
+def bench_speculation(ls_ckpt, plain_ckpt, n, repeats, compile, models):
+    global WARM_UP
+    WARM_UP = compile
+    torch._dynamo.config.cache_size_limit = 64  # every draft depth and plan is its own graph
+    print(f"{torch.get_num_threads()} threads; greedy, batch 1; {'--compile' if compile else 'eager'}; best of "
+          f"{repeats}; speedups over our own full-depth decoding in this process")
+    for key, ckpt, title, settings in (("a", ls_ckpt, "LayerSkip-trained", layerskip_settings),
+                                       ("c", plain_ckpt, "trained without LayerSkip", plain_settings)):
+        if key not in models:
+            continue
+        if not os.path.isdir(ckpt):
+            print(f"\n({key}) no checkpoint {ckpt!r}: skipped")
+            continue
+        model = Transformer.from_pretrained(ckpt)
+        prompts = code_prompts(load_tokenizer(ckpt, model.cfg.bos_id, model.cfg.eos_id), "cpu")
+        print(f"\n({key}) {title} {ckpt!r}: {model.n_layer} layers x {model.cfg.n_embd}; {len(prompts)} mixed stdlib "
+              f"code prompts of 48 tokens, {n} new tokens each")
+        bench_model(model, prompts, n, repeats, compile, settings(model.n_layer))
+    if "b" in models:
+        bench_tinyllama(min(n, 32), repeats, compile)

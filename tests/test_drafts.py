@@ -1,0 +1,155 @@
+"""Dynamic drafting and skip-plan drafts for self-speculation: greedy output equals plain greedy decoding
+(batch 1 and ragged batches, random and trained weights, every family), and bad values are one line."""
+import os
+import sys
+from dataclasses import replace
+from unittest import mock
+
+import pytest
+import torch
+
+import sample
+from configurator import run_main
+from generate import generate, generate_speculative, pad_prompts
+from model import PRESETS, Transformer
+from test_generate import FAMILIES, model_with, ragged_prompts
+from tokenizer import load_tokenizer
+
+DRAFTS = [dict(exit_layer=2, draft_threshold=0.3), dict(draft_skip_layers=[1, 3]),
+          dict(draft_skip_layers=[0, 4], draft_threshold=0.3), dict(draft_skip_layers="auto"), dict(exit_layer="auto")]
+
+
+def layers(n):
+    torch.manual_seed(0)
+    return Transformer(replace(PRESETS["test-tiny"], n_layer=n)).eval()
+
+
+def assert_drafts_give_greedy(model, idx, lens, n, drafts=DRAFTS, ds=(4,)):
+    """Every draft setting in `drafts` decodes idx (ragged, lengths lens) and each row alone as plain greedy."""
+    expected = generate(model, idx, n, prompt_lens=lens, temperature=0)
+    stats = {}
+    for draft in drafts:
+        for d in ds:
+            out, stats[str(draft), d] = generate_speculative(model, idx, n, num_speculations=d, prompt_lens=lens, **draft)
+            assert out.tolist() == expected.tolist(), (draft, d)
+        b = int(lens.argmin())  # the shortest prompt alone
+        alone, _ = generate_speculative(model, idx[b:b + 1, :int(lens[b])], n, num_speculations=d, **draft)
+        assert alone[0].tolist() == expected[b, :int(lens[b]) + n].tolist(), draft
+    return stats
+
+
+@pytest.mark.parametrize("kw", FAMILIES[:3])  # Llama, ALiBi (Bloom-style), sliding window (Phi-3-style)
+def test_dynamic_and_skip_plan_drafts_give_greedy_decoding(kw):
+    model = model_with(**kw)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # confident drafts some of the time, so the threshold stops some rows only
+    idx, lens = pad_prompts(ragged_prompts(seed=3))
+    stats = assert_drafts_give_greedy(model, idx, lens, 20)
+    thresholded = stats[str(DRAFTS[0]), 4]
+    _, plain = generate_speculative(model, idx, 20, 2, 4, prompt_lens=lens)  # the same draft, no threshold
+    assert 0 < thresholded["drafted"] < 0.75 * plain["drafted"], (thresholded, plain)  # unsure drafts were stopped
+
+
+def test_drafts_on_a_layerskip_trained_model(layerskip_trained, stdlib_path):
+    """Trained weights: drafts mostly accepted, so long accepted runs meet the threshold, the plans and auto."""
+    model = Transformer.from_pretrained(layerskip_trained).eval()
+    tok = load_tokenizer(layerskip_trained, model.cfg.bos_id, model.cfg.eos_id)
+    texts = [open(os.path.join(stdlib_path, f), encoding="utf-8").read()[:300] for f in ("argparse.py", "heapq.py")]
+    idx, lens = pad_prompts([[tok.bos_id()] + tok.encode(t)[:n] for t, n in zip(texts, (20, 9))])
+    drafts = [dict(exit_layer=3, draft_threshold=0.5), dict(draft_skip_layers=[2]), dict(draft_skip_layers="auto"),
+              dict(exit_layer="auto", draft_threshold=0.3)]
+    stats = assert_drafts_give_greedy(model, idx, lens, 40, drafts, ds=(3, 6))
+    assert stats[str(drafts[0]), 6]["acceptance_rate"] > 0.5, stats  # E=3 d=6 accepts 0.8 without a threshold
+
+
+@torch.no_grad()
+def test_auto_plan_skips_the_layers_that_change_nothing():
+    """Layers 2 and 4 made identities (output projections zeroed): skipping them agrees with the full model on
+    every prompt token, so the auto plan skips both (and greedy output is still plain greedy)."""
+    from drafts import choose_draft_plan
+    model = model_with()
+    for l in (2, 4):
+        model.layers[l].attn.wo.weight.zero_()
+        model.layers[l].mlp.w_down.weight.zero_()
+    idx, lens = pad_prompts(ragged_prompts(seed=5))
+    plan = choose_draft_plan(model, idx, lens, 4)
+    assert plan[2] and plan[4] and not plan.all(), plan
+    out, stats = generate_speculative(model, idx, 12, num_speculations=4, prompt_lens=lens, draft_skip_layers="auto")
+    assert out.tolist() == generate(model, idx, 12, prompt_lens=lens, temperature=0).tolist()
+    assert {2, 4} <= set(stats["draft_skip_layers"])
+
+
+def test_exit_layer_auto_follows_the_measured_acceptance():
+    """Layers from 2 on nearly identities (output projections x0.05): exit 2 agrees with the last layer and exit 1
+    does not, so the exit measured online settles on 2 (probe rounds measure the other candidates)."""
+    model = layers(8)
+    with torch.no_grad():
+        for block in model.layers[2:]:
+            block.attn.wo.weight.mul_(0.05)
+            block.mlp.w_down.weight.mul_(0.05)
+    idx, lens = pad_prompts(ragged_prompts(seed=3))
+    out, stats = generate_speculative(model, idx, 40, "auto", 6, prompt_lens=lens)
+    assert out.tolist() == generate(model, idx, 40, prompt_lens=lens, temperature=0).tolist()
+    assert max(stats["exit_layers"], key=stats["exit_layers"].get) == 2, stats
+    assert stats["acceptance_rate"] > 0.7, stats
+
+
+@pytest.mark.parametrize("draft, words", [
+    (dict(exit_layer=2, draft_threshold=1.0), ["draft_threshold", "[0, 1)"]),
+    (dict(exit_layer=2, draft_threshold=-0.1), ["draft_threshold", "[0, 1)"]),
+    (dict(draft_skip_layers=[]), ["draft_skip_layers", "at least one"]),
+    (dict(draft_skip_layers=list(range(6))), ["draft_skip_layers", "keep at least one"]),
+    (dict(draft_skip_layers=[6]), ["draft_skip_layers", "[0, 5]"]),
+    (dict(exit_layer=2, draft_skip_layers=[3]), ["exit_layer", "draft_skip_layers"]),
+    (dict(), ["exit_layer", "draft_skip_layers"]),
+    (dict(exit_layer="auto", draft_skip_layers=[3]), ["exit_layer", "draft_skip_layers"]),
+])
+def test_bad_draft_values(draft, words):
+    with pytest.raises(ValueError) as e:
+        generate_speculative(model_with(), torch.zeros(1, 3, dtype=torch.long), 5, num_speculations=2, **draft)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_exit_layer_auto_needs_two_layers():
+    with pytest.raises(ValueError, match="exit_layer auto needs a model of at least 2 layers"):
+        generate_speculative(layers(1), torch.zeros(1, 3, dtype=torch.long), 5, "auto", 2)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A 6-layer random model with a word-level tokenizer.json (w0 .. w255): a checkpoint sample.py reads."""
+    tokenizers = pytest.importorskip("tokenizers")
+    out = tmp_path_factory.mktemp("tiny")
+    model_with().save_pretrained(str(out))
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(out / "tokenizer.json"))
+    return str(out)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--exit_layer=2", "--draft_threshold=1.5"], ["draft_threshold", "[0, 1)"]),
+    (["--draft_skip_layers=0,1,2,3,4,5"], ["draft_skip_layers", "keep at least one"]),
+    (["--draft_skip_layers=x"], ["draft_skip_layers", "integers"]),
+    (["--draft_skip_layers=1,2", "--exit_layer=2"], ["exit_layer", "draft_skip_layers"]),
+    ([], ["exit_layer", "draft_skip_layers"]),
+    (["--exit_layer=auto", "--speculative=False"], ["exit_layer", "auto", "--speculative"]),
+    (["--exit_layer=deep"], ["exit_layer", "integer"]),
+])
+def test_sample_bad_draft_flags(args, words, tiny_dir):
+    argv = ["sample.py", f"--out_dir={tiny_dir}", "--speculative", "--max_new_tokens=4", "--device=cpu", *args]
+    with mock.patch.object(sys, "argv", argv), pytest.raises(SystemExit) as e:
+        run_main(sample.main)
+    line = str(e.value.code)
+    assert "\n" not in line and all(w in line for w in words), line
+
+
+def test_sample_draft_flags(tiny_dir, capsys):
+    for args in (["--exit_layer=2", "--draft_threshold=0.5"], ["--draft_skip_layers=1,3"], ["--draft_skip_layers=auto"],
+                 ["--exit_layer=auto"]):
+        argv = ["sample.py", f"--out_dir={tiny_dir}", "--speculative", "--max_new_tokens=4", "--device=cpu",
+                "--prompt=w5 w7", *args]
+        with mock.patch.object(sys, "argv", argv):
+            run_main(sample.main)
+        printed = capsys.readouterr().out
+        assert "self-speculative: draft" in printed and "w5 w7" in printed, printed

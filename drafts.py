@@ -1,5 +1,6 @@
 """
-Choosing a draft for self-speculation from the prompt itself, before decoding (REFERENCE.md section 5).
+Choosing a draft for self-speculation (REFERENCE.md section 5): a skip plan from the prompt itself, before
+decoding (choose_draft_plan), or the exit layer and cap of each round while generating (ExitChooser).
 
 A skip-plan draft runs every layer but the plan's; whether it pays depends on how often its next-token
 prediction agrees with the full model's (the acceptance rate a) and on what a draft step and a verification
@@ -43,7 +44,9 @@ def choose_draft_plan(model, idx, lens, d):
     token on the prompts' tokens); plans are then the k best-scoring layers for k = 1 .. L-1, each scored on
     the prompts again (2L - 1 forwards over the prompts). Agreement on the prompt stands in for acceptance.
     """
-    L, B, T = model.n_layer, *idx.shape
+    L, T = model.n_layer, idx.shape[1]
+    if L < 2:
+        raise ValueError(f"draft_skip_layers auto needs a model of at least 2 layers, this one has {L}")
     valid = (torch.arange(T) < torch.as_tensor(lens)[:, None]).to(idx.device)  # [B, T]
 
     def agreement(plan):

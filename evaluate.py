@@ -104,20 +104,24 @@ class Setting:
 
 
 def decode_settings(model, exit_layer, d):
-    """Full depth, early exit, the checkpoint's skip plan (if it has one), self-speculation. A dynamic
-    drafting mode of generate_speculative is one more Setting here, its keywords in `options`."""
+    """Full depth, early exit, the checkpoint's skip plan (if it has one), self-speculation: static (E, d), with a
+    confidence threshold (cap 2d), and with the exit layer and cap chosen while generating (exit layer auto)."""
     E = exit_layer or model.n_layer // 2
     model.check_exit_layer(E)
     settings = [Setting("full depth"), Setting(f"exit layer {E}", exit_layer=E)]
     if model.cfg.skip_layers:
         settings.append(Setting(f"skip plan {list(model.cfg.skip_layers)}", skip_layers=list(model.cfg.skip_layers)))
     if E < model.n_layer:
-        settings.append(Setting(f"self-speculation E={E} d={d}", exit_layer=E, num_speculations=d))
+        settings += [Setting(f"self-speculation E={E} d={d}", exit_layer=E, num_speculations=d),
+                     Setting(f"self-speculation E={E} threshold 0.5 cap {2 * d}", exit_layer=E,
+                             num_speculations=2 * d, options={"draft_threshold": 0.5}),
+                     Setting(f"self-speculation exit layer auto cap {2 * d}", exit_layer="auto", num_speculations=2 * d)]
     return settings
 
 
 def decode(model, idx, max_new_tokens, setting, sampling):
-    """idx [1, T] -> (generated ids [max_new_tokens], drafted, accepted)."""
+    """idx [1, T] -> (generated ids [max_new_tokens]: up to and with the first eos, then eos padding, drafted,
+    accepted)."""
     if setting.num_speculations:
         out, stats = generate_speculative(model, idx, max_new_tokens, setting.exit_layer, setting.num_speculations,
                                           **sampling, **setting.options)
@@ -132,10 +136,11 @@ def complete(model, tok, task_list, setting, cfg, device):
     ({task_id: [text, ...]}, seconds spent decoding, tokens generated, drafted, accepted). Prompts keep their
     last block_size - max_new_tokens - 1 tokens; the first task is decoded once untimed (warm-up)."""
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    sampling = dict(temperature=cfg.temperature, top_k=cfg.top_k, generator=generator)
+    # a row ends at eos; ids the tokenizer lacks (a padded vocabulary's rows) are never generated
+    sampling = dict(temperature=cfg.temperature, top_k=cfg.top_k, generator=generator, n_tokens=tok.vocab_size())
     keep = model.cfg.block_size - cfg.max_new_tokens - 1
     prompts = [torch.tensor([[tok.bos_id()] + tok.encode(t["prompt"])[-keep:]], device=device) for t in task_list]
-    decode(model, prompts[0], cfg.max_new_tokens, setting, dict(temperature=0.0))
+    decode(model, prompts[0], cfg.max_new_tokens, setting, dict(temperature=0.0, n_tokens=tok.vocab_size()))
     samples, seconds, tokens, drafted, accepted = {}, 0.0, 0, 0, 0
     for task, idx in tqdm(list(zip(task_list, prompts)), desc=setting.name, leave=False):
         for _ in range(cfg.num_samples):
@@ -143,9 +148,10 @@ def complete(model, tok, task_list, setting, cfg, device):
             ids, n_drafted, n_accepted = decode(model, idx, cfg.max_new_tokens, setting, sampling)
             seconds += time.perf_counter() - t0
             ids = ids.tolist()
-            ids = ids[:ids.index(tok.eos_id())] if tok.eos_id() in ids else ids
-            samples.setdefault(task["task_id"], []).append(tok.decode(ids))
-            tokens, drafted, accepted = tokens + cfg.max_new_tokens, drafted + n_drafted, accepted + n_accepted
+            ended = tok.eos_id() in ids
+            n_generated = ids.index(tok.eos_id()) + 1 if ended else len(ids)  # the eos is generated too
+            samples.setdefault(task["task_id"], []).append(tok.decode(ids[:n_generated - ended]))
+            tokens, drafted, accepted = tokens + n_generated, drafted + n_drafted, accepted + n_accepted
     return samples, seconds, tokens, drafted, accepted
 
 
@@ -278,7 +284,7 @@ def main():
             loss, run = masked_eval(m, val_batch, n, lambda i, y, r: response_skip_mask(y, done, L))
             rows.append((name, run, loss))
     print(f"{cfg.ckpt}: {L} layers; {n} validation batches of {cfg.micro_batch} x {cfg.block_size} from {cfg.data_dir}")
-    print(f"| method | layers run | val loss | perplexity |\n|---|---|---|---|")
+    print("| method | layers run | val loss | perplexity |\n|---|---|---|---|")
     for name, run, loss in sorted(rows, key=lambda r: -r[1]):
         print(f"| {name} | {run:.1%} | {loss:.4f} | {math.exp(loss):.2f} |")
 

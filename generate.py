@@ -365,8 +365,9 @@ def draft_plan(model, exit_layer, draft_skip_layers):
 
 
 def check_draft_threshold(draft_threshold):
+    """draft_threshold is None (off) or a probability in [0, 1); ValueError otherwise."""
     if draft_threshold is not None and not (isinstance(draft_threshold, (int, float))
-                                            and 0 <= draft_threshold < 1):
+                                            and not isinstance(draft_threshold, bool) and 0 <= draft_threshold < 1):
         raise ValueError(f"draft_threshold must be a probability in [0, 1), got {draft_threshold!r}")
 
 
@@ -397,19 +398,21 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
     B, T = idx.shape
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     L, d = model.n_layer, num_speculations
-    if draft_skip_layers == "auto":
-        from drafts import choose_draft_plan
-        draft_skip_layers = choose_draft_plan(model, idx, check_lengths(model, idx, prompt_lens, 0), d)
     if not isinstance(d, int) or d < 1:
         raise ValueError(f"num_speculations must be at least 1, got {d}")
+    lens = check_lengths(model, idx, prompt_lens, max_new_tokens)
+    check_draft_threshold(draft_threshold)
+    if draft_skip_layers == "auto":  # checked before its 2L - 1 forwards over the prompts
+        if exit_layer is not None:
+            raise ValueError("speculation drafts with exit_layer E or with draft_skip_layers (one of them)")
+        from drafts import choose_draft_plan
+        draft_skip_layers = choose_draft_plan(model, idx, lens, d)
     chooser = None
     if exit_layer == "auto":  # E and d chosen every round from acceptance measured online
         from drafts import ExitChooser
         chooser = ExitChooser(model, d)
         exit_layer = chooser.candidates[0]
     plan = draft_plan(model, exit_layer, draft_skip_layers)
-    check_draft_threshold(draft_threshold)
-    lens = check_lengths(model, idx, prompt_lens, max_new_tokens)
     f = int(plan.nonzero()[0])                      # the first layer the draft skips
     runs, _ = layer_runs(plan[None], L)
     runs = tuple(r for r in runs if r[0] > f)       # the draft's layers after f
@@ -441,6 +444,7 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
                 steps = min(steps, int((switch - n[n <= switch]).min()))
             if bool((n == switch + 1).any()):  # a row's first round past it: its cache was computed before
                 refill(model, out, n, L, cache)
+        probe = probe and steps > 0  # a round of no drafts has no shallow exits to read
         rows = torch.arange(len(row_ids), device=idx.device)
         counts = torch.full((len(row_ids),), steps)          # [B] drafts each row counts this round
         exit_states, draft_probs = [], []
@@ -494,11 +498,12 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
             count_agreement(chooser, f, counts, n_acc, new, *probes)
         drafted[row_ids] += counts
         accepted[row_ids] += n_acc
-        kept, ended = row_ends(new, n_acc + 1, model.cfg.eos_id if stop_at_eos else None, row_ids, stop)
+        settled = torch.minimum(n_acc + 1, end[row_ids] - n)  # a round may settle one token past a row's end
+        kept, ended = row_ends(new, settled, model.cfg.eos_id if stop_at_eos else None, row_ids, stop)
         n = n + kept
         done = ended | (n >= end[row_ids])
         for r in done.nonzero()[:, 0].tolist():
-            b, length = int(row_ids[r]), min(int(n[r]), int(end[row_ids[r]]))
+            b, length = int(row_ids[r]), int(n[r])
             result[b, :length] = out[r, :length]  # the rest stays eos padding
         if bool(done.any()):  # finished rows leave the batch and the cache
             keep = (~done).nonzero()[:, 0]

@@ -200,6 +200,8 @@ def sweep(cfg, model, prompts, sampling):
 def main():
     cfg = configure(SampleConfig())
     check_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    if cfg.speculative and cfg.skip_layers:
+        raise ValueError("--skip_layers is a plan for plain decoding; a speculative draft skips --draft_skip_layers")
     if isinstance(cfg.exit_layer, str) and not (cfg.exit_layer == "auto" and cfg.speculative):
         raise ValueError(f"exit_layer must be an integer (or auto, with --speculative), got {cfg.exit_layer!r}")
     stops = stop_strings(cfg.stop)

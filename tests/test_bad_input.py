@@ -30,7 +30,7 @@ import savedir
 import sample
 import train
 from configurator import run_main
-from data import instruct, prepare
+from data import prepare
 from model import PRESETS, Transformer
 
 TINY = ["--model=test-tiny", "--block_size=32", "--micro_batch=4", "--eval_batches=1", "--warmup_steps=1",
@@ -550,3 +550,17 @@ def test_a_kill_inside_prepare_leaves_the_old_or_the_new_data_set(data, tmp_path
         got = savedir.verify(d)  # a reader settles it: the old set or the new one, whole
         assert got["files"] in (old_manifest["files"], new_manifest["files"]), k
         assert sorted(os.listdir(d)) == sorted(os.listdir(old)), k
+
+
+def test_a_save_removes_the_old_units_files_the_new_one_lacks(tmp_path):
+    """A unit saved without a file the previous one had (an instruction checkpoint's prompt template, then a
+    plain run into the same out_dir) must not leave that file behind as if it belonged to the new unit."""
+    d = str(tmp_path / "unit")
+    for files in ({"model.safetensors": "old", "prompt_template.json": "{}"}, {"model.safetensors": "new"}):
+        nxt = savedir.start_next(d)
+        for name, text in files.items():
+            (tmp_path / "unit" / ".next" / name).write_text(text)
+        savedir.write_manifest(nxt, step=len(files))
+        savedir.commit(d)
+    assert sorted(os.listdir(d)) == ["manifest.json", "model.safetensors"]
+    savedir.verify(d)

@@ -208,22 +208,24 @@ def test_settings_table_on_a_tiny_model(tiny_checkpoint, tmp_path):
     out = run_evaluate("--task=code", f"--data={data}", f"--ckpt={tiny_checkpoint}", "--max_new_tokens=6",
                        "--exit_layer=2", "--num_speculations=2", f"--results={tmp_path / 'table'}", "--workers=2")
     rows = list(csv.DictReader(open(tmp_path / "table.csv")))
-    assert [r["setting"] for r in rows] == ["full depth", "exit layer 2", "skip plan [2]", "self-speculation E=2 d=2"]
+    speculative = ["self-speculation E=2 d=2", "self-speculation E=2 threshold 0.5 cap 4",
+                   "self-speculation exit layer auto cap 4"]
+    assert [r["setting"] for r in rows] == ["full depth", "exit layer 2", "skip plan [2]"] + speculative
     for r in rows:
         assert r["setting"] in out and 0 <= float(r["pass@1"]) <= 1 and float(r["tokens/s"]) > 0
         assert float(r["ms/token"]) == pytest.approx(1e3 / float(r["tokens/s"]), rel=0.01)
-    assert [r["acceptance"] == "-" for r in rows] == [True, True, True, False]
-    assert 0 <= float(rows[-1]["acceptance"]) <= 1
+    assert [r["acceptance"] == "-" for r in rows] == [True, True, True, False, False, False]
+    assert all(0 <= float(r["acceptance"]) <= 1 for r in rows[3:])
     assert (tmp_path / "table.png").read_bytes()[:4] == b"\x89PNG"
 
-    # greedy self-speculation gives full depth's completions; the skip plan and the exit do not
+    # greedy self-speculation (every mode) gives full depth's completions; the skip plan and the exit do not
     model = evaluate.load(tiny_checkpoint)
     tok = checkpoint_tokenizer(tiny_checkpoint)
     cfg = evaluate.EvalConfig(max_new_tokens=10)
     problems = tasks.code_tasks(str(data))
     complete = {s.name: evaluate.complete(model, tok, problems, s, cfg, "cpu")[0]
                 for s in evaluate.decode_settings(model, 2, 2)}
-    assert complete["self-speculation E=2 d=2"] == complete["full depth"]
+    assert all(complete[name] == complete["full depth"] for name in speculative)
     assert complete["skip plan [2]"] != complete["full depth"] or complete["exit layer 2"] != complete["full depth"]
 
 
@@ -234,7 +236,7 @@ def test_summarize_runs_on_a_tiny_model(tiny_checkpoint, tmp_path):
     run_evaluate("--task=summarize", f"--data={data}", f"--ckpt={tiny_checkpoint}", "--max_new_tokens=5",
                  f"--results={tmp_path / 'sum'}")
     rows = list(csv.DictReader(open(tmp_path / "sum.csv")))
-    assert len(rows) == 4 and all(0 <= float(r["rouge2"]) <= 1 for r in rows)
+    assert len(rows) == 6 and all(0 <= float(r["rouge2"]) <= 1 for r in rows)
 
 
 @pytest.mark.parametrize("args, words", [

@@ -17,6 +17,7 @@ from dataclasses import replace
 
 import torch
 
+from benchmarks import common
 from benchmarks.common import fixed_length_decoders
 from benchmarks.decode import converted_pair
 from generate import compiled, decode_cache, draft_plan, draft_step, layer_runs, layers, next_logits, prefill, step
@@ -135,12 +136,14 @@ def plain_settings(L):
 
 def bench_tinyllama(n, repeats, compile, E=4, scale=0.05, d=4):
     """Model (b): ours against transformers on the same weights, then our settings (eager: no warm-up calls,
-    each fp32 1.1B decode being tens of seconds on a shared CPU)."""
-    hf, ours = converted_pair(replace(PRESETS["tinyllama-1.1b"], block_size=512), E, scale)
+    each fp32 1.1B decode being tens of seconds on a shared CPU). --tiny: the test-sized model instead."""
+    cfg = common.tiny_config() if common.TINY else replace(PRESETS["tinyllama-1.1b"], block_size=512)
+    E = min(E, cfg.n_layer - 1)
+    hf, ours = converted_pair(cfg, E, scale)
     ours.decode_layout()  # what the first decode would do, kept out of the timed calls
-    prompt = torch.randint(32000, (1, 16), generator=torch.Generator().manual_seed(0))
-    print(f"\n(b) random Llama of TinyLlama-1.1B's shape, fp32, layers >= {E} output projections x{scale}; prompt 16, "
-          f"{n} new tokens")
+    prompt = torch.randint(cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)).to(common.DEVICE)
+    print(f"\n(b) random Llama of {cfg.n_layer} x {cfg.n_embd} (TinyLlama-1.1B's shape unless --tiny), fp32, layers "
+          f">= {E} output projections x{scale}; prompt 16, {n} new tokens")
 
     def hf_generate(threshold=None, **kw):
         hf.generation_config.assistant_confidence_threshold = threshold  # read by the early-exit assistant
@@ -162,6 +165,7 @@ def bench_tinyllama(n, repeats, compile, E=4, scale=0.05, d=4):
 
 def bench_speculation(ls_ckpt, plain_ckpt, n, repeats, compile, models):
     global WARM_UP
+    compile = compile and not common.TINY  # --tiny: a smoke run, where compiling would cost more than the rest
     WARM_UP = compile
     torch._dynamo.config.cache_size_limit = 64  # every draft depth and plan is its own graph
     print(f"{torch.get_num_threads()} threads; greedy, batch 1; {'--compile' if compile else 'eager'}; best of "
@@ -179,4 +183,4 @@ def bench_speculation(ls_ckpt, plain_ckpt, n, repeats, compile, models):
               f"code prompts of 48 tokens, {n} new tokens each")
         bench_model(model, prompts, n, repeats, compile, settings(model.n_layer))
     if "b" in models:
-        bench_tinyllama(min(n, 32), repeats, compile)
+        bench_tinyllama(8 if common.TINY else min(n, 32), repeats, compile)

@@ -7,11 +7,11 @@
 # 2. batch-1 bf16 decoding of TinyLlama-1.1B's shape vs the memory-bandwidth limit, self-speculation, transformers
 # 3. a TinyLlama-1.1B training step at seq 2048, the largest batch of 16, 8 that fits: tokens/s and MFU
 # 4. the fused kernels' whole-step memory against the unfused compiled model
-# 5. the self-speculation benchmark, where bench.py has the mode
+# 5. the self-speculation benchmark (bench.py --mode speculation; checkpoints out/ and out-plain/ where present)
 set -u
 cd "$(dirname "$0")/.."
-tiny="" steps=6 batches="16 8"
-if [ "${1:-}" = "--tiny" ]; then tiny="--tiny" steps=1 batches=2; shift; fi
+tiny="" steps=6 batches="16 8" models=abc
+if [ "${1:-}" = "--tiny" ]; then tiny="--tiny" steps=1 batches=2 models=b; shift; fi
 out=${1:-gpu-checks}
 rm -rf "$out" && mkdir -p "$out"
 
@@ -33,9 +33,7 @@ for batch in $batches; do  # the largest batch that fits
   grep -q "OutOfMemoryError" "$out/train.log" || break
 done
 check kernels python3 bench.py --mode kernels --steps "$steps" $tiny
-if python3 bench.py --help | grep -q speculation; then
-  check speculation python3 bench.py --mode speculation $tiny
-fi
+check speculation python3 bench.py --mode speculation --models "$models" $tiny
 
 echo
 echo "== summary ($out/)"

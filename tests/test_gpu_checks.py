@@ -11,7 +11,7 @@ def test_gpu_checks_script_runs_every_check_at_tiny_shapes(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     summary = proc.stdout.split("== summary")[-1]
-    for check in ("cuda_tests", "bandwidth", "train", "kernels"):
+    for check in ("cuda_tests", "bandwidth", "train", "kernels", "speculation"):
         assert (out / f"{check}.status").read_text().strip() == "ok", (out / f"{check}.log").read_text()[-2000:]
         assert check in summary
     assert "of the bandwidth limit" in (out / "bandwidth.log").read_text()

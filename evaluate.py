@@ -237,7 +237,7 @@ def run_tasks(cfg):
         samples, seconds, tokens, drafted, accepted = complete(model, tok, task_list, setting, cfg, device)
         rows.append(dict(setting=setting.name, quality=score(cfg, task_list, samples),
                          tokens_per_s=tokens / seconds, ms_per_token=seconds / tokens * 1e3,
-                         acceptance=accepted / drafted if setting.num_speculations else None))
+                         acceptance=accepted / max(drafted, 1) if setting.num_speculations else None))
     report(rows, path, quality)
 
 

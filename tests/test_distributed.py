@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT
+import savedir
 from model import PRESETS, Transformer
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
@@ -20,6 +21,27 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 def torchrun(nproc, *args, timeout=300):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "train.py", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def descendants(pid):
+    """Process ids of pid's children, grandchildren, ... (Linux /proc)."""
+    try:
+        children = open(f"/proc/{pid}/task/{pid}/children").read().split()
+    except OSError:
+        return []
+    return [p for c in children for p in [int(c)] + descendants(int(c))]
+
+
+def wait_until_unlocked(out_dir, timeout=60):
+    """Wait until no process holds out_dir's run lock (savedir.lock), i.e. every process of a killed run is gone."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            savedir.lock(str(out_dir)).close()
+            return
+        except ValueError:
+            assert time.time() < deadline, f"{out_dir} is still locked {timeout} s after its run was killed"
+            time.sleep(0.1)
 
 
 def train_losses(out_dir):
@@ -82,8 +104,13 @@ def test_resume_after_sigkill_on_two_and_on_one_process(stdlib_data, init_ckpt, 
     deadline = time.time() + 240
     while saved_step(killed) < 10 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
+    for pid in [proc.pid] + descendants(proc.pid):  # torchrun and its workers (which run in sessions of their own)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait()
+    wait_until_unlocked(killed)  # every process of the killed run is gone
     step_at_kill = saved_step(killed)
     assert 10 <= step_at_kill < 40, "the run must be killed part way"
     snapshot = tmp_path / "snapshot"

@@ -24,9 +24,10 @@ def head_cost(model):
 
 
 def expected_speedup(a, d, c, v):
-    """Tokens per round over the round's cost (REFERENCE.md section 5) for acceptance a, cap d, costs c and v."""
-    tokens = d + 1 if a >= 1 else (1 - a ** (d + 1)) / (1 - a)
-    return tokens / (d * c + v)
+    """Tokens per round over the round's cost (REFERENCE.md section 5) for acceptance a, cap d, costs c and v;
+    a and d numbers or tensors that broadcast."""
+    a = a.clamp(max=1 - 1e-9) if torch.is_tensor(a) else min(a, 1 - 1e-9)  # a -> 1: d + 1 tokens
+    return (1 - a ** (d + 1)) / (1 - a) / (d * c + v)
 
 
 def plan_cost(plan, head):
@@ -67,34 +68,42 @@ def choose_draft_plan(model, idx, lens, d):
 
 
 class ExitChooser:
-    """--exit_layer auto (after DEL, REFERENCE.md section 5): the exit layer E and the cap d of each round, from
-    acceptance measured while generating. Every round's acceptance counts for the exit it drafted with; every
-    `probe_every` rounds the head also reads the hidden state at every candidate exit (shallower ones during the
-    draft, deeper ones during verification, where they are at hand), and whether each would have predicted the
-    tokens the round accepted counts for it. Counts decay by `decay` per update, so the choice follows the
-    context. Cost of a draft step and of a verification in weights read (expected_speedup, plan_cost)."""
+    """--exit_layer auto (after DEL, REFERENCE.md section 5): the exit layer E of each round and each row's cap d,
+    from acceptance measured while generating, row by row. Every round's acceptance counts for the exit it
+    drafted with; every `probe_every` rounds the head also reads the hidden state at every candidate exit
+    (shallower ones during the draft, deeper ones during verification, where they are at hand), and whether each
+    would have predicted the tokens the round accepted counts for it. Counts decay by `decay` per update, so the
+    choice follows the context. Rows share a round's draft pass, so they share E (the exit whose best caps give
+    the largest summed expected speedup) and each drafts up to its own cap. Costs of a draft step and of a
+    verification in weights read (expected_speedup, plan_cost)."""
 
-    def __init__(self, model, cap, probe_every=8, decay=0.9):
+    def __init__(self, model, cap, batch_size, probe_every=8, decay=0.9):
         L = model.n_layer
         if L < 2:
             raise ValueError(f"exit_layer auto needs a model of at least 2 layers to draft with, this one has {L}")
-        self.L, self.cap, self.probe_every, self.decay = L, cap, probe_every, decay
+        self.cap, self.probe_every, self.decay = cap, probe_every, decay
         self.candidates = sorted({max(1, round(L * i / 8)) for i in range(1, 8)} - {L})
-        self.agreed = {e: 1.0 for e in self.candidates}  # prior: one agreement in two
-        self.seen = {e: 2.0 for e in self.candidates}
-        self.head = head_cost(model)
+        head = head_cost(model)
+        self.costs = {e: plan_cost(torch.arange(L) >= e, head) for e in self.candidates}
+        # per exit, per row: decayed counts of agreements and of predictions; prior: one agreement in two
+        self.agreed = {e: torch.ones(batch_size, dtype=torch.float64) for e in self.candidates}
+        self.seen = {e: torch.full((batch_size,), 2.0, dtype=torch.float64) for e in self.candidates}
         self.rounds = 0
 
-    def choose(self):
-        """-> (exit layer, cap, probe: whether this round reads every candidate exit)."""
-        best = (0.0, self.candidates[0], 1)
+    def choose(self, rows):
+        """rows [B]: the batch rows still decoding -> (exit layer, caps [B] in 1 .. cap, probe: whether this round
+        reads every candidate exit)."""
+        d = torch.arange(1, self.cap + 1, dtype=torch.float64)  # [D]
+        best = None
         for e in self.candidates:
-            c, v = plan_cost(torch.arange(self.L) >= e, self.head)
-            a = self.agreed[e] / self.seen[e]
-            best = max(best, *((expected_speedup(a, d, c, v), e, d) for d in range(1, self.cap + 1)))
+            a = (self.agreed[e] / self.seen[e])[rows, None]  # [B, 1]
+            speedup, caps = expected_speedup(a, d, *self.costs[e]).max(1)  # [B]: each row's best cap at e
+            if best is None or float(speedup.sum()) > best[0]:
+                best = (float(speedup.sum()), e, caps + 1)
         self.rounds += 1
         return best[1], best[2], self.rounds % self.probe_every == 1
 
-    def count(self, e, agreed, seen):
-        self.agreed[e] = self.decay * self.agreed[e] + agreed
-        self.seen[e] = self.decay * self.seen[e] + seen
+    def count(self, e, rows, agreed, seen):
+        """At exit e, batch row rows[i] agreed agreed[i] times in seen[i] predictions ([B] each)."""
+        self.agreed[e][rows] = self.decay * self.agreed[e][rows] + agreed.double().cpu()
+        self.seen[e][rows] = self.decay * self.seen[e][rows] + seen.double().cpu()

@@ -314,6 +314,17 @@ def draft_step(model, tokens, pos, shared, runs, cache):
     return h, model.head(x)[:, -1]
 
 
+def verify_step(model, states, pos, start, end, cache, tokens=None):
+    """A round's verification: the drafted positions' hidden states before layer `start` (states [B, K, C] at
+    positions pos .. pos+K-1, or None for K = 0), then tokens [B, 1] at position pos+K (the last draft, which no
+    draft step has run; None when one has), first through layers [0, start), all through [start, end) and the
+    head -> logits [B, K (+1), V]. One graph for what would be an exit step, the verification and the head."""
+    if tokens is not None:
+        last = step(model, tokens, pos + (0 if states is None else states.shape[1]), 0, start, cache)
+        states = last if states is None else torch.cat([states, last], dim=1)
+    return model.head(layers(model, states, pos, start, end, cache))
+
+
 def heads_at(model, x, pos, start, stops, cache):
     """Hidden states x [B, T, C] at positions pos through layers [start, stops[-1]) -> (the hidden state at the
     end, [logits [B, T, V] of the exit after each layer in stops]): the shadow predictions of --exit_layer auto."""
@@ -325,12 +336,14 @@ def heads_at(model, x, pos, start, stops, cache):
     return x, logits
 
 
-def count_agreement(chooser, E, counts, n_acc, settled, shallow=(), shallow_preds=None, deeper=(), deeper_preds=()):
-    """Tell the exit chooser how its exits did this round. settled [B, K+1]: the tokens at the round's positions,
+def count_agreement(chooser, rows, E, counts, n_acc, settled, shallow=(), shallow_preds=None, deeper=(),
+                    deeper_preds=()):
+    """Tell the exit chooser how its exits did this round in batch rows rows [B] (on the CPU, as counts and n_acc
+    [B]). settled [B, K+1]: the tokens at the round's positions,
     valid up to each row's n_acc (the accepted drafts and the verifier's token). The exit E drafted: its accepted
     drafts agreed, a rejected one did not. Probe rounds: shallow_preds (per draft step, one [B] per shallow exit)
     and deeper_preds (one [B, K+1] per deeper exit) are what those exits' heads predicted there."""
-    chooser.count(E, int(n_acc.sum()), int(torch.minimum(counts, n_acc + 1).sum()))
+    chooser.count(E, rows, n_acc, torch.minimum(counts, n_acc + 1))
     if shallow_preds is None:
         return
     valid = (torch.arange(settled.shape[1]) <= n_acc[:, None]).to(settled.device)  # [B, K+1]
@@ -339,7 +352,7 @@ def count_agreement(chooser, E, counts, n_acc, settled, shallow=(), shallow_pred
         for e, pred in zip(exits, preds):
             k = min(pred.shape[1], settled.shape[1])
             ok = valid[:, :k]
-            chooser.count(e, int(((pred[:, :k] == settled[:, :k]) & ok).sum()), int(ok.sum()))
+            chooser.count(e, rows, ((pred[:, :k] == settled[:, :k]) & ok).sum(1), ok.sum(1))
 
 
 def draft_plan(model, exit_layer, draft_skip_layers):
@@ -380,11 +393,12 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
     generate()'s, stats).
 
     Each round drafts up to d = num_speculations tokens one at a time with the draft: layers [0, exit_layer) +
-    the shared head (exit_layer "auto": E and d chosen every round, drafts.ExitChooser; its probe rounds run
-    eagerly), or every layer but those in draft_skip_layers (indices, a mask [L], or "auto": the plan chosen
+    the shared head (exit_layer "auto": E chosen every round and d per row, drafts.ExitChooser; its probe rounds
+    run eagerly), or every layer but those in draft_skip_layers (indices, a mask [L], or "auto": the plan chosen
     from the prompts, drafts.choose_draft_plan). The draft keeps each drafted position's hidden state
     before f, its first skipped layer (the exit state: output of layer f-1), then verifies all of them in one
-    pass through layers [f, L) only: the KV cache of layers < f is shared. draft_threshold p: a row stops
+    pass through layers [f, L) only: the KV cache of layers < f is shared. The last draft, which no draft step
+    has run, goes through [0, f) in the same graph (verify_step). draft_threshold p: a row stops
     drafting for the round when its draft's top probability falls below p (the round ends when every row has
     stopped; a stopped row's further drafts are not counted). Rows accept different numbers of
     drafts, so each row has its own position n[b]; a row that has all its tokens leaves the batch.
@@ -408,9 +422,9 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
         from drafts import choose_draft_plan
         draft_skip_layers = choose_draft_plan(model, idx, lens, d)
     chooser = None
-    if exit_layer == "auto":  # E and d chosen every round from acceptance measured online
+    if exit_layer == "auto":  # E every round, d per row, from acceptance measured online
         from drafts import ExitChooser
-        chooser = ExitChooser(model, d)
+        chooser = ExitChooser(model, d, B)
         exit_layer = chooser.candidates[0]
     plan = draft_plan(model, exit_layer, draft_skip_layers)
     f = int(plan.nonzero()[0])                      # the first layer the draft skips
@@ -424,17 +438,18 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
     n, end = lens.clone(), lens + max_new_tokens   # [B] on the CPU
     row_ids = torch.arange(B)                      # original row of each row still in the batch
     drafted, accepted = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
-    calls = {"rounds": 0, "draft_steps": 0, "exit_steps": 0}  # what a round's time is spent on (benchmarks)
+    calls = {"rounds": 0, "draft_steps": 0}        # what a round's time is spent on (benchmarks)
     exits_used = {}                                # exit layer -> rounds drafted with it
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-    draft, exit_step, verify_layers = ((compiled(draft_step, idx.device), compiled(step, idx.device),
-                                        compiled(layers, idx.device)) if compile else (draft_step, step, layers))
+    draft, verify = ((compiled(draft_step, idx.device), compiled(verify_step, idx.device)) if compile
+                     else (draft_step, verify_step))
     switch = rope_switch(model.cfg)
 
     while len(row_ids) and max_new_tokens:
         d_round, probe = d, False
         if chooser:
-            f, d_round, probe = chooser.choose()
+            f, caps, probe = chooser.choose(row_ids)
+            d_round = int(caps.max())
             exits_used[f] = exits_used.get(f, 0) + 1
             shallow, deeper = [e for e in chooser.candidates if e < f], [e for e in chooser.candidates if e > f]
             shallow_preds, deeper_preds = [], []
@@ -447,21 +462,18 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
         probe = probe and steps > 0  # a round of no drafts has no shallow exits to read
         rows = torch.arange(len(row_ids), device=idx.device)
         counts = torch.full((len(row_ids),), steps)          # [B] drafts each row counts this round
-        exit_states, draft_probs = [], []
-        for i in range(steps + 1):  # tokens n-1 .. n+i-1 through the draft; the last only through [0, f)
-            pos = n - 1 + i
-            token = out[rows, pos.to(idx.device)][:, None]  # [B, 1]
-            at = row_positions(pos, cache, idx.device)
-            if i == steps:
-                exit_states.append(exit_step(model, token, at, 0, f, cache).clone())
-                calls["exit_steps"] += 1
-                break
+        if chooser:  # each row up to its own cap
+            counts = torch.minimum(counts, caps)
+        first = row_positions(n - 1, cache, idx.device)      # position of the round's first token (int or [B])
+        token = out[rows, (n - 1).to(idx.device)][:, None]   # [B, 1]: the last settled token, not yet run
+        exit_states, drafts, draft_probs = [], [], []
+        for i in range(steps):  # tokens n-1 .. n+i-1 through the draft, each giving the next draft
             if probe:  # eager, with the head at every shallower candidate exit too
-                h, heads = heads_at(model, model.embed(token, at), at, 0, shallow + [f], cache)
+                h, heads = heads_at(model, model.embed(token, first + i), first + i, 0, shallow + [f], cache)
                 logits = heads[-1][:, -1, :n_tokens]
                 shallow_preds.append([x[:, -1].argmax(-1) for x in heads[:-1]])  # per shallow exit [B]
             else:
-                h, logits = draft(model, token, at, f, runs, cache)
+                h, logits = draft(model, token, first + i, f, runs, cache)
                 logits = logits[:, :n_tokens]
             calls["draft_steps"] += 1
             exit_states.append(h.clone())  # a CUDA graph's next replay overwrites its output
@@ -472,21 +484,27 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
                 probs = probs_from_logits(logits, temperature, top_k, top_p)
                 draft_probs.append(probs)
                 token = torch.multinomial(probs, 1, generator=generator)[:, 0]
-            out[rows, (pos + 1).to(idx.device)] = token
+            drafts.append(token)
+            token = token[:, None]
             if draft_threshold is not None:  # a row whose draft is unsure stops: its count is i
                 counts = torch.where((counts == steps) & (probs.max(-1).values.cpu() < draft_threshold), i, counts)
                 if bool((counts < steps).all()):
                     break
         K = int(counts.max())  # verify positions n-1 .. n+K-1 in one pass through layers [f, L)
-        states, at = torch.cat(exit_states[:K + 1], dim=1), row_positions(n - 1, cache, idx.device)  # [B, K+1, C]
+        drafts = torch.stack(drafts, 1) if drafts else out.new_zeros(len(rows), 0)  # [B, S]
+        out[rows[:, None], (n[:, None] + torch.arange(drafts.shape[1])).to(idx.device)] = drafts
+        # the state at f of position n+K-1: a draft step's when the round stopped early, else verification runs it
+        last = None if len(exit_states) > K else token
+        states = torch.cat(exit_states[:K + 1], dim=1) if exit_states else None  # [B, K or K+1, C]
         if probe:  # eager, with the head at every deeper candidate exit too
-            _, heads = heads_at(model, states, at, f, deeper + [L], cache)
+            if last is not None:
+                states = torch.cat([states, step(model, last, first + K, 0, f, cache)], dim=1)
+            _, heads = heads_at(model, states, first, f, deeper + [L], cache)
             logits, deeper_preds = heads[-1], [x.argmax(-1) for x in heads[:-1]]
         else:
-            logits = model.head(verify_layers(model, states, at, f, L, cache))  # [B, K+1, V]
-        at = (n[:, None] + torch.arange(K)).to(idx.device)  # [B, K]: draft positions
+            logits = verify(model, states, first, f, L, cache, last)  # [B, K+1, V]
         no_drafts = logits.new_zeros(len(rows), 0, logits[..., :n_tokens].shape[-1], dtype=torch.float32)
-        n_acc, next_token = accept_drafts(logits[..., :n_tokens], out[rows[:, None], at],
+        n_acc, next_token = accept_drafts(logits[..., :n_tokens], drafts[:, :K],
                                           torch.stack(draft_probs, 1)[:, :K] if draft_probs else no_drafts,
                                           **sampling, counts=counts)
         n_acc = n_acc.cpu()
@@ -495,7 +513,7 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
         new = out[rows[:, None], (n[:, None] + torch.arange(K + 1)).to(idx.device)]  # [B, K+1]: settled up to n_acc
         if chooser:
             probes = (shallow, shallow_preds, deeper, deeper_preds) if probe else ()
-            count_agreement(chooser, f, counts, n_acc, new, *probes)
+            count_agreement(chooser, row_ids, f, counts, n_acc, new, *probes)
         drafted[row_ids] += counts
         accepted[row_ids] += n_acc
         settled = torch.minimum(n_acc + 1, end[row_ids] - n)  # a round may settle one token past a row's end

@@ -4,7 +4,7 @@ acceptance allows? Batch 1, greedy, prompts one at a time; every speedup is agai
 of the same prompts in the same process, and every speculative output is checked identical to it.
 
 For each setting: measured speedup, acceptance, and the ideal speedup that the measured rounds (draft steps,
-exit steps, verifications) and the measured cost of one draft step, one exit step and one verification
+verifications) and the measured cost of one draft step and one verification
 predict (REFERENCE.md section 5: tokens per round over the round's cost); fraction = measured / ideal.
 Models: (a) a LayerSkip-trained checkpoint on a mixed code prompt set, (b) a converted random transformers
 Llama of TinyLlama-1.1B's shape with later layers' output projections scaled down (against transformers'
@@ -20,7 +20,7 @@ import torch
 from benchmarks import common
 from benchmarks.common import fixed_length_decoders
 from benchmarks.decode import converted_pair
-from generate import compiled, decode_cache, draft_plan, draft_step, layer_runs, layers, next_logits, prefill, step
+from generate import compiled, decode_cache, draft_plan, draft_step, layer_runs, next_logits, prefill, verify_step
 from model import PRESETS, Transformer
 from tokenizer import load_tokenizer
 
@@ -53,20 +53,20 @@ def seconds(fn, repeats):
 
 @torch.inference_mode()
 def step_costs(model, prompt, plan, d, compile, repeats=10):
-    """Seconds of one full-depth decode step, one draft step, one exit step (layers [0, f)) and one verification
-    of d+1 tokens (layers [f, L) + head), batch 1 at the prompt's end, through the graphs decoding uses."""
+    """Seconds of one full-depth decode step, one draft step and one verification of d+1 positions (the last
+    draft through layers [0, f), all through [f, L) + head), batch 1 at the prompt's end, through the graphs
+    decoding uses."""
     L, T = model.n_layer, prompt.shape[1]
     cache = decode_cache(model, prompt, T + d + 1, compile)
     prefill(model, prompt, torch.tensor([T]), L, cache)
     f = int(plan.nonzero()[0])
     runs = tuple(r for r in layer_runs(plan[None], L)[0] if r[0] > f)
-    fns = [compiled(fn, prompt.device) if compile else fn for fn in (next_logits, draft_step, step, layers)]
-    full, draft, exit_, verify = fns
-    token, states = prompt[:, -1:], torch.zeros(1, d + 1, model.cfg.n_embd, device=prompt.device)
+    full, draft, verify = [compiled(fn, prompt.device) if compile else fn for fn in (next_logits, draft_step,
+                                                                                    verify_step)]
+    token, states = prompt[:, -1:], torch.zeros(1, d, model.cfg.n_embd, device=prompt.device)
     calls = {"full": lambda: full(model, token, T, ((0, L),), cache),
              "draft": lambda: draft(model, token, T, f, runs, cache),
-             "exit": lambda: exit_(model, token, T, 0, f, cache),
-             "verify": lambda: model.head(verify(model, states, T, f, L, cache))}
+             "verify": lambda: verify(model, states, T, f, L, cache, token)}
     return {k: seconds(fn, repeats)[0] for k, fn in calls.items()}
 
 
@@ -80,7 +80,7 @@ def run_setting(model, prompts, n, full_time, full_out, repeats, compile, costs,
         skipped = s.get("draft_skip_layers") or list(range(max(s["exit_layers"], key=s["exit_layers"].get),
                                                              model.n_layer))
         c = costs(skipped, round(s["drafted"] / s["rounds"]))  # batch 1: a round verifies its drafts + 1
-        ideal_time += s["draft_steps"] * c["draft"] + s["exit_steps"] * c["exit"] + s["rounds"] * c["verify"]
+        ideal_time += s["draft_steps"] * c["draft"] + s["rounds"] * c["verify"]
         full_depth_time += n * c["full"]
     total = {k: sum(s[k] for _, s in results) for k in ("drafted", "accepted", "rounds")}
     ideal, speedup = full_depth_time / ideal_time, full_time / t
@@ -120,7 +120,7 @@ def best_static(results):
 
 
 def layerskip_settings(L):
-    exits = sorted({L // 4, L // 2})
+    exits = sorted({L // 4, L // 2, 3 * L // 4})
     static = [(f"E={E} d={d}", dict(exit_layer=E, num_speculations=d)) for E in exits for d in (2, 4, 6)]
     dynamic = [("threshold {draft_threshold} at E={exit_layer}, cap {num_speculations}",
                 lambda r, p=p: dict(best_static(r), num_speculations=8, draft_threshold=p)) for p in (0.5, 0.8)]

@@ -80,18 +80,34 @@ def test_auto_plan_skips_the_layers_that_change_nothing():
 
 
 def test_exit_layer_auto_follows_the_measured_acceptance():
-    """Layers from 2 on nearly identities (output projections x0.05): exit 2 agrees with the last layer and exit 1
-    does not, so the exit measured online settles on 2 (probe rounds measure the other candidates)."""
+    """Layers from 2 on nearly identities (output projections x0.05) and layer 1 strong (x4): exit 2 agrees with
+    the last layer and exit 1 does not, so the exit measured online settles on 2 (probe rounds measure the other
+    candidates)."""
     model = layers(8)
     with torch.no_grad():
-        for block in model.layers[2:]:
-            block.attn.wo.weight.mul_(0.05)
-            block.mlp.w_down.weight.mul_(0.05)
+        for block, scale in zip(model.layers[1:], [4.0] + [0.05] * 6):
+            block.attn.wo.weight.mul_(scale)
+            block.mlp.w_down.weight.mul_(scale)
     idx, lens = pad_prompts(ragged_prompts(seed=3))
     out, stats = generate_speculative(model, idx, 40, "auto", 6, prompt_lens=lens)
     assert out.tolist() == generate(model, idx, 40, prompt_lens=lens, temperature=0).tolist()
     assert max(stats["exit_layers"], key=stats["exit_layers"].get) == 2, stats
     assert stats["acceptance_rate"] > 0.7, stats
+
+
+def test_exit_chooser_caps_each_row_by_its_own_acceptance():
+    """Row 0's drafts at every exit agree, row 1's never do: row 0 drafts up to the cap, row 1 one token (the
+    expected speedup of d tokens falls with d when nothing is accepted), whatever exit they share; a row that
+    left the batch is not read."""
+    from drafts import ExitChooser
+    chooser = ExitChooser(layers(8), 6, batch_size=3)
+    rows = torch.tensor([0, 2])
+    for _ in range(20):
+        for e in chooser.candidates:
+            chooser.count(e, rows, torch.tensor([6, 0]), torch.tensor([6, 6]))
+    E, caps, _ = chooser.choose(rows)
+    assert caps.tolist() == [6, 1] and E in chooser.candidates, (E, caps)
+    assert chooser.seen[E][1] == 2.0  # row 1 was never counted
 
 
 @pytest.mark.parametrize("draft, words", [

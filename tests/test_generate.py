@@ -105,8 +105,8 @@ def test_compiled_decode_steps_give_the_eager_tokens():
 def test_cuda_graph_decode_steps_are_one_graph_with_the_eager_tokens(kw, monkeypatch):
     """The CUDA path (a cache attended over in full, positions as device tensors) run here on the CPU through
     torch.compile with a graph-counting backend: the eager tokens, and one graph for every decode step (no
-    graph break, no recompile: what recording one CUDA graph needs). Speculation (batched, rows leaving) on
-    the Llama family only, to keep the suite short."""
+    graph break, no recompile: what recording one CUDA graph needs; verification, one per number of drafts).
+    Speculation (batched, rows leaving) on the Llama family only, to keep the suite short."""
     from torch._dynamo.testing import CompileCounter
     torch._dynamo.reset()
     monkeypatch.setattr(generate_module, "CUDA_GRAPH_DEVICES", ("cpu",))
@@ -121,7 +121,8 @@ def test_cuda_graph_decode_steps_are_one_graph_with_the_eager_tokens(kw, monkeyp
     assert generate(model, idx, 12, temperature=0, compile=True).tolist() == expected.tolist()
     out, _ = generate_speculative(model, idx[:1], 12, 3, 2, compile=True)
     assert out.tolist() == expected[:1].tolist()
-    assert counters["next_logits"].frame_count == 1 and counters["step"].frame_count == 1
+    # verification: one graph per number of drafts a round verifies (1 .. d; the last round may draft fewer)
+    assert counters["next_logits"].frame_count == 1 and counters["verify_step"].frame_count <= 2
     if not kw:
         ragged, lens = pad_prompts(ragged_prompts(seed=3))  # rows at their own positions, leaving as they finish
         out, _ = generate_speculative(model, ragged, 16, 2, 3, prompt_lens=lens, compile=True)

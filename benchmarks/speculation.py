@@ -4,8 +4,8 @@ acceptance allows? Batch 1, greedy, prompts one at a time; every speedup is agai
 of the same prompts in the same process, and every speculative output is checked identical to it.
 
 For each setting: measured speedup, acceptance, and the ideal speedup that the measured rounds (draft steps,
-verifications) and the measured cost of one draft step and one verification
-predict (REFERENCE.md section 5: tokens per round over the round's cost); fraction = measured / ideal.
+verifications) and the measured cost of one draft step and one verification predict (REFERENCE.md section 5:
+tokens per round over the round's cost); fraction = measured / ideal.
 Models: (a) a LayerSkip-trained checkpoint on a mixed code prompt set, (b) a converted random transformers
 Llama of TinyLlama-1.1B's shape with later layers' output projections scaled down (against transformers'
 assistant_early_exit on the same weights), (c) a checkpoint trained without LayerSkip, with skip-plan drafts.

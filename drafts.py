@@ -98,8 +98,9 @@ class ExitChooser:
         for e in self.candidates:
             a = (self.agreed[e] / self.seen[e])[rows, None]  # [B, 1]
             speedup, caps = expected_speedup(a, d, *self.costs[e]).max(1)  # [B]: each row's best cap at e
-            if best is None or float(speedup.sum()) > best[0]:
-                best = (float(speedup.sum()), e, caps + 1)
+            total = float(speedup.sum())
+            if best is None or total > best[0]:
+                best = (total, e, caps + 1)
         self.rounds += 1
         return best[1], best[2], self.rounds % self.probe_every == 1
 

@@ -314,14 +314,20 @@ def draft_step(model, tokens, pos, shared, runs, cache):
     return h, model.head(x)[:, -1]
 
 
+def with_last_draft(model, states, tokens, pos, start, cache):
+    """Hidden states before layer `start` of the drafted positions (states [B, K, C] at positions pos .. pos+K-1,
+    or None for K = 0) and tokens [B, 1] at position pos+K (the last draft, which no draft step has run; None when
+    one has), run through layers [0, start) -> [B, K (+1), C]."""
+    if tokens is None:
+        return states
+    last = step(model, tokens, pos + (0 if states is None else states.shape[1]), 0, start, cache)
+    return last if states is None else torch.cat([states, last], dim=1)
+
+
 def verify_step(model, states, pos, start, end, cache, tokens=None):
-    """A round's verification: the drafted positions' hidden states before layer `start` (states [B, K, C] at
-    positions pos .. pos+K-1, or None for K = 0), then tokens [B, 1] at position pos+K (the last draft, which no
-    draft step has run; None when one has), first through layers [0, start), all through [start, end) and the
-    head -> logits [B, K (+1), V]. One graph for what would be an exit step, the verification and the head."""
-    if tokens is not None:
-        last = step(model, tokens, pos + (0 if states is None else states.shape[1]), 0, start, cache)
-        states = last if states is None else torch.cat([states, last], dim=1)
+    """A round's verification: with_last_draft's states through layers [start, end) and the head -> logits
+    [B, K (+1), V]. One graph for what would be an exit step, the verification and the head."""
+    states = with_last_draft(model, states, tokens, pos, start, cache)
     return model.head(layers(model, states, pos, start, end, cache))
 
 
@@ -497,8 +503,7 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
         last = None if len(exit_states) > K else token
         states = torch.cat(exit_states[:K + 1], dim=1) if exit_states else None  # [B, K or K+1, C]
         if probe:  # eager, with the head at every deeper candidate exit too
-            if last is not None:
-                states = torch.cat([states, step(model, last, first + K, 0, f, cache)], dim=1)
+            states = with_last_draft(model, states, last, first, f, cache)
             _, heads = heads_at(model, states, first, f, deeper + [L], cache)
             logits, deeper_preds = heads[-1], [x.argmax(-1) for x in heads[:-1]]
         else:

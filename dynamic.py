@@ -98,6 +98,25 @@ def controlled_layers(model, ctrl, idx, response):
     return x, skip_mask
 
 
+@torch.no_grad()
+def sequence_plan(model, ctrl, idx):
+    """Per-sequence controllers in decoding: prompts idx [B, T] (no padding) -> skip mask [B, L] for the tokens
+    generated after them. Layer l's decision comes from the mean hidden state of the prompt entering l, which
+    runs every layer: the decision controlled_layers takes for a response following the same prompt."""
+    if not ctrl.per_sequence:
+        raise ValueError("per-token controllers decide per token and layer; only per-sequence ones give a skip plan")
+    L = model.n_layer
+    plan = torch.zeros(idx.shape[0], L, dtype=torch.bool)
+    prompt_only = torch.zeros(idx.shape, dtype=torch.bool, device=idx.device)
+    x = model.embed(idx)
+    attn_mask = model.attention_mask(idx.shape[1], 0, idx.device, x.dtype)
+    for l in range(L):
+        if 0 < l < L - 1:
+            plan[:, l] = (ctrl.logits(l, x, prompt_only)[:, 0].argmax(-1) == 1).cpu()
+        x = model.run_layers(x, l, l + 1, attn_mask=attn_mask)
+    return plan
+
+
 def controlled_forward(model, ctrl, idx, targets):
     """(response-token loss, fraction of layers run by response tokens) with the controllers' decisions."""
     response = response_tokens(targets.cpu())

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import tasks
 from configurator import at_least, check_values, configure, run_main
-from dynamic import controlled_forward, load_controllers
+from dynamic import controlled_forward, load_controllers, sequence_plan
 from generate import generate, generate_speculative
 from layerskip import dropout_rates, layer_dropout_mask
 from model import Transformer, atomic_write, layer_mask
@@ -93,6 +93,16 @@ def load(path, device="cpu"):
     return Transformer.from_pretrained(path, device=device)
 
 
+def trained_plan(ckpt, model):
+    """The layers a checkpoint was trained to skip: the plan in its config (train.py --skip_speedup), else the
+    layers distill.py distilled (the last row of its metrics.jsonl); [] for neither."""
+    if model.cfg.skip_layers:
+        return sorted(model.cfg.skip_layers)
+    path = os.path.join(ckpt, "metrics.jsonl")
+    rows = [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
+    return sorted(rows[-1].get("skipped", [])) if rows else []
+
+
 @dataclass
 class Setting:
     """One way to decode: what generate() (num_speculations 0) or generate_speculative() receives."""
@@ -101,16 +111,22 @@ class Setting:
     skip_layers: list = field(default_factory=list)   # layers generated tokens skip (no speculation)
     num_speculations: int = 0
     options: dict = field(default_factory=dict)       # further keywords of generate_speculative
+    choose_plan: object = None             # prompt [1, T] -> skip mask [1, L], instead of skip_layers (timed)
 
 
-def decode_settings(model, exit_layer, d):
-    """Full depth, early exit, the checkpoint's skip plan (if it has one), self-speculation: static (E, d), with a
-    confidence threshold (cap 2d), and with the exit layer and cap chosen while generating (exit layer auto)."""
+def decode_settings(model, exit_layer, d, plan=(), controllers=None):
+    """Full depth, early exit, the checkpoint's trained skip plan (trained_plan), the plan per-sequence controllers
+    choose from each prompt (dynamic.py), self-speculation: static (E, d), with a confidence threshold (cap 2d),
+    and with the exit layer and cap chosen while generating (exit layer auto). Per-token controllers decide per
+    token and layer, which decoding does not support: they get no setting."""
     E = exit_layer or model.n_layer // 2
     model.check_exit_layer(E)
     settings = [Setting("full depth"), Setting(f"exit layer {E}", exit_layer=E)]
-    if model.cfg.skip_layers:
-        settings.append(Setting(f"skip plan {list(model.cfg.skip_layers)}", skip_layers=list(model.cfg.skip_layers)))
+    if plan:
+        settings.append(Setting(f"skip plan {list(plan)}", skip_layers=list(plan)))
+    if controllers is not None and controllers.per_sequence:
+        settings.append(Setting("learned controllers, per sequence",
+                                choose_plan=lambda idx: sequence_plan(model, controllers, idx)))
     if E < model.n_layer:
         settings += [Setting(f"self-speculation E={E} d={d}", exit_layer=E, num_speculations=d),
                      Setting(f"self-speculation E={E} threshold 0.5 cap {2 * d}", exit_layer=E,
@@ -126,8 +142,8 @@ def decode(model, idx, max_new_tokens, setting, sampling):
         out, stats = generate_speculative(model, idx, max_new_tokens, setting.exit_layer, setting.num_speculations,
                                           **sampling, **setting.options)
         return out[0, idx.shape[1]:], stats["drafted"], stats["accepted"]
-    out = generate(model, idx, max_new_tokens, exit_layer=setting.exit_layer, **sampling,
-                   skip_mask=layer_mask(setting.skip_layers, model.n_layer).to(idx.device))
+    plan = setting.choose_plan(idx) if setting.choose_plan else layer_mask(setting.skip_layers, model.n_layer)
+    out = generate(model, idx, max_new_tokens, exit_layer=setting.exit_layer, **sampling, skip_mask=plan.to(idx.device))
     return out[0, idx.shape[1]:], 0, 0
 
 
@@ -232,8 +248,11 @@ def run_tasks(cfg):
                          f"{model.cfg.block_size}), got {cfg.max_new_tokens}")
     print(f"{cfg.ckpt}: {model.n_layer} layers; {len(task_list)} {cfg.task} tasks from {cfg.data}, "
           f"{cfg.num_samples} sample(s) of {cfg.max_new_tokens} tokens each, temperature {cfg.temperature}")
+    has_controllers = os.path.isfile(os.path.join(cfg.ckpt, "controllers.json"))
+    controllers = load_controllers(cfg.ckpt, model) if has_controllers else None
+    plan = trained_plan(cfg.ckpt, model)
     rows = []
-    for setting in decode_settings(model, cfg.exit_layer, cfg.num_speculations):
+    for setting in decode_settings(model, cfg.exit_layer, cfg.num_speculations, plan, controllers):
         samples, seconds, tokens, drafted, accepted = complete(model, tok, task_list, setting, cfg, device)
         rows.append(dict(setting=setting.name, quality=score(cfg, task_list, samples),
                          tokens_per_s=tokens / seconds, ms_per_token=seconds / tokens * 1e3,
@@ -279,7 +298,7 @@ def main():
                      sum(l.item() for l, _ in results) / n))
     if cfg.distill:
         student = load(cfg.distill)
-        done = [json.loads(line) for line in open(os.path.join(cfg.distill, "metrics.jsonl"))][-1]["skipped"]
+        done = trained_plan(cfg.distill, student)
         for name, m in ((f"skip-distilled, skipping {sorted(done)}", student), (f"--ckpt, skipping {sorted(done)}", model)):
             loss, run = masked_eval(m, val_batch, n, lambda i, y, r: response_skip_mask(y, done, L))
             rows.append((name, run, loss))

@@ -18,11 +18,15 @@ FUSED = {op: os.environ.get(f"NANOSKIP_FUSED_{op.upper()}", "1") != "0" for op i
 
 def on_device(fn):
     """fn as written on the CPU, torch.compile'd on CUDA: picked per call by the first argument."""
-    compiled = torch.compile(fn)  # compiles lazily, at its first CUDA call; a second shape makes it dynamic
+    compiled = None  # made at the first CUDA call: torch.compile imports the compiler (seconds of startup)
 
     @functools.wraps(fn)
     def call(x, *args):
-        return (compiled if x.is_cuda else fn)(x, *args)
+        nonlocal compiled
+        if not x.is_cuda:
+            return fn(x, *args)
+        compiled = compiled or torch.compile(fn)  # a second shape makes it dynamic
+        return compiled(x, *args)
 
     return call
 

@@ -1,3 +1,6 @@
+import contextlib
+import importlib
+import io
 import json
 import os
 import subprocess
@@ -13,6 +16,27 @@ sys.path.insert(0, ROOT)
 def run_script(*args, timeout=600):
     """Run one of the repo's scripts as a user would; return the CompletedProcess."""
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def run_entry(script, *argv):
+    """Run a script's main() in this process as `python script argv...` would (sys.argv and cwd set, errors
+    through configurator.run_main) -> a CompletedProcess with its exit code, stdout and stderr. For bad-input
+    cases: a subprocess spends seconds importing torch before it reads its first argument."""
+    from configurator import run_main
+    module = importlib.import_module(script.removesuffix(".py").replace("/", "."))
+    out, err, old_argv, old_cwd = io.StringIO(), io.StringIO(), sys.argv, os.getcwd()
+    sys.argv, code = [script, *map(str, argv)], 0
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            run_main(module.main)
+    except SystemExit as e:  # sys.exit("error: ...") prints its message and exits 1
+        code = 1 if isinstance(e.code, str) else (e.code or 0)
+        err.write(f"{e.code}\n" if isinstance(e.code, str) else "")
+    finally:
+        sys.argv = old_argv
+        os.chdir(old_cwd)
+    return subprocess.CompletedProcess(sys.argv, code, out.getvalue(), err.getvalue())
 
 
 def assert_one_line_error(proc, *words):
@@ -52,18 +76,18 @@ def trained(stdlib_data, tmp_path_factory):
     """test-tiny (4 layers) trained 400 steps on the default corpus: a checkpoint directory."""
     out = str(tmp_path_factory.mktemp("trained"))
     proc = run_script("train.py", *TINY, f"--data_dir={stdlib_data}", f"--out_dir={out}",
-                      "--max_steps=400", "--eval_interval=200")
+                      "--max_steps=400", "--eval_interval=100")
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out
 
 
 @pytest.fixture(scope="session")
 def layerskip_trained(stdlib_data, tmp_path_factory):
-    """The first half of `trained`'s run (same seed, data and learning-rate schedule, 200 of 400 steps) with
+    """The first quarter of `trained`'s run (same seed, data and learning-rate schedule, 100 of 400 steps) with
     LayerSkip on: the early-exit loss at every layer and layer dropout up to p_max 0.1."""
     out = str(tmp_path_factory.mktemp("layerskip"))
-    proc = run_script("train.py", *TINY, f"--data_dir={stdlib_data}", f"--out_dir={out}", "--max_steps=200",
-                      "--lr_decay_steps=400", "--eval_interval=200", "--early_exit_curriculum=none", "--e_scale=1.0",
+    proc = run_script("train.py", *TINY, f"--data_dir={stdlib_data}", f"--out_dir={out}", "--max_steps=100",
+                      "--lr_decay_steps=400", "--eval_interval=100", "--early_exit_curriculum=none", "--e_scale=1.0",
                       "--p_max=0.1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out

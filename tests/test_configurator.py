@@ -3,7 +3,7 @@ from dataclasses import dataclass
 import pytest
 
 from configurator import configure
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, run_entry
 
 
 @dataclass
@@ -58,4 +58,4 @@ def test_unknown_key_in_file(tmp_path):
     (["sample.py", "--exit_layer", "twelve"], ["exit_layer"]),
 ])
 def test_scripts_reject_bad_config_in_one_line(args, words):
-    assert_one_line_error(run_script(*args), *words)
+    assert_one_line_error(run_entry(*args), *words)

@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from checkpoints_convert import from_hf, to_hf  # noqa: E402
-from conftest import assert_one_line_error, run_script  # noqa: E402
+from conftest import assert_one_line_error, run_entry, run_script  # noqa: E402
 from generate import generate, generate_speculative  # noqa: E402
 from model import KVCache, Transformer  # noqa: E402
 
@@ -162,7 +162,7 @@ def rewrite(hf_dir, change):
 
 
 def convert_cli(src, out):
-    return run_script("checkpoints_convert.py", "--from_hf", str(src), "--out", str(out))
+    return run_entry("checkpoints_convert.py", "--from_hf", str(src), "--out", str(out))
 
 
 def test_error_unknown_model_type(hf_dir, tmp_path):

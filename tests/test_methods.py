@@ -9,7 +9,7 @@ import torch
 
 from conftest import run_script
 from data.instruct import IGNORE
-from dynamic import Controllers, controlled_layers
+from dynamic import Controllers, controlled_layers, sequence_plan
 from model import PRESETS, Transformer
 from unified import response_skip_mask, response_tokens, skipped_layers, unified_plan
 
@@ -55,14 +55,20 @@ def test_prompt_tokens_never_skip():
         assert not torch.allclose(planned[b, n:], full[b, n:])
 
 
-@torch.no_grad()
-def test_per_sequence_decisions_in_a_batch_equal_each_row_alone():
+def random_controllers(per_sequence=True):
+    """An 8-layer random model and random controllers, so that rows decide differently."""
     torch.manual_seed(0)
     model = Transformer(replace(PRESETS["test-tiny"], n_layer=8)).eval()
-    ctrl = Controllers(8, 64, per_sequence=True)
-    for head in ctrl.heads:  # random controllers, so that rows decide differently
+    ctrl = Controllers(8, 64, per_sequence=per_sequence)
+    for head in ctrl.heads:
         torch.nn.init.normal_(head.weight, std=2.0)
         torch.nn.init.normal_(head.bias)
+    return model, ctrl
+
+
+@torch.no_grad()
+def test_per_sequence_decisions_in_a_batch_equal_each_row_alone():
+    model, ctrl = random_controllers()
     prompt_lens = [2, 9, 5, 4]
     y = instruct_targets(prompt_lens)
     idx = torch.randint(256, (4, 16), generator=torch.Generator().manual_seed(2))
@@ -75,6 +81,21 @@ def test_per_sequence_decisions_in_a_batch_equal_each_row_alone():
         torch.testing.assert_close(xb[0], x[b], rtol=0, atol=1e-5)
         n = prompt_lens[b]
         assert not mask[b, :n].any() and (mask[b, n:] == mask[b, n]).all()  # one decision per sequence
+
+
+@torch.no_grad()
+def test_per_sequence_plan_in_decoding_is_the_decision_training_takes():
+    """sequence_plan on a prompt alone (what evaluate.py decodes with) equals the decision controlled_layers takes
+    for the response that follows the same prompt: the prompt's hidden states do not see the response."""
+    model, ctrl = random_controllers()
+    prompt_lens = [2, 9, 5, 4]
+    idx = torch.randint(256, (4, 16), generator=torch.Generator().manual_seed(3))
+    _, mask = controlled_layers(model, ctrl, idx, response_tokens(instruct_targets(prompt_lens)))
+    plans = [sequence_plan(model, ctrl, idx[b:b + 1, :n])[0] for b, n in enumerate(prompt_lens)]
+    assert all(torch.equal(plan, mask[b, n]) for b, (plan, n) in enumerate(zip(plans, prompt_lens)))
+    assert len({tuple(p.tolist()) for p in plans}) > 1 and any(p.any() for p in plans)
+    with pytest.raises(ValueError, match="per-token"):
+        sequence_plan(*random_controllers(per_sequence=False), idx)
 
 
 def test_unified_training_stores_its_plan_and_decoding_honours_it(trained, stdlib_instruct, tmp_path):

@@ -15,7 +15,7 @@ import torch
 import evaluate
 import tasks
 from data.prepare import train_tokenizer
-from model import PRESETS, Transformer
+from model import PRESETS, Transformer, layer_mask
 import sandbox
 from conftest import checkpoint_tokenizer
 from sandbox import run_programs
@@ -223,10 +223,37 @@ def test_settings_table_on_a_tiny_model(tiny_checkpoint, tmp_path):
     tok = checkpoint_tokenizer(tiny_checkpoint)
     cfg = evaluate.EvalConfig(max_new_tokens=10)
     problems = tasks.code_tasks(str(data))
-    complete = {s.name: evaluate.complete(model, tok, problems, s, cfg, "cpu")[0]
-                for s in evaluate.decode_settings(model, 2, 2)}
+    settings = evaluate.decode_settings(model, 2, 2, evaluate.trained_plan(tiny_checkpoint, model))
+    complete = {s.name: evaluate.complete(model, tok, problems, s, cfg, "cpu")[0] for s in settings}
     assert all(complete[name] == complete["full depth"] for name in speculative)
     assert complete["skip plan [2]"] != complete["full depth"] or complete["exit layer 2"] != complete["full depth"]
+
+
+def test_distilled_layers_and_per_sequence_controllers_are_settings(tiny_checkpoint, tmp_path):
+    """A checkpoint with no plan in its config: distill.py's distilled layers (metrics.jsonl) become its skip plan,
+    and per-sequence controllers (dynamic.py) a setting that decodes each prompt with the plan they choose."""
+    from dynamic import Controllers, save_controllers, sequence_plan
+    from generate import generate
+    model = evaluate.load(tiny_checkpoint)
+    model.cfg.skip_layers = None
+    with torch.no_grad():  # a layer 1 that matters, so that decoding with or without it differs
+        model.layers[1].mlp.w_down.weight.mul_(50)
+    ckpt = str(tmp_path / "student")
+    model.save_pretrained(ckpt)
+    (tmp_path / "student" / "metrics.jsonl").write_text(json.dumps({"layer": 2, "skipped": [2, 1]}) + "\n")
+    ctrl = Controllers(4, 64, per_sequence=True)
+    ctrl.heads[0].bias.data = torch.tensor([0.0, 5.0])  # layer 1: always skip
+    save_controllers(ctrl, ckpt, budget=0.75)
+    model = evaluate.load(ckpt)
+    assert evaluate.trained_plan(ckpt, model) == [1, 2]
+    controllers = evaluate.load_controllers(ckpt, model)
+    settings = {s.name: s for s in evaluate.decode_settings(model, 2, 2, [1, 2], controllers)}
+    assert "skip plan [1, 2]" in settings
+    idx = torch.tensor([[1, 5, 9, 13]])
+    assert sequence_plan(model, controllers, idx)[0].tolist() == [False, True, False, False]
+    ids, _, _ = evaluate.decode(model, idx, 6, settings["learned controllers, per sequence"], dict(temperature=0.0))
+    assert ids.tolist() == generate(model, idx, 6, temperature=0.0, skip_mask=layer_mask([1], 4))[0, 4:].tolist()
+    assert ids.tolist() != generate(model, idx, 6, temperature=0.0)[0, 4:].tolist()
 
 
 def test_summarize_runs_on_a_tiny_model(tiny_checkpoint, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY, assert_one_line_error, run_script
+from conftest import ROOT, TINY, assert_one_line_error, run_entry, run_script
 from model import PRESETS, Transformer
 
 
@@ -27,10 +27,10 @@ def val_curve(out_dir, exit_layer):
 def test_training_lowers_validation_loss(trained):
     curve = val_curve(trained, 4)
     (_, first), (_, last) = curve[0], curve[-1]
-    assert [s for s, _ in curve] == [0, 200, 400]
+    assert [s for s, _ in curve] == [0, 100, 200, 300, 400]
     assert last < 0.6 * first, curve
     for e in (1, 2, 3, 4):  # every exit layer is evaluated, loss and perplexity
-        assert len(val_curve(trained, e)) == 3
+        assert len(val_curve(trained, e)) == 5
     last = val_rows(trained)[-1]
     assert abs(last["val_ppl"]["2"] - math.exp(last["val_loss"]["2"])) < 1e-6 * last["val_ppl"]["2"]
     assert sorted(os.listdir(trained)) == ["config.json", "manifest.json", "metrics.jsonl", "model.safetensors",
@@ -38,10 +38,11 @@ def test_training_lowers_validation_loss(trained):
 
 
 def test_early_exit_loss_lowers_the_middle_exit_loss(trained, layerskip_trained):
-    """LayerSkip against the same run without it, compared at step 200 (where `trained` also evaluates)."""
-    plain = {e: dict(val_curve(trained, e))[200] for e in (1, 2, 3, 4)}
-    layerskip = {e: dict(val_curve(layerskip_trained, e))[200] for e in (1, 2, 3, 4)}
-    assert layerskip[2] < plain[2] - 0.25, (plain, layerskip)   # the middle exit is clearly better
+    """LayerSkip against the same run without it, compared at step 100 (where `trained` also evaluates); measured
+    on 2026-11-30 (exits 1, 2, 4): 5.505 / 5.320 / 5.298 with LayerSkip, 5.903 / 5.613 / 5.333 without."""
+    plain = {e: dict(val_curve(trained, e))[100] for e in (1, 2, 3, 4)}
+    layerskip = {e: dict(val_curve(layerskip_trained, e))[100] for e in (1, 2, 3, 4)}
+    assert layerskip[2] < plain[2] - 0.15, (plain, layerskip)   # the middle exit is clearly better
     assert layerskip[1] < plain[1] - 0.25, (plain, layerskip)
     assert layerskip[4] < plain[4] + 0.2, (plain, layerskip)    # at little cost to the last layer
 
@@ -62,13 +63,13 @@ def test_sample_full_depth_and_exit_layer(trained):
     (["--max_new_tokens=500"], ["context"]),
 ])
 def test_sample_bad_inputs(trained, args, words):
-    assert_one_line_error(run_script("sample.py", f"--out_dir={trained}", *args), *words)
+    assert_one_line_error(run_entry("sample.py", f"--out_dir={trained}", *args), *words)
 
 
 def test_sample_missing_checkpoint(tmp_path):
     assert_one_line_error(run_script("sample.py", f"--out_dir={tmp_path / 'none'}"), "none")
     (tmp_path / "empty").mkdir()
-    assert_one_line_error(run_script("sample.py", f"--out_dir={tmp_path / 'empty'}"), "config.json")
+    assert_one_line_error(run_entry("sample.py", f"--out_dir={tmp_path / 'empty'}"), "config.json")
 
 
 def test_tokenizer_larger_than_the_vocabulary_is_one_line(tmp_path, stdlib_data):
@@ -76,23 +77,23 @@ def test_tokenizer_larger_than_the_vocabulary_is_one_line(tmp_path, stdlib_data)
     ckpt = tmp_path / "ckpt"
     Transformer(PRESETS["test-tiny"]).save_pretrained(str(ckpt))                # a vocabulary of 256
     shutil.copy(os.path.join(stdlib_data, "tokenizer.model"), ckpt)             # 4096 tokens
-    assert_one_line_error(run_script("sample.py", f"--out_dir={ckpt}"), "4096 tokens", "vocabulary of 256")
+    assert_one_line_error(run_entry("sample.py", f"--out_dir={ckpt}"), "4096 tokens", "vocabulary of 256")
     out = tmp_path / "out"
-    assert_one_line_error(run_script("train.py", f"--init_from={ckpt}", f"--data_dir={stdlib_data}",
-                                     f"--out_dir={out}", "--block_size=64"), "4096 tokens", "vocabulary of 256")
+    assert_one_line_error(run_entry("train.py", f"--init_from={ckpt}", f"--data_dir={stdlib_data}",
+                                    f"--out_dir={out}", "--block_size=64"), "4096 tokens", "vocabulary of 256")
     assert not out.exists()
 
 
 def test_train_bad_data_dir_leaves_nothing(tmp_path):
     out = tmp_path / "out"
-    assert_one_line_error(run_script("train.py", f"--data_dir={tmp_path / 'nodata'}", f"--out_dir={out}"),
+    assert_one_line_error(run_entry("train.py", f"--data_dir={tmp_path / 'nodata'}", f"--out_dir={out}"),
                           "nodata")
     assert not out.exists()
 
 
 def test_resume_without_state_is_one_line(tmp_path, stdlib_data):
-    assert_one_line_error(run_script("train.py", *TINY, f"--data_dir={stdlib_data}",
-                                     f"--out_dir={tmp_path}", "--init_from=resume"), "resume")
+    assert_one_line_error(run_entry("train.py", *TINY, f"--data_dir={stdlib_data}",
+                                    f"--out_dir={tmp_path}", "--init_from=resume"), "resume")
 
 
 def test_resume_from_a_final_step_off_the_eval_grid(tmp_path, stdlib_data):
@@ -111,7 +112,7 @@ def saved_step(out_dir):
 
 
 def test_resume_after_sigkill_is_bitwise_exact(stdlib_data, tmp_path):
-    common = [*TINY, f"--data_dir={stdlib_data}", "--max_steps=60", "--eval_interval=10", "--grad_accum=2",
+    common = [*TINY, f"--data_dir={stdlib_data}", "--max_steps=24", "--eval_interval=4", "--grad_accum=2",
               "--p_max=0.3", "--early_exit_curriculum=rotational", "--exit_period=2"]  # LayerSkip on
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     assert run_script("train.py", *common, f"--out_dir={straight}").returncode == 0
@@ -119,12 +120,12 @@ def test_resume_after_sigkill_is_bitwise_exact(stdlib_data, tmp_path):
     proc = subprocess.Popen([sys.executable, "train.py", *common, f"--out_dir={killed}"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while saved_step(killed) < 10 and time.time() < deadline and proc.poll() is None:
+    while saved_step(killed) < 8 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     step_at_kill = saved_step(killed)
-    assert 10 <= step_at_kill < 60, "the run must be killed part way"
+    assert 8 <= step_at_kill < 24, "the run must be killed part way"
     assert not [f for f in os.listdir(killed) if ".tmp" in f and f != "train_state.tmp"]
 
     proc = run_script("train.py", *common, f"--out_dir={killed}", "--init_from=resume")

@@ -144,7 +144,8 @@ def load_controllers(ckpt_dir, model):
         raise FileNotFoundError(f"{ckpt_dir!r} has no controllers.json: train controllers with dynamic.py")
     ctrl = Controllers(model.n_layer, model.cfg.n_embd, json.load(open(path))["per_sequence"])
     ctrl.load_state_dict(load_file(os.path.join(ckpt_dir, "controllers.safetensors")))
-    return ctrl.eval()
+    weight = model.layers[0].attn.wo.weight  # the backbone's device and dtype
+    return ctrl.to(device=weight.device, dtype=weight.dtype).eval()
 
 
 @dataclass

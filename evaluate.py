@@ -24,6 +24,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -99,8 +100,11 @@ def trained_plan(ckpt, model):
     if model.cfg.skip_layers:
         return sorted(model.cfg.skip_layers)
     path = os.path.join(ckpt, "metrics.jsonl")
-    rows = [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
-    return sorted(rows[-1].get("skipped", [])) if rows else []
+    rows = [line for line in open(path) if '"skipped"' in line] if os.path.isfile(path) else []
+    try:
+        return sorted(json.loads(rows[-1])["skipped"]) if rows else []
+    except (ValueError, KeyError):
+        raise ValueError(f"{path}: its last distillation row is not complete JSON: {rows[-1][:80]!r}") from None
 
 
 @dataclass
@@ -111,7 +115,7 @@ class Setting:
     skip_layers: list = field(default_factory=list)   # layers generated tokens skip (no speculation)
     num_speculations: int = 0
     options: dict = field(default_factory=dict)       # further keywords of generate_speculative
-    choose_plan: object = None             # prompt [1, T] -> skip mask [1, L], instead of skip_layers (timed)
+    choose_plan: Callable | None = None    # prompt [1, T] -> skip mask [1, L], instead of skip_layers (timed)
 
 
 def decode_settings(model, exit_layer, d, plan=(), controllers=None):
@@ -299,6 +303,8 @@ def main():
     if cfg.distill:
         student = load(cfg.distill)
         done = trained_plan(cfg.distill, student)
+        if not done:
+            raise ValueError(f"--distill {cfg.distill!r} names no distilled layers (no metrics.jsonl rows of distill.py)")
         for name, m in ((f"skip-distilled, skipping {sorted(done)}", student), (f"--ckpt, skipping {sorted(done)}", model)):
             loss, run = masked_eval(m, val_batch, n, lambda i, y, r: response_skip_mask(y, done, L))
             rows.append((name, run, loss))

@@ -23,9 +23,10 @@ def on_device(fn):
     @functools.wraps(fn)
     def call(x, *args):
         nonlocal compiled
-        if not x.is_cuda:
+        if not x.is_cuda or torch.compiler.is_compiling():  # inside a compiled block: inlined as written
             return fn(x, *args)
-        compiled = compiled or torch.compile(fn)  # a second shape makes it dynamic
+        if compiled is None:
+            compiled = torch.compile(fn)  # a second shape makes it dynamic
         return compiled(x, *args)
 
     return call

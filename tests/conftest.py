@@ -25,7 +25,8 @@ def run_entry(script, *argv):
     from configurator import run_main
     module = importlib.import_module(script.removesuffix(".py").replace("/", "."))
     out, err, old_argv, old_cwd = io.StringIO(), io.StringIO(), sys.argv, os.getcwd()
-    sys.argv, code = [script, *map(str, argv)], 0
+    argv = [script, *map(str, argv)]
+    sys.argv, code = argv, 0
     os.chdir(ROOT)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -36,7 +37,7 @@ def run_entry(script, *argv):
     finally:
         sys.argv = old_argv
         os.chdir(old_cwd)
-    return subprocess.CompletedProcess(sys.argv, code, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess([sys.executable, *argv], code, out.getvalue(), err.getvalue())
 
 
 def assert_one_line_error(proc, *words):

@@ -207,7 +207,7 @@ def test_error_index_with_missing_shard(hf_dir, tmp_path):
 
 
 def test_cli_round_trip(hf_dir, tmp_path):
-    proc = convert_cli(hf_dir, tmp_path / "ours")
+    proc = run_script("checkpoints_convert.py", "--from_hf", str(hf_dir), "--out", str(tmp_path / "ours"))
     assert proc.returncode == 0, proc.stderr
     proc = run_script("checkpoints_convert.py", "--to_hf", str(tmp_path / "ours"), "--out", str(tmp_path / "back"))
     assert proc.returncode == 0, proc.stderr

@@ -304,7 +304,7 @@ def main():
         student = load(cfg.distill)
         done = trained_plan(cfg.distill, student)
         if not done:
-            raise ValueError(f"--distill {cfg.distill!r} names no distilled layers (no metrics.jsonl rows of distill.py)")
+            raise ValueError(f"--distill {cfg.distill!r} has no distilled layers (no distill.py rows in metrics.jsonl)")
         for name, m in ((f"skip-distilled, skipping {sorted(done)}", student), (f"--ckpt, skipping {sorted(done)}", model)):
             loss, run = masked_eval(m, val_batch, n, lambda i, y, r: response_skip_mask(y, done, L))
             rows.append((name, run, loss))

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import run_entry
 from data.instruct import IGNORE
 from dynamic import Controllers, controlled_layers, sequence_plan
 from model import PRESETS, Transformer
@@ -100,22 +100,22 @@ def test_per_sequence_plan_in_decoding_is_the_decision_training_takes():
 
 def test_unified_training_stores_its_plan_and_decoding_honours_it(trained, stdlib_instruct, tmp_path):
     out = tmp_path / "unified"
-    proc = run_script("train.py", f"--init_from={trained}", "--dataset=instruct", f"--data_dir={stdlib_instruct}",
-                      f"--out_dir={out}", "--skip_speedup=2", "--freeze_embeddings", "--micro_batch=8",
-                      "--block_size=128", "--max_steps=40", "--eval_interval=20", "--eval_batches=4",
-                      "--lr=3e-3", "--warmup_steps=2")
+    proc = run_entry("train.py", f"--init_from={trained}", "--dataset=instruct", f"--data_dir={stdlib_instruct}",
+                     f"--out_dir={out}", "--skip_speedup=2", "--freeze_embeddings", "--micro_batch=8",
+                     "--block_size=128", "--max_steps=40", "--eval_interval=20", "--eval_batches=4",
+                     "--lr=3e-3", "--warmup_steps=2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.load(open(out / "config.json"))["skip_layers"] == [1, 2]  # L=4 at 2x keeps layers 0 and 3
     rows = [json.loads(l) for l in open(out / "metrics.jsonl") if "val_loss_plan" in l]
     assert rows[-1]["val_loss_plan"] < rows[0]["val_loss_plan"] - 0.1, rows
-    proc = run_script("sample.py", f"--out_dir={out}", "--prompt=def ", "--max_new_tokens=10", "--temperature=0")
+    proc = run_entry("sample.py", f"--out_dir={out}", "--prompt=def ", "--max_new_tokens=10", "--temperature=0")
     assert proc.returncode == 0 and "skipping layers [1, 2]" in proc.stdout, proc.stderr
 
 
 def test_distilled_layer_is_cheaper_to_skip(trained, stdlib_data, tmp_path):
     out = tmp_path / "distill"
-    proc = run_script("distill.py", f"--init_from={trained}", f"--data_dir={stdlib_data}", f"--out_dir={out}",
-                      "--steps_per_layer=60", "--micro_batch=8", "--block_size=128", "--eval_batches=4", "--lr=1e-3")
+    proc = run_entry("distill.py", f"--init_from={trained}", f"--data_dir={stdlib_data}", f"--out_dir={out}",
+                     "--steps_per_layer=60", "--micro_batch=8", "--block_size=128", "--eval_batches=4", "--lr=1e-3")
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = json.loads(open(out / "metrics.jsonl").read().splitlines()[-1])
     assert row["skipped"] == [2]  # L=4: every other layer from L-2 down to 2
@@ -126,16 +126,16 @@ def test_distilled_layer_is_cheaper_to_skip(trained, stdlib_data, tmp_path):
 
 def test_controllers_meet_the_layer_budget(trained, stdlib_instruct, tmp_path):
     out = tmp_path / "dynamic"
-    proc = run_script("dynamic.py", f"--init_from={trained}", f"--data_dir={stdlib_instruct}", f"--out_dir={out}",
-                      "--budget=0.75", "--alpha=5", "--max_steps=80", "--eval_interval=40", "--eval_batches=4",
-                      "--micro_batch=8", "--block_size=128", "--lr=3e-2")
+    proc = run_entry("dynamic.py", f"--init_from={trained}", f"--data_dir={stdlib_instruct}", f"--out_dir={out}",
+                     "--budget=0.75", "--alpha=5", "--max_steps=80", "--eval_interval=40", "--eval_batches=4",
+                     "--micro_batch=8", "--block_size=128", "--lr=3e-2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     run = float(re.search(r"val: ([\d.]+)% of layers run", proc.stdout).group(1)) / 100
     # 80 steps land the controllers within a few points of the budget; where exactly depends on the trained
     # backbone (0.676 once get_batch began drawing a split's last window, which changed `trained`'s batches)
     assert abs(run - 0.75) <= 0.08, proc.stdout
-    proc = run_script("evaluate.py", f"--ckpt={trained}", f"--data_dir={stdlib_instruct}", f"--dynamic={out}",
-                      "--eval_batches=2", "--block_size=128")
+    proc = run_entry("evaluate.py", f"--ckpt={trained}", f"--data_dir={stdlib_instruct}", f"--dynamic={out}",
+                     "--eval_batches=2", "--block_size=128")
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = proc.stdout
     for name in ("full depth", "early exit at layer 2", "unified 2x plan", "LayerSkip dropout", "learned controllers"):
@@ -154,8 +154,8 @@ def test_distillation_runs_from_a_converted_phi3_checkpoint(stdlib_data, tmp_pat
     hf.save_pretrained(tmp_path / "hf")
     from_hf(str(tmp_path / "hf"), str(tmp_path / "ours"))
     out = tmp_path / "distill"
-    proc = run_script("distill.py", f"--init_from={tmp_path / 'ours'}", f"--data_dir={stdlib_data}", f"--out_dir={out}",
-                      "--steps_per_layer=3", "--micro_batch=2", "--block_size=64", "--eval_batches=1")
+    proc = run_entry("distill.py", f"--init_from={tmp_path / 'ours'}", f"--data_dir={stdlib_data}", f"--out_dir={out}",
+                     "--steps_per_layer=3", "--micro_batch=2", "--block_size=64", "--eval_batches=1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = json.loads(open(out / "metrics.jsonl").read().splitlines()[-1])
     assert row["skipped"] == [2] and all(row[k] > 0 for k in ("student_skipping", "original_skipping", "teacher"))

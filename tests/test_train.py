@@ -49,7 +49,7 @@ def test_early_exit_loss_lowers_the_middle_exit_loss(trained, layerskip_trained)
 
 def test_sample_full_depth_and_exit_layer(trained):
     for extra in ([], ["--exit_layer", "2"], ["--skip_layers=1,2", "--temperature=0"]):
-        proc = run_script("sample.py", f"--out_dir={trained}", "--prompt=def ", "--max_new_tokens=20", *extra)
+        proc = run_entry("sample.py", f"--out_dir={trained}", "--prompt=def ", "--max_new_tokens=20", *extra)
         assert proc.returncode == 0, proc.stderr
         headers = [l for l in proc.stdout.splitlines() if l.startswith("---------- ")]
         assert len(headers) == 1 and "def " in proc.stdout, proc.stdout
@@ -100,8 +100,8 @@ def test_resume_from_a_final_step_off_the_eval_grid(tmp_path, stdlib_data):
     """A run that ended at max_steps between evaluations resumes with a larger max_steps (a regression:
     the tokens/s clock was only started at evaluation steps)."""
     common = [*TINY, f"--data_dir={stdlib_data}", f"--out_dir={tmp_path}", "--eval_interval=4"]
-    assert run_script("train.py", *common, "--max_steps=5").returncode == 0
-    proc = run_script("train.py", *common, "--max_steps=7", "--init_from=resume")
+    assert run_entry("train.py", *common, "--max_steps=5").returncode == 0
+    proc = run_entry("train.py", *common, "--max_steps=7", "--init_from=resume")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert saved_step(str(tmp_path)) == 7
 

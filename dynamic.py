@@ -105,16 +105,11 @@ def sequence_plan(model, ctrl, idx):
     runs every layer: the decision controlled_layers takes for a response following the same prompt."""
     if not ctrl.per_sequence:
         raise ValueError("per-token controllers decide per token and layer; only per-sequence ones give a skip plan")
-    L = model.n_layer
-    plan = torch.zeros(idx.shape[0], L, dtype=torch.bool)
-    prompt_only = torch.zeros(idx.shape, dtype=torch.bool, device=idx.device)
-    x = model.embed(idx)
-    attn_mask = model.attention_mask(idx.shape[1], 0, idx.device, x.dtype)
-    for l in range(L):
-        if 0 < l < L - 1:
-            plan[:, l] = (ctrl.logits(l, x, prompt_only)[:, 0].argmax(-1) == 1).cpu()
-        x = model.run_layers(x, l, l + 1, attn_mask=attn_mask)
-    return plan
+    B, T = idx.shape
+    response = torch.zeros(B, T + 1, dtype=torch.bool)
+    response[:, T] = True  # one response token after the prompt: its mask is the plan
+    _, skip_mask = controlled_layers(model, ctrl, torch.cat([idx, idx[:, -1:]], dim=1), response)
+    return skip_mask[:, T]
 
 
 def controlled_forward(model, ctrl, idx, targets):

@@ -18,26 +18,32 @@ def run_script(*args, timeout=600):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def run_entry(script, *argv):
-    """Run a script's main() in this process as `python script argv...` would (sys.argv and cwd set, errors
-    through configurator.run_main) -> a CompletedProcess with its exit code, stdout and stderr. For bad-input
-    cases: a subprocess spends seconds importing torch before it reads its first argument."""
+def call_main(main, argv):
+    """main() run in this process as `python argv...` would run it (sys.argv and cwd set, our errors through
+    configurator.run_main) -> (exit code, the one-line error message or "", stdout, stderr before the message)."""
     from configurator import run_main
-    module = importlib.import_module(script.removesuffix(".py").replace("/", "."))
     out, err, old_argv, old_cwd = io.StringIO(), io.StringIO(), sys.argv, os.getcwd()
-    argv = [script, *map(str, argv)]
-    sys.argv, code = argv, 0
+    sys.argv, code, message = list(argv), 0, ""
     os.chdir(ROOT)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            run_main(module.main)
+            run_main(main)
     except SystemExit as e:  # sys.exit("error: ...") prints its message and exits 1
-        code = 1 if isinstance(e.code, str) else (e.code or 0)
-        err.write(f"{e.code}\n" if isinstance(e.code, str) else "")
+        code, message = (1, e.code) if isinstance(e.code, str) else (e.code or 0, "")
     finally:
         sys.argv = old_argv
         os.chdir(old_cwd)
-    return subprocess.CompletedProcess([sys.executable, *argv], code, out.getvalue(), err.getvalue())
+    return code, message, out.getvalue(), err.getvalue()
+
+
+def run_entry(script, *argv):
+    """A repo script run in this process (call_main) -> a CompletedProcess with its exit code, stdout and stderr,
+    as run_script gives. For bad-input cases: a subprocess spends seconds importing torch before it reads its
+    first argument."""
+    module = importlib.import_module(script.removesuffix(".py").replace("/", "."))
+    argv = [script, *map(str, argv)]
+    code, message, out, err = call_main(module.main, argv)
+    return subprocess.CompletedProcess([sys.executable, *argv], code, out, err + (f"{message}\n" if message else ""))
 
 
 def assert_one_line_error(proc, *words):

@@ -6,9 +6,7 @@ directory. The fault tests inject a kill at every step of a save, a NaN run, a f
 child process), a second run on one out_dir and a kill inside data/prepare.py; each leaves a directory that
 verifies and resumes bitwise-exactly.
 """
-import contextlib
 import hashlib
-import io
 import json
 import os
 import resource
@@ -22,14 +20,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT
+from conftest import ROOT, call_main
 import checkpoints_convert
 import distill
 import dynamic
 import savedir
 import sample
 import train
-from configurator import run_main
 from data import prepare
 from model import PRESETS, Transformer
 
@@ -42,19 +39,9 @@ class Killed(BaseException):
 
 
 def run(main, *argv):
-    """(exit code, the error line or '', stderr) of main() run as `script argv...`."""
-    err = io.StringIO()
-    old_argv = sys.argv
-    sys.argv = ["script", *map(str, argv)]
-    try:
-        with contextlib.redirect_stderr(err):
-            run_main(main)
-        code, message = 0, ""
-    except SystemExit as e:
-        code, message = (1, e.code) if isinstance(e.code, str) else (e.code, "")
-    finally:
-        sys.argv = old_argv
-    return code, message, err.getvalue()
+    """(exit code, the error line or '', stderr) of main() run as `script argv...` (conftest.call_main)."""
+    code, message, _, stderr = call_main(main, ["script", *map(str, argv)])
+    return code, message, stderr
 
 
 def assert_one_line(result, *words):

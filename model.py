@@ -301,14 +301,46 @@ def rotary(x, cos, sin):
     return (apply_rotary if FUSED["rope"] else apply_rotary_reference)(x, cos, sin)
 
 
+def tensor_version(t):
+    """(address, torch's version counter) of tensor t: in-place writes and new data both change it."""
+    return t.data_ptr(), 0 if t.is_inference() else t._version
+
+
+@torch.library.custom_op("nanoskip::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: typing.Optional[torch.Tensor]) -> torch.Tensor:
+    """F.linear(x [..., in], weight [out, in], bias [out]) -> [..., out] through the oneDNN-packed copy of weight
+    that Transformer.decode_layout made (oneDNN's own kernel; equal to F.linear to float32 rounding), or F.linear
+    itself when weight has changed since it was packed (tensor_version). A custom op, so that compiled decode
+    steps call it as it is (Inductor cannot take a packed tensor as a graph input)."""
+    version, packed = getattr(weight, "onednn_packed", (None, None))
+    if version != tensor_version(weight):
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose forwards without autograd run through packed_linear once decode_layout has packed it."""
+    packed = False
+
+    def forward(self, x):
+        if self.packed and not torch.is_grad_enabled():
+            return packed_linear(x, self.weight, self.bias)
+        return super().forward(x)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg, layer):
         super().__init__()
         self.layer = layer
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.use_rope = cfg.pos_emb == "rope"
-        self.wqkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
-        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+        self.wqkv = Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
+        self.wo = Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x, cos, sin, attn_mask, cache, rows, pos):
         B, T, _ = x.shape
@@ -348,10 +380,10 @@ class MLP(nn.Module):
         super().__init__()
         self.kind = cfg.mlp
         if cfg.mlp == "swiglu":
-            self.w_gate_up = nn.Linear(cfg.n_embd, 2 * cfg.intermediate_size, bias=cfg.bias)
+            self.w_gate_up = Linear(cfg.n_embd, 2 * cfg.intermediate_size, bias=cfg.bias)
         else:
-            self.w_up = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
-        self.w_down = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.bias)
+            self.w_up = Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
+        self.w_down = Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x):
         if self.kind == "swiglu":
@@ -406,8 +438,8 @@ class Transformer(nn.Module):
         emb_dim = cfg.emb_dim or cfg.n_embd
         self.tok_emb = nn.Embedding(cfg.vocab_size, emb_dim)
         if emb_dim != cfg.n_embd:  # OPT-350m
-            self.proj_in = nn.Linear(emb_dim, cfg.n_embd, bias=False)
-            self.proj_out = nn.Linear(cfg.n_embd, emb_dim, bias=False)
+            self.proj_in = Linear(emb_dim, cfg.n_embd, bias=False)
+            self.proj_out = Linear(cfg.n_embd, emb_dim, bias=False)
         if cfg.pos_emb == "learned":
             self.pos_emb = nn.Embedding(cfg.block_size + cfg.pos_offset, cfg.n_embd)
         if cfg.emb_norm:
@@ -416,7 +448,7 @@ class Transformer(nn.Module):
         self.rope_tables = {}  # (device, dtype) -> (cos, sin) [block_size, head_dim]: not weights, never saved
         if cfg.final_norm:
             self.norm = make_norm(cfg, cfg.n_embd)
-        self.lm_head = nn.Linear(emb_dim, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.init_weights()
@@ -437,13 +469,23 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def decode_layout(self):
-        """Lay every projection weight out input-major in memory (each [out, in] weight becomes the transposed
-        view of an [in, out] tensor): batch-1 decoding is a chain of matrix-vector products, which MKL runs
-        1.8x-3.4x faster from that layout on the CPU (BENCHMARKS.md). Values, names, shapes and saved
-        checkpoints are unchanged; training speed is too. generate() calls it for CPU models. Returns self."""
+        """On the CPU, give every float32 projection weight a copy packed for oneDNN's matrix product
+        (torch.ops.mkldnn._reorder_linear_weight, the layout Inductor's freezing gives constant weights), which
+        forwards without autograd then use (packed_linear). Decoding is bandwidth-bound: oneDNN streams a
+        packed weight faster than MKL does any layout, and a verification's few positions cost it about 1.5x
+        one position where MKL's small-M product costs 3-4x (BENCHMARKS.md, Speculation). Memory: a second copy
+        of those weights. Values, names, gradients and saved checkpoints are unchanged; a weight changed
+        afterwards (an optimizer step, copy_, new data) is used as it is until the next call packs it again.
+        generate() calls it for CPU models. Returns self."""
+        if not torch.backends.mkldnn.is_available():
+            return self
         for module in self.modules():
-            if isinstance(module, nn.Linear) and module.weight.is_contiguous():
-                module.weight.data = module.weight.data.t().contiguous().t()  # [out, in] with strides (1, out)
+            w = getattr(module, "weight", None)
+            if not (isinstance(module, Linear) and w.dtype == torch.float32 and w.device.type == "cpu"):
+                continue
+            if getattr(w, "onednn_packed", (None,))[0] != tensor_version(w):
+                w.onednn_packed = (tensor_version(w), torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1))
+            module.packed = True
         return self
 
     def num_params(self):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from model import PRESETS, KVCache, Transformer
+from model import PRESETS, KVCache, Linear, Transformer, packed_linear, tensor_version
 
 TOL = dict(rtol=0, atol=1e-5)  # fp32
 
@@ -158,16 +158,22 @@ def test_gqa_and_tied_head_round_trip(tmp_path):
     assert not [f for f in os.listdir(tmp_path / "m") if ".tmp" in f]
 
 
-def test_decode_layout_changes_memory_not_values(tmp_path):
-    """decode_layout re-lays projection weights input-major: same values, logits, gradients and checkpoint."""
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN packing needs a build with oneDNN")
+def test_decode_layout_packs_weights_and_never_runs_a_stale_copy(tmp_path):
+    """decode_layout gives projection weights a oneDNN-packed copy that forwards without autograd run through
+    (packed_linear): logits within float32 rounding (TOL) of F.linear's; state dict, gradients and checkpoint
+    unchanged; a weight changed afterwards, in place or by new data, runs as it is, never its stale copy."""
     for kw in (dict(), dict(tie_embeddings=True, bias=True)):
         model, laid_out = tiny(**kw), tiny(**kw).decode_layout()
-        weight = laid_out.layers[0].mlp.w_down.weight
-        assert weight.stride() == (1, weight.shape[0])  # [out, in] over [in, out] memory
+        assert all(m.packed for m in laid_out.modules() if isinstance(m, Linear))
         for (name, a), b in zip(model.state_dict().items(), laid_out.state_dict().values()):
             assert torch.equal(a, b), name
         idx = tokens()
         with torch.no_grad():
+            torch.testing.assert_close(laid_out(idx), model(idx), **TOL)
+            for m in (model, laid_out):  # changed after packing: in place (version counter) and new data
+                m.layers[0].mlp.w_down.weight.mul_(-2)
+                m.lm_head.weight.data = m.lm_head.weight.data.flip(0).clone()
             torch.testing.assert_close(laid_out(idx), model(idx), **TOL)
         laid_out.train()(idx, idx)[0].backward()
         model.train()(idx, idx)[0].backward()
@@ -175,6 +181,18 @@ def test_decode_layout_changes_memory_not_values(tmp_path):
         laid_out.save_pretrained(tmp_path / "m")
         torch.testing.assert_close(Transformer.from_pretrained(tmp_path / "m").lm_head.weight, model.lm_head.weight,
                                    rtol=0, atol=0)
+    # which copy runs: a packed copy marked x2 runs while the weight is unchanged, F.linear once it changed,
+    # and the next decode_layout packs it again
+    w = laid_out.layers[1].mlp.w_down.weight
+    x = torch.randn(2, 3, w.shape[1])
+    w.onednn_packed = (tensor_version(w), torch.ops.mkldnn._reorder_linear_weight(2 * w.detach(), 1))
+    with torch.no_grad():
+        torch.testing.assert_close(packed_linear(x, w, None), 2 * F.linear(x, w), **TOL)
+        w.add_(1)
+        torch.testing.assert_close(packed_linear(x, w, None), F.linear(x, w), rtol=0, atol=0)
+        laid_out.decode_layout()
+        assert w.onednn_packed[0] == tensor_version(w)
+        torch.testing.assert_close(packed_linear(x, w, None), F.linear(x, w), **TOL)
 
 
 def test_from_pretrained_errors(tmp_path):

@@ -301,6 +301,9 @@ def rotary(x, cos, sin):
     return (apply_rotary if FUSED["rope"] else apply_rotary_reference)(x, cos, sin)
 
 
+PACKED_MIN_NUMEL = 1 << 20  # decode_layout packs weights from 4 MB (fp32) on: below, MKL's product costs less
+
+
 def tensor_version(t):
     """(address, torch's version counter) of tensor t: in-place writes and new data both change it."""
     return t.data_ptr(), 0 if t.is_inference() else t._version
@@ -469,23 +472,27 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def decode_layout(self):
-        """On the CPU, give every float32 projection weight a copy packed for oneDNN's matrix product
+        """Lay out projection weights for decoding on the CPU, where it is bandwidth-bound. A float32 weight of at
+        least PACKED_MIN_NUMEL elements gets a copy packed for oneDNN's matrix product
         (torch.ops.mkldnn._reorder_linear_weight, the layout Inductor's freezing gives constant weights), which
-        forwards without autograd then use (packed_linear). Decoding is bandwidth-bound: oneDNN streams a
-        packed weight faster than MKL does any layout, and a verification's few positions cost it about 1.5x
-        one position where MKL's small-M product costs 3-4x (BENCHMARKS.md, Speculation). Memory: a second copy
-        of those weights. Values, names, gradients and saved checkpoints are unchanged; a weight changed
-        afterwards (an optimizer step, copy_, new data) is used as it is until the next call packs it again.
-        generate() calls it for CPU models. Returns self."""
-        if not torch.backends.mkldnn.is_available():
-            return self
+        forwards without autograd then use (packed_linear): oneDNN streams it faster than MKL does any layout,
+        and a verification's few positions cost it about 1.5x one position where MKL's small-M product costs
+        3-4x. Smaller weights, where oneDNN's call costs more than the product, are stored input-major (the
+        transposed view of an [in, out] tensor) for MKL's matrix-vector product. Measured in BENCHMARKS.md
+        (Speculation). Memory: a second copy of the packed weights. Values, names, gradients and saved
+        checkpoints are unchanged; a packed weight changed afterwards (an optimizer step, copy_, new data) runs
+        as it is until the next call packs it again. generate() calls it for CPU models. Returns self."""
         for module in self.modules():
-            w = getattr(module, "weight", None)
-            if not (isinstance(module, Linear) and w.dtype == torch.float32 and w.device.type == "cpu"):
+            if not isinstance(module, Linear):
                 continue
-            if getattr(w, "onednn_packed", (None,))[0] != tensor_version(w):
-                w.onednn_packed = (tensor_version(w), torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1))
-            module.packed = True
+            w = module.weight
+            if (w.numel() >= PACKED_MIN_NUMEL and w.dtype == torch.float32 and w.device.type == "cpu"
+                    and torch.backends.mkldnn.is_available()):
+                if getattr(w, "onednn_packed", (None,))[0] != tensor_version(w):
+                    w.onednn_packed = (tensor_version(w), torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1))
+                module.packed = True
+            elif w.is_contiguous():
+                w.data = w.data.t().contiguous().t()  # [out, in] with strides (1, out)
         return self
 
     def num_params(self):

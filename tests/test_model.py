@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from model import PRESETS, KVCache, Linear, Transformer, packed_linear, tensor_version
+import model as model_module
+from model import PRESETS, KVCache, Transformer, packed_linear, tensor_version
 
 TOL = dict(rtol=0, atol=1e-5)  # fp32
 
@@ -158,14 +159,20 @@ def test_gqa_and_tied_head_round_trip(tmp_path):
     assert not [f for f in os.listdir(tmp_path / "m") if ".tmp" in f]
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN packing needs a build with oneDNN")
-def test_decode_layout_packs_weights_and_never_runs_a_stale_copy(tmp_path):
-    """decode_layout gives projection weights a oneDNN-packed copy that forwards without autograd run through
-    (packed_linear): logits within float32 rounding (TOL) of F.linear's; state dict, gradients and checkpoint
-    unchanged; a weight changed afterwards, in place or by new data, runs as it is, never its stale copy."""
+@pytest.mark.parametrize("packed", [False, True])
+def test_decode_layout_changes_memory_not_values(tmp_path, monkeypatch, packed):
+    """decode_layout stores small projection weights input-major and gives large ones (here: all, by lowering
+    PACKED_MIN_NUMEL) a oneDNN-packed copy that forwards without autograd run through (packed_linear): logits
+    within float32 rounding (TOL) of F.linear's; state dict, gradients and checkpoint unchanged; a weight
+    changed afterwards, in place or by new data, runs as it is, never a stale packed copy."""
+    if packed and not torch.backends.mkldnn.is_available():
+        pytest.skip("oneDNN packing needs a build with oneDNN")
+    monkeypatch.setattr(model_module, "PACKED_MIN_NUMEL", 0 if packed else model_module.PACKED_MIN_NUMEL)
     for kw in (dict(), dict(tie_embeddings=True, bias=True)):
         model, laid_out = tiny(**kw), tiny(**kw).decode_layout()
-        assert all(m.packed for m in laid_out.modules() if isinstance(m, Linear))
+        weight = laid_out.layers[0].mlp.w_down.weight
+        assert laid_out.layers[0].mlp.w_down.packed == packed
+        assert weight.stride() == ((weight.shape[1], 1) if packed else (1, weight.shape[0]))  # [out, in] over [in, out]
         for (name, a), b in zip(model.state_dict().items(), laid_out.state_dict().values()):
             assert torch.equal(a, b), name
         idx = tokens()
@@ -181,6 +188,8 @@ def test_decode_layout_packs_weights_and_never_runs_a_stale_copy(tmp_path):
         laid_out.save_pretrained(tmp_path / "m")
         torch.testing.assert_close(Transformer.from_pretrained(tmp_path / "m").lm_head.weight, model.lm_head.weight,
                                    rtol=0, atol=0)
+    if not packed:
+        return
     # which copy runs: a packed copy marked x2 runs while the weight is unchanged, F.linear once it changed,
     # and the next decode_layout packs it again
     w = laid_out.layers[1].mlp.w_down.weight

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
 
 import savedir
 from configurator import above, at_least, check_type, check_values, one_of
@@ -302,21 +303,33 @@ def rotary(x, cos, sin):
 
 
 PACKED_MIN_NUMEL = 1 << 20  # decode_layout packs weights from 4 MB (fp32) on: below, MKL's product costs less
+_packed = torch.utils.weak.WeakIdKeyDictionary()  # weight -> (weak ref to its storage, version, packed copy)
 
 
-def tensor_version(t):
-    """(address, torch's version counter) of tensor t: in-place writes and new data both change it."""
-    return t.data_ptr(), 0 if t.is_inference() else t._version
+def pack(weight):
+    """Keep a oneDNN-packed copy of weight [out, in] (torch.ops.mkldnn._reorder_linear_weight) for packed_linear."""
+    _packed[weight] = (StorageWeakRef(weight.untyped_storage()), weight._version,
+                       torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1))
+
+
+def packed_copy(weight):
+    """weight's packed copy, or None when it has none or weight changed since: new data (its storage is another)
+    or an in-place write through weight (torch's version counter moved; writes through .data are not counted)."""
+    storage, version, packed = _packed.get(weight, (None, None, None))
+    if storage is None or storage.expired() or storage.cdata != weight.untyped_storage()._cdata \
+            or version != weight._version:
+        return None
+    return packed
 
 
 @torch.library.custom_op("nanoskip::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: typing.Optional[torch.Tensor]) -> torch.Tensor:
     """F.linear(x [..., in], weight [out, in], bias [out]) -> [..., out] through the oneDNN-packed copy of weight
     that Transformer.decode_layout made (oneDNN's own kernel; equal to F.linear to float32 rounding), or F.linear
-    itself when weight has changed since it was packed (tensor_version). A custom op, so that compiled decode
-    steps call it as it is (Inductor cannot take a packed tensor as a graph input)."""
-    version, packed = getattr(weight, "onednn_packed", (None, None))
-    if version != tensor_version(weight):
+    itself when weight has no current copy (packed_copy). A custom op, so that compiled decode steps call it as
+    it is (Inductor cannot take a packed tensor as a graph input)."""
+    packed = packed_copy(weight)
+    if packed is None:
         return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
@@ -327,13 +340,19 @@ def _(x, weight, bias):
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose forwards without autograd run through packed_linear once decode_layout has packed it."""
+    """nn.Linear whose forwards without autograd (and without autocast) run through packed_linear once
+    decode_layout has packed its weight; moving or casting it drops the packed copy."""
     packed = False
 
     def forward(self, x):
-        if self.packed and not torch.is_grad_enabled():
+        if self.packed and not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
             return packed_linear(x, self.weight, self.bias)
         return super().forward(x)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.packed = False
+        _packed.pop(self.weight, None)
+        return super()._apply(fn, *args, **kwargs)
 
 
 class Attention(nn.Module):
@@ -476,22 +495,22 @@ class Transformer(nn.Module):
         least PACKED_MIN_NUMEL elements gets a copy packed for oneDNN's matrix product
         (torch.ops.mkldnn._reorder_linear_weight, the layout Inductor's freezing gives constant weights), which
         forwards without autograd then use (packed_linear): oneDNN streams it faster than MKL does any layout,
-        and a verification's few positions cost it about 1.5x one position where MKL's small-M product costs
-        3-4x. Smaller weights, where oneDNN's call costs more than the product, are stored input-major (the
+        and a verification's 5 positions cost it 1.9x-2.9x one position where MKL's small-M product costs
+        3.2x-7x. Smaller weights, where oneDNN's call costs more than the product, are stored input-major (the
         transposed view of an [in, out] tensor) for MKL's matrix-vector product. Measured in BENCHMARKS.md
         (Speculation). Memory: a second copy of the packed weights. Values, names, gradients and saved
-        checkpoints are unchanged; a packed weight changed afterwards (an optimizer step, copy_, new data) runs
-        as it is until the next call packs it again. generate() calls it for CPU models. Returns self."""
+        checkpoints are unchanged; a packed weight changed afterwards (an optimizer step, copy_, new data, .to)
+        runs as it is until the next call packs it again; writes through .data are the one change not seen.
+        generate() calls it for CPU models. Returns self."""
         for module in self.modules():
             if not isinstance(module, Linear):
                 continue
             w = module.weight
-            if (w.numel() >= PACKED_MIN_NUMEL and w.dtype == torch.float32 and w.device.type == "cpu"
-                    and torch.backends.mkldnn.is_available()):
-                if getattr(w, "onednn_packed", (None,))[0] != tensor_version(w):
-                    w.onednn_packed = (tensor_version(w), torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1))
-                module.packed = True
-            elif w.is_contiguous():
+            module.packed = (w.numel() >= PACKED_MIN_NUMEL and w.dtype == torch.float32 and w.device.type == "cpu"
+                             and not w.is_inference() and torch.backends.mkldnn.is_available())
+            if module.packed and packed_copy(w) is None:
+                pack(w)
+            elif not module.packed and w.is_contiguous():
                 w.data = w.data.t().contiguous().t()  # [out, in] with strides (1, out)
         return self
 

@@ -83,12 +83,21 @@ def test_skip_plan_in_the_config_is_honoured():
         assert out[b].tolist() == generate(model, idx[b:b + 1], 10, temperature=0, skip_mask=plans[b])[0].tolist()
 
 
-def test_compiled_decode_steps_give_the_eager_tokens():
-    """compile=True: decode steps (and speculation's drafts and verification) through torch.compile'd graphs."""
+@pytest.mark.parametrize("packed", [False, True])
+def test_compiled_decode_steps_give_the_eager_tokens(packed, monkeypatch):
+    """compile=True: decode steps (and speculation's drafts and verification) through torch.compile'd graphs;
+    packed: every projection weight through its oneDNN-packed copy (decode_layout), which the graphs call."""
+    import model as model_module
+    monkeypatch.setattr(model_module, "PACKED_MIN_NUMEL", 0 if packed else model_module.PACKED_MIN_NUMEL)
     model = model_with()
     idx = torch.randint(256, (2, 5), generator=torch.Generator().manual_seed(4))
     expected = generate(model, idx, 12, temperature=0)
+    assert model.lm_head.packed == packed
     assert generate(model, idx, 12, temperature=0, compile=True).tolist() == expected.tolist()
+    if packed:  # the graphs of the rest are what packed=False tests
+        out, _ = generate_speculative(model, idx[:1], 12, 2, 3, compile=True)
+        assert out.tolist() == expected[:1].tolist()
+        return
     for E, d in ((2, 3), (4, 1)):
         out, _ = generate_speculative(model, idx[:1], 12, E, d, compile=True)
         assert out.tolist() == expected[:1].tolist()

@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.multiprocessing.reductions import StorageWeakRef
 
 import model as model_module
-from model import PRESETS, KVCache, Transformer, packed_linear, tensor_version
+from model import PRESETS, KVCache, Transformer
 
 TOL = dict(rtol=0, atol=1e-5)  # fp32
 
@@ -190,18 +191,30 @@ def test_decode_layout_changes_memory_not_values(tmp_path, monkeypatch, packed):
                                    rtol=0, atol=0)
     if not packed:
         return
-    # which copy runs: a packed copy marked x2 runs while the weight is unchanged, F.linear once it changed,
-    # and the next decode_layout packs it again
-    w = laid_out.layers[1].mlp.w_down.weight
-    x = torch.randn(2, 3, w.shape[1])
-    w.onednn_packed = (tensor_version(w), torch.ops.mkldnn._reorder_linear_weight(2 * w.detach(), 1))
+    # which copy runs: a packed copy marked x2 runs (the module's forward without autograd goes through it), then
+    # F.linear once the weight changed (in place; new data twice, so an address may come back), and the next
+    # decode_layout packs it again; moving or casting the model drops the copies; the model still pickles
+    module = laid_out.layers[1].mlp.w_down
+    w, x = module.weight, torch.randn(2, 3, module.weight.shape[1])
+    model_module._packed[w] = (StorageWeakRef(w.untyped_storage()), w._version,
+                               torch.ops.mkldnn._reorder_linear_weight(2 * w.detach(), 1))
+    torch.testing.assert_close(module(x), F.linear(x, w), **TOL)  # with autograd: never the packed copy
     with torch.no_grad():
-        torch.testing.assert_close(packed_linear(x, w, None), 2 * F.linear(x, w), **TOL)
+        torch.testing.assert_close(module(x), 2 * F.linear(x, w), **TOL)
         w.add_(1)
-        torch.testing.assert_close(packed_linear(x, w, None), F.linear(x, w), rtol=0, atol=0)
+        torch.testing.assert_close(module(x), F.linear(x, w), rtol=0, atol=0)
         laid_out.decode_layout()
-        assert w.onednn_packed[0] == tensor_version(w)
-        torch.testing.assert_close(packed_linear(x, w, None), F.linear(x, w), **TOL)
+        torch.testing.assert_close(module(x), F.linear(x, w), **TOL)
+        for _ in range(2):
+            model_module._packed[w] = (StorageWeakRef(w.untyped_storage()), w._version,
+                                       torch.ops.mkldnn._reorder_linear_weight(2 * w.detach(), 1))
+            w.data = torch.randn_like(w)
+            torch.testing.assert_close(module(x), F.linear(x, w), rtol=0, atol=0)
+        laid_out.decode_layout()
+        torch.save(laid_out, tmp_path / "whole.pt")
+        laid_out.double()
+        assert not module.packed and w not in model_module._packed
+        torch.testing.assert_close(module(x.double()), F.linear(x.double(), module.weight), rtol=0, atol=0)
 
 
 def test_from_pretrained_errors(tmp_path):

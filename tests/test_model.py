@@ -196,8 +196,11 @@ def test_decode_layout_changes_memory_not_values(tmp_path, monkeypatch, packed):
     # decode_layout packs it again; moving or casting the model drops the copies; the model still pickles
     module = laid_out.layers[1].mlp.w_down
     w, x = module.weight, torch.randn(2, 3, module.weight.shape[1])
-    model_module._packed[w] = (StorageWeakRef(w.untyped_storage()), w._version,
-                               torch.ops.mkldnn._reorder_linear_weight(2 * w.detach(), 1))
+
+    def pack_twice_w():  # model.pack's entry for w, holding the packed copy of 2 w
+        model_module._packed[w] = (StorageWeakRef(w.untyped_storage()), w._version,
+                                   torch.ops.mkldnn._reorder_linear_weight(2 * w.detach(), 1))
+    pack_twice_w()
     torch.testing.assert_close(module(x), F.linear(x, w), **TOL)  # with autograd: never the packed copy
     with torch.no_grad():
         torch.testing.assert_close(module(x), 2 * F.linear(x, w), **TOL)
@@ -206,8 +209,7 @@ def test_decode_layout_changes_memory_not_values(tmp_path, monkeypatch, packed):
         laid_out.decode_layout()
         torch.testing.assert_close(module(x), F.linear(x, w), **TOL)
         for _ in range(2):
-            model_module._packed[w] = (StorageWeakRef(w.untyped_storage()), w._version,
-                                       torch.ops.mkldnn._reorder_linear_weight(2 * w.detach(), 1))
+            pack_twice_w()
             w.data = torch.randn_like(w)
             torch.testing.assert_close(module(x), F.linear(x, w), rtol=0, atol=0)
         laid_out.decode_layout()

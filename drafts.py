@@ -14,6 +14,8 @@ known from one forward, and keeps the plan with the largest expected speedup:
 with costs counted in weights read, since batch-1 decoding is bandwidth-bound: a round's last draft token runs
 layers [0, f) (f: the plan's first skipped layer) and verification reruns [f, L) + head, every weight once.
 """
+import statistics
+
 import torch
 
 
@@ -67,44 +69,112 @@ def choose_draft_plan(model, idx, lens, d):
     return best
 
 
+FULL = ("full", None)  # ExitChooser's key of a full-depth step's cost
+
+
 class ExitChooser:
     """--exit_layer auto (after DEL, REFERENCE.md section 5): the exit layer E of each round and each row's cap d,
-    from acceptance measured while generating, row by row. Every round's acceptance counts for the exit it
-    drafted with; every `probe_every` rounds the head also reads the hidden state at every candidate exit
-    (shallower ones during the draft, deeper ones during verification, where they are at hand), and whether each
-    would have predicted the tokens the round accepted counts for it. Counts decay by `decay` per update, so the
-    choice follows the context. Rows share a round's draft pass, so they share E (the exit whose best caps give
-    the largest summed expected speedup) and each drafts up to its own cap. Costs of a draft step and of a
-    verification in weights read (expected_speedup, plan_cost)."""
+    from acceptance and costs measured while generating, row by row.
 
-    def __init__(self, model, cap, batch_size, probe_every=8, decay=0.9):
+    Acceptance: until rounds measure it, how often each exit agrees with the full model on the prompt's last
+    tokens (generate.prefill_reading_exits). Every round counts for the exit it drafted with; the first round and
+    every `probe_every`-th after it, the head also reads the output of the layer before other exits (the first
+    round every exit drafted with, later those within `probe_reach` layers of E): shallower ones from the draft
+    steps, deeper ones from the verification, whose graphs keep every layer's output, in one product with the
+    head. Whether each would have predicted the tokens the round settled counts for it. Counts decay by `decay`
+    per update, so the choice follows the context.
+
+    Costs: seconds of a draft step at E, of a verification from E and of a full-depth step (a round without
+    drafts), each the least of its last `window` timings; the host's work between rounds counts with the
+    verification, as every round pays it. Compiled, the first `warm_up` timings compile and are not counted, nor
+    later is one over `outlier` times its estimate (a new graph or shape compiling). The
+    first rounds are full-depth steps, until one is timed; before an exit is timed, its cost in weights read
+    (plan_cost) scaled by what the timed costs measured against theirs.
+
+    Rows share a round's draft pass, so they share E: of the exits drafted with (compiled, every other one, 2, 4,
+    ..., since each is its own graphs), the one whose best caps give the largest summed expected speedup
+    (expected_speedup over a full-depth step). Each row drafts up to its own cap in 0 .. cap: cap 0, a full-depth
+    step, wherever no draft is expected to pay `margin` more (estimates from a few tokens are noisy)."""
+
+    def __init__(self, model, cap, batch_size, compiled=False, cuda_graphs=False, probe_every=4, probe_reach=4,
+                 decay=0.9, window=5, margin=0.05):
         L = model.n_layer
         if L < 2:
             raise ValueError(f"exit_layer auto needs a model of at least 2 layers to draft with, this one has {L}")
-        self.cap, self.probe_every, self.decay = cap, probe_every, decay
-        self.candidates = sorted({max(1, round(L * i / 8)) for i in range(1, 8)} - {L})
+        self.cap, self.decay, self.window, self.margin = cap, decay, window, margin
+        self.probe_every, self.probe_reach = probe_every, probe_reach
+        self.warm_up = 3 if cuda_graphs else 2 if compiled else 0  # compile, recompile (symbolic positions), record
+        self.warmed, self.outlier = 0, 4.0
+        self.candidates = list(range(1, L))  # exit e at index e - 1 of the tensors below
+        # the exits drafted with: compiled, every other one (each is its own draft and verification graphs)
+        self.draftable = torch.ones(L - 1, dtype=torch.bool)
+        if compiled and L > 2:
+            self.draftable[0::2] = False
         head = head_cost(model)
-        self.costs = {e: plan_cost(torch.arange(L) >= e, head) for e in self.candidates}
-        # per exit, per row: decayed counts of agreements and of predictions; prior: one agreement in two
-        self.agreed = {e: torch.ones(batch_size, dtype=torch.float64) for e in self.candidates}
-        self.seen = {e: torch.full((batch_size,), 2.0, dtype=torch.float64) for e in self.candidates}
+        self.prior = {FULL: 1.0}  # in full-depth steps, from weights read
+        for e in self.candidates:
+            self.prior["draft", e], self.prior["verify", e] = plan_cost(torch.arange(L) >= e, head)
+        self.timings = {}  # key of self.prior -> seconds of its timed calls
+        # [L-1, B]: decayed counts of agreements and of predictions per exit and row; prior: one disagreement
+        self.agreed = torch.zeros(L - 1, batch_size, dtype=torch.float64)
+        self.seen = torch.ones(L - 1, batch_size, dtype=torch.float64)
         self.rounds = 0
 
+    def estimates(self):
+        """key -> seconds: each timed cost (the least of its kept timings), or its prior scaled by the timed costs of
+        its kind (a draft step, or a pass through every layer: a verification, a full-depth step), else of the other
+        kind; in full-depth steps before anything is timed."""
+        timed = {k: min(t) for k, t in self.timings.items()}
+        ratios = {draft: [t / self.prior[k] for k, t in timed.items() if (k[0] == "draft") == draft]
+                  for draft in (True, False)}
+        scale = {draft: statistics.median(ratios[draft] or ratios[not draft] or [1.0]) for draft in (True, False)}
+        return {k: timed.get(k, p * scale[k[0] == "draft"]) for k, p in self.prior.items()}
+
+    def costs(self):
+        """(draft step [L-1], verification [L-1]) per exit in full-depth steps."""
+        estimates = self.estimates()
+        full = estimates[FULL]
+        return (torch.tensor([estimates["draft", e] / full for e in self.candidates], dtype=torch.float64),
+                torch.tensor([estimates["verify", e] / full for e in self.candidates], dtype=torch.float64))
+
     def choose(self, rows):
-        """rows [B]: the batch rows still decoding -> (exit layer, caps [B] in 1 .. cap, probe: whether this round
-        reads every candidate exit)."""
-        d = torch.arange(1, self.cap + 1, dtype=torch.float64)  # [D]
-        best = None
-        for e in self.candidates:
-            a = (self.agreed[e] / self.seen[e])[rows, None]  # [B, 1]
-            speedup, caps = expected_speedup(a, d, *self.costs[e]).max(1)  # [B]: each row's best cap at e
-            total = float(speedup.sum())
-            if best is None or total > best[0]:
-                best = (total, e, caps + 1)
+        """rows [B]: the batch rows still decoding -> (exit layer, caps [B] in 0 .. cap, the exits this round reads
+        besides E: none unless it is a probe round)."""
+        c, v = self.costs()
+        a = self.agreed[:, rows] / self.seen[:, rows]  # [L-1, B]
+        d = torch.arange(self.cap + 1, dtype=torch.float64)
+        speedup = expected_speedup(a[..., None], d, c[:, None, None], v[:, None, None])  # [L-1, B, cap+1]
+        speedup[..., 0] = 1.0 + self.margin  # no drafts: a full-depth step, unless drafts are expected to pay enough
+        best, caps = speedup.max(-1)  # [L-1, B]: each row's best cap at each exit
+        totals = best.sum(1).masked_fill(~self.draftable, -1.0)  # [L-1]
+        E = int(totals.argmax()) + 1  # ties (every row plain): the shallowest
+        if FULL not in self.timings:  # until a full-depth step is timed, rounds are ones
+            E = int(self.draftable.nonzero()[0]) + 1
+            caps[E - 1] = 0
         self.rounds += 1
-        return best[1], best[2], self.rounds % self.probe_every == 1
+        probes = []
+        if (self.rounds - 1) % self.probe_every == 0:  # the first round every exit, later ones E's neighbours
+            probes = [e for e in self.candidates if e != E and self.draftable[e - 1]
+                      and (self.rounds == 1 or abs(e - E) <= self.probe_reach)]
+        return E, caps[E - 1], probes
 
     def count(self, e, rows, agreed, seen):
         """At exit e, batch row rows[i] agreed agreed[i] times in seen[i] predictions ([B] each)."""
-        self.agreed[e][rows] = self.decay * self.agreed[e][rows] + agreed.double().cpu()
-        self.seen[e][rows] = self.decay * self.seen[e][rows] + seen.double().cpu()
+        self.agreed[e - 1, rows] = self.decay * self.agreed[e - 1, rows] + agreed.double().cpu()
+        self.seen[e - 1, rows] = self.decay * self.seen[e - 1, rows] + seen.double().cpu()
+
+    def time(self, e, steps, draft_seconds, verify_seconds):
+        """A round's steps draft steps at exit e took draft_seconds, its verification verify_seconds (a full-depth
+        step when steps is 0)."""
+        timed = ([(("draft", e), draft_seconds / steps), (("verify", e), verify_seconds)] if steps
+                 else [(FULL, verify_seconds)])
+        estimates = self.estimates() if self.timings else None
+        for key, seconds in timed:
+            if estimates is None and self.warmed < self.warm_up:  # nothing to compare with: the first calls compile
+                self.warmed += 1
+                continue
+            if estimates is not None and seconds > self.outlier * estimates[key]:  # a call that compiled (a new graph
+                continue                                                            # or shape), not what it costs
+            kept = self.timings.setdefault(key, [])
+            kept.append(seconds)
+            del kept[:-self.window]

@@ -5,9 +5,11 @@ The prompt runs through every layer the decode uses (up to exit_layer); a skip p
 generated tokens only (unified layer skipping, REFERENCE.md section 2), so the prompt's cache is
 complete and generated tokens never read a slot the plan skipped.
 """
+import time
 import weakref
 
 import torch
+import torch.nn.functional as F
 
 from model import KVCache, layer_mask, rope_switch
 
@@ -275,6 +277,21 @@ def generate(model, idx, max_new_tokens, *, prompt_lens=None, temperature=1.0, t
     return out
 
 
+def clock(device):
+    """Now, for work queued on `device`: a recorded CUDA event (readable once the host has waited on the device),
+    else the host's clock (CPU work is done when its call returns)."""
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def seconds_between(start, end):
+    """Seconds between two clock() readings."""
+    return start.elapsed_time(end) / 1e3 if isinstance(start, torch.cuda.Event) else end - start
+
+
 def accept_drafts(logits, drafts, draft_probs, temperature, top_k, top_p, generator, counts=None):
     """Verifier logits [B, d+1, V] (row i predicts draft i; row d the bonus token), drafts [B, d]
     -> (accepted count [B], next token [B]: the correction after the accepted prefix, or the bonus).
@@ -302,16 +319,28 @@ def accept_drafts(logits, drafts, draft_probs, temperature, top_k, top_p, genera
     return n_acc, torch.multinomial(residual / residual.sum(-1, keepdim=True), 1, generator=generator)[:, 0]
 
 
-def draft_step(model, tokens, pos, shared, runs, cache):
+def layer_outputs(model, x, pos, start, end, cache, attn_mask):
+    """Hidden states x [B, T, C] at positions pos through layers [start, end), one at a time -> the output of each
+    [end - start, B, T, C]: where the heads of --exit_layer auto's probed exits read."""
+    outputs = []
+    for l in range(start, end):
+        x = model.run_layers(x, l, l + 1, None, cache, pos, attn_mask)
+        outputs.append(x)
+    return torch.stack(outputs)
+
+
+def draft_step(model, tokens, pos, shared, runs, cache, keep=False):
     """One draft step of a skip-plan draft: tokens [B, 1] through layers [0, shared), which the draft and the
     verification share, then the draft's runs of later layers ((start, stop), ...) and the head
-    -> (hidden state before layer `shared` [B, 1, C]: where verification starts, draft logits [B, V])."""
+    -> (hidden state before layer `shared` [B, 1, C]: where verification starts, draft logits [B, V], and with
+    keep the output of each layer in [0, shared) [shared, B, 1, C], else None)."""
     x = model.embed(tokens, pos)
     attn_mask = cache_mask(model, x, pos, cache)  # one mask for every run
-    h = x = model.run_layers(x, 0, shared, None, cache, pos, attn_mask)
+    kept = layer_outputs(model, x, pos, 0, shared, cache, attn_mask) if keep else None
+    h = x = kept[-1] if keep else model.run_layers(x, 0, shared, None, cache, pos, attn_mask)
     for start, stop in runs:
         x = model.run_layers(x, start, stop, None, cache, pos, attn_mask)
-    return h, model.head(x)[:, -1]
+    return h, model.head(x)[:, -1], kept
 
 
 def with_last_draft(model, states, tokens, pos, start, cache):
@@ -324,41 +353,61 @@ def with_last_draft(model, states, tokens, pos, start, cache):
     return last if states is None else torch.cat([states, last], dim=1)
 
 
-def verify_step(model, states, pos, start, end, cache, tokens=None):
-    """A round's verification: with_last_draft's states through layers [start, end) and the head -> logits
-    [B, K (+1), V]. One graph for what would be an exit step, the verification and the head."""
+def verify_step(model, states, pos, start, end, cache, tokens=None, keep=False):
+    """A round's verification: with_last_draft's states through layers [start, end) and the head -> (logits
+    [B, K (+1), V], with keep the output of each layer in [start, end) [end - start, B, K (+1), C], else None).
+    One graph for what would be an exit step, the verification and the head."""
     states = with_last_draft(model, states, tokens, pos, start, cache)
-    return model.head(layers(model, states, pos, start, end, cache))
+    if not keep:
+        return model.head(layers(model, states, pos, start, end, cache)), None
+    kept = layer_outputs(model, states, pos, start, end, cache, cache_mask(model, states, pos, cache))
+    return model.head(kept[-1]), kept
 
 
-def heads_at(model, x, pos, start, stops, cache):
-    """Hidden states x [B, T, C] at positions pos through layers [start, stops[-1]) -> (the hidden state at the
-    end, [logits [B, T, V] of the exit after each layer in stops]): the shadow predictions of --exit_layer auto."""
-    logits = []
-    for stop in stops:
-        x = layers(model, x, pos, start, stop, cache)
-        logits.append(model.head(x))
+def prefill_reading_exits(model, idx, lens, cache, exits, last=8):
+    """prefill() of prompts idx [B, T] (lens [B]) but each row's last token, as generate_speculative's, through
+    every layer, reading the head at each exit in `exits` on the way -> (predictions [len(exits), B, last] of those
+    exits and [B, last] of the full model at each row's last `last` positions, valid [B, last]: the positions the
+    row has). How often an exit agrees with the full model on the prompt stands in for its acceptance until rounds
+    measure it."""
+    x = model.embed(idx[:, :-1])
+    attn_mask = cache_mask(model, x, 0, cache)
+    pos = (lens - 1)[:, None] - last + torch.arange(last)  # [B, last]: positions whose next token is in the prompt
+    at = (torch.arange(len(lens))[:, None].to(x.device), pos.clamp(min=0).to(x.device))
+    states, start = [], 0
+    for stop in list(exits) + [model.n_layer]:
+        x = model.run_layers(x, start, stop, None, cache, 0, attn_mask, (lens - 1).clamp(min=1))
+        states.append(x[at])  # [B, last, C]
         start = stop
-    return x, logits
+    preds = model.head(torch.stack(states)).argmax(-1)  # [len(exits) + 1, B, last]: one product for every exit
+    return preds[:-1], preds[-1], (pos >= 0).to(x.device)
 
 
-def count_agreement(chooser, rows, E, counts, n_acc, settled, shallow=(), shallow_preds=None, deeper=(),
-                    deeper_preds=()):
+def probed_predictions(model, exits, f, draft_kept, kept, n_tokens):
+    """What the head at each exit in `exits` predicts at a round's positions: shallower than f from the draft steps'
+    kept layer outputs (each [f, B, 1, C]), deeper from the verification's (kept [L - f, B, K+1, C]), all in one
+    product with the head -> [(exit, predictions [B, S])]."""
+    states = [(e, torch.cat([k[e - 1] for k in draft_kept], 1)) for e in exits if e < f and draft_kept]
+    states += [(e, kept[e - 1 - f]) for e in exits if e > f]
+    if not states:
+        return []
+    S = max(x.shape[1] for _, x in states)
+    padded = torch.stack([F.pad(x, (0, 0, 0, S - x.shape[1])) for _, x in states])  # [X, B, S, C]
+    preds = model.head(padded)[..., :n_tokens].argmax(-1)  # [X, B, S]
+    return [(e, p[:, :x.shape[1]]) for (e, x), p in zip(states, preds)]
+
+
+def count_agreement(chooser, rows, E, counts, n_acc, settled, probed=()):
     """Tell the exit chooser how its exits did this round in batch rows rows [B] (on the CPU, as counts and n_acc
-    [B]). settled [B, K+1]: the tokens at the round's positions,
-    valid up to each row's n_acc (the accepted drafts and the verifier's token). The exit E drafted: its accepted
-    drafts agreed, a rejected one did not. Probe rounds: shallow_preds (per draft step, one [B] per shallow exit)
-    and deeper_preds (one [B, K+1] per deeper exit) are what those exits' heads predicted there."""
+    [B]). settled [B, K+1]: the tokens at the round's positions, valid up to each row's n_acc (the accepted drafts
+    and the verifier's token). The exit E drafted: its accepted drafts agreed, a rejected one did not. probed:
+    (exit, predictions [B, S]) of a probe round's other exits, S positions from the round's first."""
     chooser.count(E, rows, n_acc, torch.minimum(counts, n_acc + 1))
-    if shallow_preds is None:
-        return
     valid = (torch.arange(settled.shape[1]) <= n_acc[:, None]).to(settled.device)  # [B, K+1]
-    shallow_preds = [torch.stack([step[j] for step in shallow_preds], 1) for j in range(len(shallow))]  # [B, S]
-    for exits, preds in ((shallow, shallow_preds), (deeper, deeper_preds)):
-        for e, pred in zip(exits, preds):
-            k = min(pred.shape[1], settled.shape[1])
-            ok = valid[:, :k]
-            chooser.count(e, rows, ((pred[:, :k] == settled[:, :k]) & ok).sum(1), ok.sum(1))
+    for e, preds in probed:
+        k = min(preds.shape[1], settled.shape[1])
+        ok = valid[:, :k]
+        chooser.count(e, rows, ((preds[:, :k] == settled[:, :k]) & ok).sum(1), ok.sum(1))
 
 
 def draft_plan(model, exit_layer, draft_skip_layers):
@@ -399,8 +448,9 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
     generate()'s, stats).
 
     Each round drafts up to d = num_speculations tokens one at a time with the draft: layers [0, exit_layer) +
-    the shared head (exit_layer "auto": E chosen every round and d per row, drafts.ExitChooser; its probe rounds
-    run eagerly), or every layer but those in draft_skip_layers (indices, a mask [L], or "auto": the plan chosen
+    the shared head (exit_layer "auto": E chosen every round and d per row in 0 .. num_speculations from acceptance
+    and costs timed in the loop, drafts.ExitChooser, d = 0 being a full-depth step),
+    or every layer but those in draft_skip_layers (indices, a mask [L], or "auto": the plan chosen
     from the prompts, drafts.choose_draft_plan). The draft keeps each drafted position's hidden state
     before f, its first skipped layer (the exit state: output of layer f-1), then verifies all of them in one
     pass through layers [f, L) only: the KV cache of layers < f is shared. The last draft, which no draft step
@@ -414,6 +464,10 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
     (model.rope_switch), and a row's first round past it recomputes the cache (refill), so greedy output still
     equals greedy full-depth decoding. compile: draft steps and verification as compiled graphs. Rows end, and
     ids are limited, as in generate(): an eos (or stop) inside the accepted drafts ends the row there.
+    stats: drafted and accepted tokens, acceptance_rate (also per row), rounds, draft_steps, draft_seconds and
+    verify_seconds (a round's time from its first draft step to its last, and from there to the accepted counts,
+    summed: CUDA events on a GPU), and draft_skip_layers, or for exit_layer auto exit_layers: exit -> rounds
+    drafted with it, 0 -> rounds without drafts.
     """
     B, T = idx.shape
     check_sampling(max_new_tokens, temperature, top_k, top_p)
@@ -430,7 +484,7 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
     chooser = None
     if exit_layer == "auto":  # E every round, d per row, from acceptance measured online
         from drafts import ExitChooser
-        chooser = ExitChooser(model, d, B)
+        chooser = ExitChooser(model, d, B, compile, cuda_graphs=compile and idx.device.type in CUDA_GRAPH_DEVICES)
         exit_layer = chooser.candidates[0]
     plan = draft_plan(model, exit_layer, draft_skip_layers)
     f = int(plan.nonzero()[0])                      # the first layer the draft skips
@@ -439,50 +493,56 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
     cache = decode_cache(model, idx, T + max_new_tokens, compile)  # positions written stay below T + max_new_tokens
     result = eos_padded(model, idx, lens, max_new_tokens)
     out = torch.cat([idx, result[:, T:], idx.new_zeros(B, d + 1)], dim=1)  # working buffer, rows leave as they finish
-    if T > 1:  # prefill all layers with every prompt token but each row's last
+    if T > 1 and chooser:  # the prefill also tells how often each exit agrees with the full model on the prompts
+        exit_preds, full_preds, valid = prefill_reading_exits(model, idx, lens, cache, chooser.candidates)
+        for e, preds in zip(chooser.candidates, exit_preds):
+            chooser.count(e, torch.arange(B), ((preds == full_preds) & valid).sum(1), valid.sum(1))
+    elif T > 1:  # prefill all layers with every prompt token but each row's last
         prefill(model, idx[:, :-1], (lens - 1).clamp(min=1), L, cache)
     n, end = lens.clone(), lens + max_new_tokens   # [B] on the CPU
     row_ids = torch.arange(B)                      # original row of each row still in the batch
     drafted, accepted = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
-    calls = {"rounds": 0, "draft_steps": 0}        # what a round's time is spent on (benchmarks)
-    exits_used = {}                                # exit layer -> rounds drafted with it
+    calls = {"rounds": 0, "draft_steps": 0, "draft_seconds": 0.0, "verify_seconds": 0.0}  # where a round's time goes
+    exits_used = {}                                # exit layer -> rounds drafted with it (0: rounds without drafts)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     draft, verify = ((compiled(draft_step, idx.device), compiled(verify_step, idx.device)) if compile
                      else (draft_step, verify_step))
     switch = rope_switch(model.cfg)
+    pending = None  # exit_layer auto: the last round's timings, until the host's work after it is counted too
 
     while len(row_ids) and max_new_tokens:
         d_round, probe = d, False
+        if pending:  # the last round's cost, with the host's work after it (accepting, ending rows) in it
+            *timed, verify_seconds, synced_at = pending
+            chooser.time(*timed, verify_seconds + time.perf_counter() - synced_at)
         if chooser:
-            f, caps, probe = chooser.choose(row_ids)
-            d_round = int(caps.max())
-            exits_used[f] = exits_used.get(f, 0) + 1
-            shallow, deeper = [e for e in chooser.candidates if e < f], [e for e in chooser.candidates if e > f]
-            shallow_preds, deeper_preds = [], []
+            f, caps, probes = chooser.choose(row_ids)
+            d_round, probe = int(caps.max()), bool(probes)
         steps = int((end[row_ids] - n).min().clamp(max=d_round))  # no row drafts past its end
         if switch is not None:  # LongRoPE: a round stays on one side of the switch (lengths n .. n+steps)
             if bool((n <= switch).any()):
                 steps = min(steps, int((switch - n[n <= switch]).min()))
             if bool((n == switch + 1).any()):  # a row's first round past it: its cache was computed before
                 refill(model, out, n, L, cache)
-        probe = probe and steps > 0  # a round of no drafts has no shallow exits to read
+        if chooser:
+            exits_used[f if steps else 0] = exits_used.get(f if steps else 0, 0) + 1
         rows = torch.arange(len(row_ids), device=idx.device)
         counts = torch.full((len(row_ids),), steps)          # [B] drafts each row counts this round
         if chooser:  # each row up to its own cap
             counts = torch.minimum(counts, caps)
         first = row_positions(n - 1, cache, idx.device)      # position of the round's first token (int or [B])
         token = out[rows, (n - 1).to(idx.device)][:, None]   # [B, 1]: the last settled token, not yet run
-        exit_states, drafts, draft_probs = [], [], []
+        # every layer's output for the probe's heads: compiled, in every round (one graph); eager, where read
+        keep = probe or (compile and chooser is not None)
+        exit_states, drafts, draft_probs, draft_kept = [], [], [], []
+        started = clock(idx.device)
         for i in range(steps):  # tokens n-1 .. n+i-1 through the draft, each giving the next draft
-            if probe:  # eager, with the head at every shallower candidate exit too
-                h, heads = heads_at(model, model.embed(token, first + i), first + i, 0, shallow + [f], cache)
-                logits = heads[-1][:, -1, :n_tokens]
-                shallow_preds.append([x[:, -1].argmax(-1) for x in heads[:-1]])  # per shallow exit [B]
-            else:
-                h, logits = draft(model, token, first + i, f, runs, cache)
-                logits = logits[:, :n_tokens]
+            h, logits, kept = draft(model, token, first + i, f, runs, cache, keep)
+            logits = logits[:, :n_tokens]
             calls["draft_steps"] += 1
             exit_states.append(h.clone())  # a CUDA graph's next replay overwrites its output
+            if probe:
+                draft_kept.append(kept.clone())
             if temperature == 0:
                 token = logits.argmax(-1)
                 probs = torch.softmax(logits.float(), -1) if draft_threshold is not None else None
@@ -496,29 +556,34 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
                 counts = torch.where((counts == steps) & (probs.max(-1).values.cpu() < draft_threshold), i, counts)
                 if bool((counts < steps).all()):
                     break
+        drafted_at = clock(idx.device)
         K = int(counts.max())  # verify positions n-1 .. n+K-1 in one pass through layers [f, L)
         drafts = torch.stack(drafts, 1) if drafts else out.new_zeros(len(rows), 0)  # [B, S]
         out[rows[:, None], (n[:, None] + torch.arange(drafts.shape[1])).to(idx.device)] = drafts
         # the state at f of position n+K-1: a draft step's when the round stopped early, else verification runs it
         last = None if len(exit_states) > K else token
         states = torch.cat(exit_states[:K + 1], dim=1) if exit_states else None  # [B, K or K+1, C]
-        if probe:  # eager, with the head at every deeper candidate exit too
-            states = with_last_draft(model, states, last, first, f, cache)
-            _, heads = heads_at(model, states, first, f, deeper + [L], cache)
-            logits, deeper_preds = heads[-1], [x.argmax(-1) for x in heads[:-1]]
-        else:
-            logits = verify(model, states, first, f, L, cache, last)  # [B, K+1, V]
+        logits, kept = verify(model, states, first, f, L, cache, last, keep)  # [B, K+1, V]
         no_drafts = logits.new_zeros(len(rows), 0, logits[..., :n_tokens].shape[-1], dtype=torch.float32)
         n_acc, next_token = accept_drafts(logits[..., :n_tokens], drafts[:, :K],
                                           torch.stack(draft_probs, 1)[:, :K] if draft_probs else no_drafts,
                                           **sampling, counts=counts)
-        n_acc = n_acc.cpu()
+        verified_at = clock(idx.device)
+        n_acc = n_acc.cpu()  # the host waits for the round here
+        synced_at = time.perf_counter()
         calls["rounds"] += 1
+        draft_seconds, verify_seconds = seconds_between(started, drafted_at), seconds_between(drafted_at, verified_at)
+        calls["draft_seconds"] += draft_seconds
+        calls["verify_seconds"] += verify_seconds
+        if probe:  # the heads of the other exits, on the outputs of layers e-1 that the round's graphs kept
+            probed = probed_predictions(model, probes, f, draft_kept, kept, n_tokens)
+            synced_at = time.perf_counter()  # the reading is not what the exit costs
+        if chooser:  # eager, a probe round's layers ran one call each: not what the exit costs either
+            pending = None if probe and not compile else (f, len(exit_states), draft_seconds, verify_seconds, synced_at)
         out[rows, (n + n_acc).to(idx.device)] = next_token
         new = out[rows[:, None], (n[:, None] + torch.arange(K + 1)).to(idx.device)]  # [B, K+1]: settled up to n_acc
         if chooser:
-            probes = (shallow, shallow_preds, deeper, deeper_preds) if probe else ()
-            count_agreement(chooser, row_ids, f, counts, n_acc, new, *probes)
+            count_agreement(chooser, row_ids, f, counts, n_acc, new, probed if probe else ())
         drafted[row_ids] += counts
         accepted[row_ids] += n_acc
         settled = torch.minimum(n_acc + 1, end[row_ids] - n)  # a round may settle one token past a row's end

@@ -5,9 +5,9 @@ Generate from a trained model:  python sample.py [--out_dir out] [--prompt "def 
 layers (0-based) for generated tokens; without it, a plan stored in the checkpoint's config applies
 (--skip_layers none turns it off). --speculative drafts with [0, E) and verifies with the rest;
 --draft_skip_layers 3,5,7 (or auto: chosen from the prompts) drafts with every layer but those instead,
-for models not trained with LayerSkip; --exit_layer auto chooses E and d every round from the acceptance
-measured while generating; --draft_threshold p stops a round's drafting when the draft's top
-probability falls below p (--num_speculations is then the cap).
+for models not trained with LayerSkip; --exit_layer auto chooses E and d every round from the acceptance and
+costs measured while generating (d = 0, a full-depth step, where drafting does not pay); --draft_threshold p
+stops a round's drafting when the draft's top probability falls below p (--num_speculations is then the cap).
 --prompts FILE (a JSON list of strings, or of {"instruction", "input"} records) decodes several prompts as one
 batch. --instruction "..." [--input "..."] asks a fine-tuned checkpoint in the prompt template it was trained with.
 A row ends at eos, or after the token that completes a --stop string (repeatable; the text is cut before it).
@@ -246,7 +246,7 @@ def main():
                                           draft_skip_layers=plan or None, draft_threshold=cfg.draft_threshold,
                                           prompt_lens=lens, stop=stop, **sampling)
         if "exit_layers" in stats:
-            header += f", exit layers used (rounds) {stats['exit_layers']}"
+            header += f", exit layers used (rounds; 0: full-depth steps) {stats['exit_layers']}"
         elif plan == "auto":
             header += f" {stats['draft_skip_layers']}"
         header += f", acceptance {stats['acceptance_rate']:.1%}"

@@ -5,7 +5,10 @@ of the same prompts in the same process, and every speculative output is checked
 
 For each setting: measured speedup, acceptance, and the ideal speedup that the measured rounds (draft steps,
 verifications) and the measured cost of one draft step and one verification predict (REFERENCE.md section 5:
-tokens per round over the round's cost); fraction = measured / ideal.
+tokens per round over the round's cost); fraction = measured / ideal; "in draft/verify": the share of the time
+inside rounds' draft steps and verifications as the loop timed them (the rest: bookkeeping, and for exit auto
+reading other exits). Each prompt is timed alone, so the last line, the best static setting of each prompt,
+says what choosing a setting per context could gain.
 Models: (a) a LayerSkip-trained checkpoint on a mixed code prompt set, (b) a converted random transformers
 Llama of TinyLlama-1.1B's shape with later layers' output projections scaled down (against transformers'
 assistant_early_exit on the same weights), (c) a checkpoint trained without LayerSkip, with skip-plan drafts.
@@ -42,13 +45,14 @@ WARM_UP = True  # a first, untimed call (compiled steps compile in it)
 
 def seconds(fn, repeats):
     """Shortest of `repeats` timed calls, after one warm-up call when WARM_UP."""
-    result = fn() if WARM_UP else None
-    best = float("inf")
+    best, best_result = float("inf"), fn() if WARM_UP else None
     for _ in range(repeats):
         t = time.perf_counter()
         result = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, result
+        t = time.perf_counter() - t
+        if t < best:
+            best, best_result = t, result
+    return best, best_result
 
 
 @torch.inference_mode()
@@ -70,32 +74,45 @@ def step_costs(model, prompt, plan, d, compile, repeats=10):
     return {k: seconds(fn, repeats)[0] for k, fn in calls.items()}
 
 
+def per_prompt(fn, prompts, repeats):
+    """seconds() of fn(prompt) for each prompt -> ([seconds per prompt], [result per prompt])."""
+    return tuple(map(list, zip(*(seconds(lambda: fn(p), repeats) for p in prompts))))
+
+
 def run_setting(model, prompts, n, full_time, full_out, repeats, compile, costs, label, **draft):
-    """Time one speculative setting over the prompts; print speedup, acceptance, ideal speedup, fraction."""
-    t, results = seconds(lambda: [generate_speculative(model, p, n, compile=compile, **draft) for p in prompts],
-                         repeats)
+    """Time one speculative setting over the prompts; print speedup, acceptance, ideal speedup, fraction
+    -> (speedup, [seconds per prompt])."""
+    times, results = per_prompt(lambda p: generate_speculative(model, p, n, compile=compile, **draft), prompts,
+                                repeats)
+    t = sum(times)
     same = all(torch.equal(o, f) for (o, _), f in zip(results, full_out))
     ideal_time = full_depth_time = 0.0
     for _, s in results:  # the plan (auto: chosen per prompt; exit auto: its most used exit) sets the step costs
-        skipped = s.get("draft_skip_layers") or list(range(max(s["exit_layers"], key=s["exit_layers"].get),
-                                                             model.n_layer))
-        c = costs(skipped, round(s["drafted"] / s["rounds"]))  # batch 1: a round verifies its drafts + 1
-        ideal_time += s["draft_steps"] * c["draft"] + s["rounds"] * c["verify"]
+        plain = s.get("exit_layers", {}).get(0, 0)  # exit auto's rounds without drafts: full-depth steps
+        used = {e: r for e, r in s.get("exit_layers", {}).items() if e} or {1: 0}
+        skipped = s.get("draft_skip_layers") or list(range(max(used, key=used.get), model.n_layer))
+        c = costs(skipped, round(s["drafted"] / max(s["rounds"] - plain, 1)))  # batch 1: a round verifies drafts + 1
+        ideal_time += s["draft_steps"] * c["draft"] + (s["rounds"] - plain) * c["verify"] + plain * c["full"]
         full_depth_time += n * c["full"]
-    total = {k: sum(s[k] for _, s in results) for k in ("drafted", "accepted", "rounds")}
+    total = {k: sum(s[k] for _, s in results) for k in ("drafted", "accepted", "rounds", "draft_seconds",
+                                                        "verify_seconds")}
     ideal, speedup = full_depth_time / ideal_time, full_time / t
+    in_calls = (total["draft_seconds"] + total["verify_seconds"]) / t  # the rest: bookkeeping between rounds
     plans = sorted({str(s.get("draft_skip_layers", s.get("exit_layers"))) for _, s in results})
+    shown = "draft_skip_layers" in draft or draft.get("exit_layer") == "auto"
     print(f"  {label:42s} {speedup:5.2f}x  acceptance {total['accepted'] / max(total['drafted'], 1):6.1%}  "
           f"tokens/round {n * len(prompts) / total['rounds']:4.2f}  ideal {ideal:5.2f}x  fraction "
-          f"{speedup / ideal:4.0%}  identical {same}" + (f"  plans {' '.join(plans)}" if "draft_skip_layers" in draft
-                                                         or draft.get("exit_layer") == "auto" else ""))
-    return speedup
+          f"{speedup / ideal:4.0%}  in draft/verify {in_calls:4.0%}  identical {same}"
+          + (f"  plans {' '.join(plans)}" if shown else ""))
+    return speedup, times
 
 
 def bench_model(model, prompts, n, repeats, compile, settings):
     """Full depth, then every setting in `settings` (label -> generate_speculative keywords, or a function of
     the results so far returning them)."""
-    t_full, full_out = seconds(lambda: [generate(model, p, n, temperature=0, compile=compile) for p in prompts], repeats)
+    generate(model, prompts[0], 2, temperature=0, compile=compile)  # first-call costs (eager too) out of the timings
+    full_times, full_out = per_prompt(lambda p: generate(model, p, n, temperature=0, compile=compile), prompts, repeats)
+    t_full = sum(full_times)
     print(f"  full depth: {t_full / (n * len(prompts)) * 1e3:.2f} ms/token")
     cost_cache = {}
 
@@ -110,8 +127,13 @@ def bench_model(model, prompts, n, repeats, compile, settings):
         if callable(draft):
             draft = draft(results)
             label = label.format(**draft)
-        results[label] = (run_setting(model, prompts, n, t_full, full_out, repeats, compile, costs, label, **draft),
-                          draft)
+        speedup, times = run_setting(model, prompts, n, t_full, full_out, repeats, compile, costs, label, **draft)
+        results[label] = (speedup, draft, times)
+    static = [times for _, draft, times in results.values() if "draft_threshold" not in draft
+              and "auto" not in (draft.get("exit_layer"), draft.get("draft_skip_layers"))]
+    if len(prompts) > 1 and static:  # what choosing the static setting per prompt would give: dynamic's ceiling?
+        print(f"  {'best static setting of each prompt':42s} {t_full / sum(map(min, zip(*static))):5.2f}x  "
+              f"(from the timings above)")
     return t_full, full_out
 
 

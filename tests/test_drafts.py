@@ -96,18 +96,67 @@ def test_exit_layer_auto_follows_the_measured_acceptance():
 
 
 def test_exit_chooser_caps_each_row_by_its_own_acceptance():
-    """Row 0's drafts at every exit agree, row 1's never do: row 0 drafts up to the cap, row 1 one token (the
-    expected speedup of d tokens falls with d when nothing is accepted), whatever exit they share; a row that
-    left the batch is not read."""
+    """Row 0's drafts at every exit agree, row 1's never do: row 0 drafts up to the cap, row 1 not at all (cap 0, a
+    full-depth step: a draft that is never accepted cannot pay), whatever exit they share; a row that left the
+    batch is not read."""
     from drafts import ExitChooser
     chooser = ExitChooser(layers(8), 6, batch_size=3)
+    chooser.time(1, 0, 0.0, 1.0)  # a full-depth step: 1 s
     rows = torch.tensor([0, 2])
     for _ in range(20):
         for e in chooser.candidates:
             chooser.count(e, rows, torch.tensor([6, 0]), torch.tensor([6, 6]))
     E, caps, _ = chooser.choose(rows)
-    assert caps.tolist() == [6, 1] and E in chooser.candidates, (E, caps)
-    assert chooser.seen[E][1] == 2.0  # row 1 was never counted
+    assert caps.tolist() == [6, 0] and E in chooser.candidates, (E, caps)
+    assert chooser.seen[E - 1, 1] == 1.0  # row 1 was never counted
+
+
+def test_exit_chooser_prices_exits_by_their_timed_costs():
+    """Every exit agrees 9 times in 10. Compiled, the exits drafted with are every other one (2, 4, 6 of 8), and a
+    graph's first 3 timings (compiling, recompiling, recording a CUDA graph) are not counted, nor later ones over 4
+    times their estimate (a new graph compiling). Until a full-depth step is timed, rounds are full-depth
+    steps; then the shallowest exit drafted with, the cheapest in weights read, drafts; an untimed exit's draft step
+    is priced by its weights read, scaled by the timed draft steps. Once a draft step is timed as dear as a
+    full-depth step, drafting does not pay at any exit: cap 0 again."""
+    from drafts import ExitChooser
+    chooser = ExitChooser(layers(8), 4, batch_size=1, compiled=True, cuda_graphs=True)
+    rows = torch.tensor([0])
+    for e in chooser.candidates:
+        chooser.count(e, rows, torch.tensor([36]), torch.tensor([40]))
+    for seconds in (100.0, 100.0, 100.0, 1.0):  # compiling, then a full-depth step: 1 s
+        E, caps, _ = chooser.choose(rows)
+        assert E == 2 and caps.tolist() == [0], (E, caps)
+        chooser.time(2, 0, 0.0, seconds)
+    c, v = chooser.costs()
+    assert c[1] == chooser.prior["draft", 2] and v.tolist() == [1.0] * 7  # priors, scaled by the full-depth step
+    E, caps, _ = chooser.choose(rows)
+    assert E == 2 and caps.tolist() == [4], (E, caps)
+    chooser.time(2, 2, 200.0, 100.0)  # compiling the graphs of exit 2
+    chooser.time(2, 2, 0.2, 1.0)  # a draft step at exit 2 took 0.1 s, its verification 1 s
+    c, v = chooser.costs()
+    assert c[1] == pytest.approx(0.1)
+    assert c[4] == pytest.approx(0.1 * chooser.prior["draft", 5] / chooser.prior["draft", 2])
+    E, caps, _ = chooser.choose(rows)
+    assert E == 2 and caps.tolist() == [4], (E, caps)
+    chooser.time(2, 2, 20.0, 1.0)  # 10 s: over 4 times its estimate, a call that compiled, not counted
+    assert chooser.costs()[0][1] == pytest.approx(0.1)
+    for seconds in [0.35] * chooser.window + [1.0] * chooser.window:  # dearer, then as long as a verification
+        chooser.time(2, 2, 2 * seconds, 1.0)
+    E, caps, _ = chooser.choose(rows)
+    assert caps.tolist() == [0] and E == 2, (E, caps)
+
+
+def test_exit_layer_auto_takes_full_depth_steps_where_no_exit_agrees():
+    """The last layer made dominant (output projections x8): no earlier exit predicts the full model's token, so
+    exit auto stops drafting and most rounds are full-depth steps; the output is still plain greedy."""
+    model = layers(8)
+    with torch.no_grad():
+        model.layers[-1].attn.wo.weight.mul_(8)
+        model.layers[-1].mlp.w_down.weight.mul_(8)
+    idx, lens = pad_prompts(ragged_prompts(seed=3))
+    out, stats = generate_speculative(model, idx, 40, "auto", 4, prompt_lens=lens)
+    assert out.tolist() == generate(model, idx, 40, prompt_lens=lens, temperature=0).tolist()
+    assert stats["exit_layers"].get(0, 0) > stats["rounds"] / 2, stats
 
 
 @pytest.mark.parametrize("draft, words", [

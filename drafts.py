@@ -139,7 +139,8 @@ class ExitChooser:
 
     def choose(self, rows):
         """rows [B]: the batch rows still decoding -> (exit layer, caps [B] in 0 .. cap, the exits this round reads
-        besides E: none unless it is a probe round)."""
+        besides E: none unless it is a probe round). E is 0 when no row drafts: a full-depth step, whose
+        verification from layer 0 keeps every layer's output, so a probe reads every exit."""
         c, v = self.costs()
         a = self.agreed[:, rows] / self.seen[:, rows]  # [L-1, B]
         d = torch.arange(self.cap + 1, dtype=torch.float64)
@@ -147,16 +148,16 @@ class ExitChooser:
         speedup[..., 0] = 1.0 + self.margin  # no drafts: a full-depth step, unless drafts are expected to pay enough
         best, caps = speedup.max(-1)  # [L-1, B]: each row's best cap at each exit
         totals = best.sum(1).masked_fill(~self.draftable, -1.0)  # [L-1]
-        E = int(totals.argmax()) + 1  # ties (every row plain): the shallowest
-        if FULL not in self.timings:  # until a full-depth step is timed, rounds are ones
-            E = int(self.draftable.nonzero()[0]) + 1
-            caps[E - 1] = 0
+        E = int(totals.argmax()) + 1
+        caps = caps[E - 1]
+        if FULL not in self.timings or not bool(caps.any()):  # full-depth steps (the first ones, until one is timed)
+            E, caps = 0, torch.zeros_like(caps)
         self.rounds += 1
         probes = []
-        if (self.rounds - 1) % self.probe_every == 0:  # the first round every exit, later ones E's neighbours
-            probes = [e for e in self.candidates if e != E and self.draftable[e - 1]
-                      and (self.rounds == 1 or abs(e - E) <= self.probe_reach)]
-        return E, caps[E - 1], probes
+        if (self.rounds - 1) % self.probe_every == 0:  # the first round and full-depth ones every exit, later E's
+            probes = [e for e in self.candidates if e != E and self.draftable[e - 1]  # neighbours
+                      and (self.rounds == 1 or E == 0 or abs(e - E) <= self.probe_reach)]
+        return E, caps, probes
 
     def count(self, e, rows, agreed, seen):
         """At exit e, batch row rows[i] agreed agreed[i] times in seen[i] predictions ([B] each)."""

@@ -397,12 +397,14 @@ def probed_predictions(model, exits, f, draft_kept, kept, n_tokens):
     return [(e, p[:, :x.shape[1]]) for (e, x), p in zip(states, preds)]
 
 
-def count_agreement(chooser, rows, E, counts, n_acc, settled, probed=()):
-    """Tell the exit chooser how its exits did this round in batch rows rows [B] (on the CPU, as counts and n_acc
-    [B]). settled [B, K+1]: the tokens at the round's positions, valid up to each row's n_acc (the accepted drafts
-    and the verifier's token). The exit E drafted: its accepted drafts agreed, a rejected one did not. probed:
-    (exit, predictions [B, S]) of a probe round's other exits, S positions from the round's first."""
-    chooser.count(E, rows, n_acc, torch.minimum(counts, n_acc + 1))
+def count_agreement(chooser, rows, E, counts, planned, n_acc, settled, probed=()):
+    """Tell the exit chooser how its exits did this round in batch rows rows [B] (on the CPU, as counts, planned
+    and n_acc [B]). settled [B, K+1]: the tokens at the round's positions, valid up to each row's n_acc (the
+    accepted drafts and the verifier's token). The exit E drafted (0: none did): its accepted drafts agreed, a
+    rejected one did not, nor one the threshold stopped (a row's count below what it planned). probed: (exit,
+    predictions [B, S]) of a probe round's other exits, S positions from the round's first."""
+    if E:
+        chooser.count(E, rows, n_acc, torch.minimum(counts + (counts < planned).long(), n_acc + 1))
     valid = (torch.arange(settled.shape[1]) <= n_acc[:, None]).to(settled.device)  # [B, K+1]
     for e, preds in probed:
         k = min(preds.shape[1], settled.shape[1])
@@ -530,6 +532,7 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
         counts = torch.full((len(row_ids),), steps)          # [B] drafts each row counts this round
         if chooser:  # each row up to its own cap
             counts = torch.minimum(counts, caps)
+        planned = counts.clone()  # before the threshold stops rows
         first = row_positions(n - 1, cache, idx.device)      # position of the round's first token (int or [B])
         token = out[rows, (n - 1).to(idx.device)][:, None]   # [B, 1]: the last settled token, not yet run
         # every layer's output for the probe's heads: compiled, in every round (one graph); eager, where read
@@ -583,7 +586,7 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
         out[rows, (n + n_acc).to(idx.device)] = next_token
         new = out[rows[:, None], (n[:, None] + torch.arange(K + 1)).to(idx.device)]  # [B, K+1]: settled up to n_acc
         if chooser:
-            count_agreement(chooser, row_ids, f, counts, n_acc, new, probed if probe else ())
+            count_agreement(chooser, row_ids, f, counts, planned, n_acc, new, probed if probe else ())
         drafted[row_ids] += counts
         accepted[row_ids] += n_acc
         settled = torch.minimum(n_acc + 1, end[row_ids] - n)  # a round may settle one token past a row's end

@@ -81,8 +81,8 @@ class ExitChooser:
     every `probe_every`-th after it, the head also reads the output of the layer before other exits (in the first
     round and full-depth ones every exit drafted with, in others those within `probe_reach` layers of E):
     shallower ones from the draft steps, deeper ones from the verification, whose graphs keep every layer's
-    output, in one product with the head. Whether each would have predicted the tokens the round settled counts for it. Counts decay by `decay`
-    per update, so the choice follows the context.
+    output, in one product with the head. Whether each would have predicted the tokens the round settled counts
+    for it. Counts decay by `decay` per update, so the choice follows the context.
 
     Costs: seconds of a draft step at E, of a verification from E and of a full-depth step (a round without
     drafts), each the least of its last `window` timings; the host's work between rounds counts with the

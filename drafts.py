@@ -15,6 +15,7 @@ with costs counted in weights read, since batch-1 decoding is bandwidth-bound: a
 layers [0, f) (f: the plan's first skipped layer) and verification reruns [f, L) + head, every weight once.
 """
 import statistics
+import weakref
 
 import torch
 
@@ -70,6 +71,13 @@ def choose_draft_plan(model, idx, lens, d):
 
 
 FULL = ("full", None)  # ExitChooser's key of a full-depth step's cost
+_timings = weakref.WeakKeyDictionary()  # model -> {(device type, batch size, compiled): ExitChooser.timings}
+
+
+def measured_timings(model, device, batch_size, compiled):
+    """The timings ExitChooser keeps for this model, device, batch size and compile mode, one dict per process:
+    what a step costs does not depend on the prompt, so each call starts from what earlier calls timed."""
+    return _timings.setdefault(model, {}).setdefault((device.type, batch_size, compiled), {})
 
 
 class ExitChooser:
@@ -86,18 +94,19 @@ class ExitChooser:
 
     Costs: seconds of a draft step at E, of a verification from E and of a full-depth step (a round without
     drafts), each the least of its last `window` timings; the host's work between rounds counts with the
-    verification, as every round pays it. Compiled, the first `warm_up` timings compile and are not counted, nor
-    later is one over `outlier` times its estimate (a new graph or shape compiling). The
-    first rounds are full-depth steps, until one is timed; before an exit is timed, its cost in weights read
-    (plan_cost) scaled by what the timed costs measured against theirs.
+    verification, as every round pays it. `timings` (measured_timings) carries them from call to call. Compiled,
+    the first `warm_up` timings compile and are not counted, nor later is one over `outlier` times its estimate (a
+    new graph or shape compiling). The first rounds are full-depth steps, until one is timed; before an exit is
+    timed, its cost in weights read (plan_cost) scaled by what the timed costs measured against theirs.
 
-    Rows share a round's draft pass, so they share E: of the exits drafted with (compiled, every other one, 2, 4,
-    ..., since each is its own graphs), the one whose best caps give the largest summed expected speedup
+    Rows share a round's draft pass, so they share E: of the exits drafted with (compiled, each being its own
+    graphs: every other one, 2, 4, ..., in the first call, and in later calls only the exits earlier calls timed, so
+    that no graph compiles inside them), the one whose best caps give the largest summed expected speedup
     (expected_speedup over a full-depth step). Each row drafts up to its own cap in 0 .. cap: cap 0, a full-depth
     step, wherever no draft is expected to pay `margin` more (estimates from a few tokens are noisy)."""
 
-    def __init__(self, model, cap, batch_size, compiled=False, cuda_graphs=False, probe_every=4, probe_reach=4,
-                 decay=0.9, window=5, margin=0.05):
+    def __init__(self, model, cap, batch_size, compiled=False, cuda_graphs=False, timings=None, probe_every=4,
+                 probe_reach=4, decay=0.9, window=5, margin=0.05):
         L = model.n_layer
         if L < 2:
             raise ValueError(f"exit_layer auto needs a model of at least 2 layers to draft with, this one has {L}")
@@ -106,15 +115,20 @@ class ExitChooser:
         self.warm_up = 3 if cuda_graphs else 2 if compiled else 0  # compile, recompile (symbolic positions), record
         self.warmed, self.outlier = 0, 4.0
         self.candidates = list(range(1, L))  # exit e at index e - 1 of the tensors below
-        # the exits drafted with: compiled, every other one (each is its own draft and verification graphs)
+        self.timings = {} if timings is None else timings  # key of self.prior -> seconds of its timed calls
+        # the exits drafted with: compiled, each is its own draft and verification graphs: those compiled already
+        # (timed by an earlier call), else every other one
         self.draftable = torch.ones(L - 1, dtype=torch.bool)
-        if compiled and L > 2:
+        timed = [e for kind, e in self.timings if kind == "draft"]
+        if compiled and timed:
+            self.draftable[:] = False
+            self.draftable[torch.tensor(timed) - 1] = True
+        elif compiled and L > 2:
             self.draftable[0::2] = False
         head = head_cost(model)
         self.prior = {FULL: 1.0}  # in full-depth steps, from weights read
         for e in self.candidates:
             self.prior["draft", e], self.prior["verify", e] = plan_cost(torch.arange(L) >= e, head)
-        self.timings = {}  # key of self.prior -> seconds of its timed calls
         # [L-1, B]: decayed counts of agreements and of predictions per exit and row; prior: one disagreement
         self.agreed = torch.zeros(L - 1, batch_size, dtype=torch.float64)
         self.seen = torch.ones(L - 1, batch_size, dtype=torch.float64)

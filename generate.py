@@ -485,8 +485,9 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
         draft_skip_layers = choose_draft_plan(model, idx, lens, d)
     chooser = None
     if exit_layer == "auto":  # E every round, d per row, from acceptance measured online
-        from drafts import ExitChooser
-        chooser = ExitChooser(model, d, B, compile, cuda_graphs=compile and idx.device.type in CUDA_GRAPH_DEVICES)
+        from drafts import ExitChooser, measured_timings
+        chooser = ExitChooser(model, d, B, compile, cuda_graphs=compile and idx.device.type in CUDA_GRAPH_DEVICES,
+                              timings=measured_timings(model, idx.device, B, compile))
         exit_layer = chooser.candidates[0]
     plan = draft_plan(model, exit_layer, draft_skip_layers)
     f = int(plan.nonzero()[0])                      # the first layer the draft skips
@@ -555,9 +556,9 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
                 token = torch.multinomial(probs, 1, generator=generator)[:, 0]
             drafts.append(token)
             token = token[:, None]
-            if draft_threshold is not None:  # a row whose draft is unsure stops: its count is i
-                counts = torch.where((counts == steps) & (probs.max(-1).values.cpu() < draft_threshold), i, counts)
-                if bool((counts < steps).all()):
+            if draft_threshold is not None:  # a row still drafting (count past i) whose draft is unsure stops at i
+                counts = torch.where((counts > i) & (probs.max(-1).values.cpu() < draft_threshold), i, counts)
+                if bool((counts <= i + 1).all()):  # every row stopped or at its own cap
                     break
         drafted_at = clock(idx.device)
         K = int(counts.max())  # verify positions n-1 .. n+K-1 in one pass through layers [f, L)

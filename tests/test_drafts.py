@@ -146,6 +146,29 @@ def test_exit_chooser_prices_exits_by_their_timed_costs():
     assert caps.tolist() == [0] and E == 0, (E, caps)
 
 
+def test_exit_chooser_starts_from_earlier_calls_timings():
+    """What a step costs does not depend on the prompt: a later call's chooser starts from the timings of earlier
+    calls with the same model, device, batch size and compile mode, so it drafts from its first round (no
+    full-depth rounds until one is timed), and compiled it drafts only with the exits they timed, whose graphs have
+    compiled, rather than every other exit (a new exit's graphs would compile inside the call)."""
+    from drafts import ExitChooser, measured_timings
+    model, cpu, rows = layers(8), torch.device("cpu"), torch.tensor([0])
+    timings = measured_timings(model, cpu, 1, True)
+    assert measured_timings(model, cpu, 1, True) is timings
+    assert measured_timings(model, cpu, 2, True) is not timings and measured_timings(model, cpu, 1, False) is not timings
+    first = ExitChooser(model, 4, batch_size=1, compiled=True, timings=timings)
+    assert (first.draftable.nonzero()[:, 0] + 1).tolist() == [2, 4, 6]
+    for seconds in (100.0, 100.0, 1.0):  # compiling, then a full-depth step: 1 s
+        first.time(0, 0, 0.0, seconds)
+    first.time(6, 2, 0.4, 1.0)  # exit 6's draft step 0.2 s
+    second = ExitChooser(model, 4, batch_size=1, compiled=True, timings=timings)
+    assert (second.draftable.nonzero()[:, 0] + 1).tolist() == [6]
+    for e in second.candidates:
+        second.count(e, rows, torch.tensor([36]), torch.tensor([40]))
+    E, caps, _ = second.choose(rows)
+    assert E == 6 and caps.tolist() == [4], (E, caps)
+
+
 def test_exit_layer_auto_learns_from_full_depth_rounds_and_stopped_drafts():
     """Layer 1 of 2 made an identity, so exit 1 predicts the full model's tokens, but drafts are unsure. A one-token
     prompt says nothing of exit 1 and the first rounds are full-depth steps; their probes read it, so auto starts
@@ -162,6 +185,19 @@ def test_exit_layer_auto_learns_from_full_depth_rounds_and_stopped_drafts():
     assert out.tolist() == expected.tolist() and stats["accepted"] > 10, stats
     out, stats = generate_speculative(model, idx, 40, "auto", 4, draft_threshold=0.99, stop_at_eos=False)
     assert out.tolist() == expected.tolist() and stats["draft_steps"] < 0.75 * stats["rounds"], stats  # was 39 of 40
+
+
+def test_threshold_stops_rows_below_the_rounds_longest_cap():
+    """Under exit auto rows have their own caps (here 1 and 3): a threshold no draft reaches (0.99 on a random
+    model) stops every row at its first draft, the row with the smaller cap too, so nothing is drafted (before,
+    only rows drafting the round's longest count were stopped: row 0 drafted, and was verified, every round)."""
+    from drafts import ExitChooser
+    model = layers(4)
+    idx = torch.randint(1, 256, (2, 5), generator=torch.Generator().manual_seed(0))
+    with mock.patch.object(ExitChooser, "choose", lambda self, rows: (2, torch.tensor([1, 3])[:len(rows)], [])):
+        out, stats = generate_speculative(model, idx, 12, "auto", 3, draft_threshold=0.99, stop_at_eos=False)
+    assert out.tolist() == generate(model, idx, 12, temperature=0, stop_at_eos=False).tolist()
+    assert stats["drafted"] == 0 and stats["draft_steps"] == stats["rounds"], stats
 
 
 def test_exit_layer_auto_takes_full_depth_steps_where_no_exit_agrees():

@@ -70,7 +70,7 @@ def choose_draft_plan(model, idx, lens, d):
     return best
 
 
-FULL = ("full", None)  # ExitChooser's key of a full-depth step's cost
+FULL = ("verify", 0, 1)  # ExitChooser's key of a full-depth step: a verification of 1 position from layer 0
 _timings = weakref.WeakKeyDictionary()  # model -> {(device type, batch size, compiled): ExitChooser.timings}
 
 
@@ -92,12 +92,14 @@ class ExitChooser:
     output, in one product with the head. Whether each would have predicted the tokens the round settled counts
     for it. Counts decay by `decay` per update, so the choice follows the context.
 
-    Costs: seconds of a draft step at E, of a verification from E and of a full-depth step (a round without
-    drafts), each the least of its last `window` timings; the host's work between rounds counts with the
-    verification, as every round pays it. `timings` (measured_timings) carries them from call to call. Compiled,
+    Costs: seconds of a draft step at E, of a verification from E of n positions (a round's drafts + 1: on a CPU a
+    verification of 5 positions costs about twice one of 1, on a GPU about the same) and of a full-depth step (a
+    round without drafts), each the least of its last `window` timings of rounds that read no other exit; the
+    host's work between rounds counts with the verification, as every round pays it. `timings` (measured_timings) carries them from call to call. Compiled,
     the first `warm_up` timings compile and are not counted, nor later is one over `outlier` times its estimate (a
     new graph or shape compiling). The first rounds are full-depth steps, until one is timed; before an exit is
-    timed, its cost in weights read (plan_cost) scaled by what the timed costs measured against theirs.
+    timed, its cost in weights read (plan_cost) scaled by what the timed costs measured against theirs (for a
+    verification, those of the nearest number of positions).
 
     Rows share a round's draft pass, so they share E: of the exits drafted with (compiled, each being its own
     graphs: every other one, 2, 4, ..., in the first call, and in later calls only the exits earlier calls timed, so
@@ -119,37 +121,47 @@ class ExitChooser:
         # the exits drafted with: compiled, each is its own draft and verification graphs: those compiled already
         # (timed by an earlier call), else every other one
         self.draftable = torch.ones(L - 1, dtype=torch.bool)
-        timed = [e for kind, e in self.timings if kind == "draft"]
+        timed = [key[1] for key in self.timings if key[0] == "draft"]
         if compiled and timed:
             self.draftable[:] = False
             self.draftable[torch.tensor(timed) - 1] = True
         elif compiled and L > 2:
             self.draftable[0::2] = False
         head = head_cost(model)
-        self.prior = {FULL: 1.0}  # in full-depth steps, from weights read
+        self.prior = {FULL: 1.0}  # in full-depth steps, from weights read: ("draft", e), ("verify", e, positions)
         for e in self.candidates:
-            self.prior["draft", e], self.prior["verify", e] = plan_cost(torch.arange(L) >= e, head)
+            self.prior["draft", e], v = plan_cost(torch.arange(L) >= e, head)
+            self.prior.update({("verify", e, n): v for n in range(1, cap + 2)})
         # [L-1, B]: decayed counts of agreements and of predictions per exit and row; prior: one disagreement
         self.agreed = torch.zeros(L - 1, batch_size, dtype=torch.float64)
         self.seen = torch.ones(L - 1, batch_size, dtype=torch.float64)
         self.rounds = 0
 
     def estimates(self):
-        """key -> seconds: each timed cost (the least of its kept timings), or its prior scaled by the timed costs of
-        its kind (a draft step, or a pass through every layer: a verification, a full-depth step), else of the other
-        kind; in full-depth steps before anything is timed."""
+        """key -> seconds: each timed cost (the least of its kept timings), or its prior scaled by the median ratio
+        of timed to prior of its kind: draft steps, or passes through every layer (verifications and full-depth
+        steps) of the nearest number of positions timed; else of the other kind; in full-depth steps before
+        anything is timed."""
         timed = {k: min(t) for k, t in self.timings.items()}
-        ratios = {draft: [t / self.prior[k] for k, t in timed.items() if (k[0] == "draft") == draft]
-                  for draft in (True, False)}
-        scale = {draft: statistics.median(ratios[draft] or ratios[not draft] or [1.0]) for draft in (True, False)}
-        return {k: timed.get(k, p * scale[k[0] == "draft"]) for k, p in self.prior.items()}
+        drafts, passes = [], {}  # ratios of timed to prior: draft steps; passes by their number of positions
+        for k, t in timed.items():
+            (drafts if k[0] == "draft" else passes.setdefault(k[2], [])).append(t / self.prior[k])
+        draft_scale = statistics.median(drafts or sum(passes.values(), []) or [1.0])
+        pass_scale = {n: statistics.median(passes[min(passes, key=lambda m: (abs(m - n), -m))]) if passes
+                      else draft_scale for n in range(1, self.cap + 2)}
+        return {k: timed.get(k, p * (draft_scale if k[0] == "draft" else pass_scale[k[2]]))
+                for k, p in self.prior.items()}
 
     def costs(self):
-        """(draft step [L-1], verification [L-1]) per exit in full-depth steps."""
+        """(draft step [L-1], verification of d + 1 positions [L-1, cap+1]) per exit in full-depth steps. A
+        verification runs every layer for at least one position and more positions never cost less: a timing that
+        says otherwise is noise, so v is at least 1 and does not fall with d."""
         estimates = self.estimates()
         full = estimates[FULL]
+        v = torch.tensor([[estimates["verify", e, n] / full for n in range(1, self.cap + 2)] for e in self.candidates],
+                         dtype=torch.float64)
         return (torch.tensor([estimates["draft", e] / full for e in self.candidates], dtype=torch.float64),
-                torch.tensor([estimates["verify", e] / full for e in self.candidates], dtype=torch.float64))
+                v.clamp(min=1.0).cummax(1).values)
 
     def choose(self, rows):
         """rows [B]: the batch rows still decoding -> (exit layer, caps [B] in 0 .. cap, the exits this round reads
@@ -158,7 +170,7 @@ class ExitChooser:
         c, v = self.costs()
         a = self.agreed[:, rows] / self.seen[:, rows]  # [L-1, B]
         d = torch.arange(self.cap + 1, dtype=torch.float64)
-        speedup = expected_speedup(a[..., None], d, c[:, None, None], v[:, None, None])  # [L-1, B, cap+1]
+        speedup = expected_speedup(a[..., None], d, c[:, None, None], v[:, None, :])  # [L-1, B, cap+1]
         speedup[..., 0] = 1.0 + self.margin  # no drafts: a full-depth step, unless drafts are expected to pay enough
         best, caps = speedup.max(-1)  # [L-1, B]: each row's best cap at each exit
         totals = best.sum(1).masked_fill(~self.draftable, -1.0)  # [L-1]
@@ -178,10 +190,10 @@ class ExitChooser:
         self.agreed[e - 1, rows] = self.decay * self.agreed[e - 1, rows] + agreed.double().cpu()
         self.seen[e - 1, rows] = self.decay * self.seen[e - 1, rows] + seen.double().cpu()
 
-    def time(self, e, steps, draft_seconds, verify_seconds):
-        """A round's steps draft steps at exit e took draft_seconds, its verification verify_seconds (a full-depth
-        step when steps is 0)."""
-        timed = ([(("draft", e), draft_seconds / steps), (("verify", e), verify_seconds)] if steps
+    def time(self, e, steps, positions, draft_seconds, verify_seconds):
+        """A round's steps draft steps at exit e took draft_seconds, its verification of `positions` positions
+        verify_seconds (a full-depth step when steps is 0)."""
+        timed = ([(("draft", e), draft_seconds / steps), (("verify", e, positions), verify_seconds)] if steps
                  else [(FULL, verify_seconds)])
         estimates = self.estimates() if self.timings else None
         for key, seconds in timed:

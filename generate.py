@@ -581,9 +581,9 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
         calls["verify_seconds"] += verify_seconds
         if probe:  # the heads of the other exits, on the outputs of layers e-1 that the round's graphs kept
             probed = probed_predictions(model, probes, f, draft_kept, kept, n_tokens)
-            synced_at = time.perf_counter()  # the reading is not what the exit costs
-        if chooser:  # eager, a probe round's layers ran one call each: not what the exit costs either
-            pending = None if probe and not compile else (f, len(exit_states), draft_seconds, verify_seconds, synced_at)
+        if chooser:  # a probe round is not timed: reading other exits is not what E costs (on a GPU the heads run
+            # queued into the host's time after the round; eager, the layers ran one call each to keep their outputs)
+            pending = None if probe else (f, len(exit_states), K + 1, draft_seconds, verify_seconds, synced_at)
         out[rows, (n + n_acc).to(idx.device)] = next_token
         new = out[rows[:, None], (n[:, None] + torch.arange(K + 1)).to(idx.device)]  # [B, K+1]: settled up to n_acc
         if chooser:

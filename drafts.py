@@ -142,7 +142,7 @@ class ExitChooser:
         of timed to prior of its kind: draft steps, or passes through every layer (verifications and full-depth
         steps) of the nearest number of positions timed; else of the other kind; in full-depth steps before
         anything is timed."""
-        timed = {k: min(t) for k, t in self.timings.items()}
+        timed = {k: min(t) for k, t in self.timings.items() if k in self.prior}  # not: counts past a smaller cap
         drafts, passes = [], {}  # ratios of timed to prior: draft steps; passes by their number of positions
         for k, t in timed.items():
             (drafts if k[0] == "draft" else passes.setdefault(k[2], [])).append(t / self.prior[k])
@@ -154,14 +154,14 @@ class ExitChooser:
 
     def costs(self):
         """(draft step [L-1], verification of d + 1 positions [L-1, cap+1]) per exit in full-depth steps. A
-        verification runs every layer for at least one position and more positions never cost less: a timing that
-        says otherwise is noise, so v is at least 1 and does not fall with d."""
+        verification runs every layer for at least one position and fewer positions never cost more: a timing that
+        says otherwise is noise (which is upward), so v is at least 1 and at most what any larger d costs."""
         estimates = self.estimates()
         full = estimates[FULL]
         v = torch.tensor([[estimates["verify", e, n] / full for n in range(1, self.cap + 2)] for e in self.candidates],
                          dtype=torch.float64)
         return (torch.tensor([estimates["draft", e] / full for e in self.candidates], dtype=torch.float64),
-                v.clamp(min=1.0).cummax(1).values)
+                v.flip(1).cummin(1).values.flip(1).clamp(min=1.0))
 
     def choose(self, rows):
         """rows [B]: the batch rows still decoding -> (exit layer, caps [B] in 0 .. cap, the exits this round reads

@@ -150,7 +150,8 @@ def test_exit_chooser_prices_verifications_by_their_positions():
     """On a CPU a verification costs more the more positions it verifies (small-M products). Timed at 1.5 s for 3
     positions and 4 s for 9 (a full-depth step 1 s), an untimed count priced as the nearest timed one (ties: the
     larger), drafts are capped where they pay best (4), not at the cap of 8, as one verification cost for every
-    count of positions would have them."""
+    count of positions would have them. A single slow timing of fewer positions is noise (it cannot cost more than
+    more positions) and does not stop drafting; a later call with a smaller cap ignores the larger counts timed."""
     from drafts import ExitChooser
     chooser, rows = ExitChooser(layers(4), 8, batch_size=1), torch.tensor([0])
     for e in chooser.candidates:
@@ -162,6 +163,10 @@ def test_exit_chooser_prices_verifications_by_their_positions():
     assert v[1, 2] == 1.5 and v[1, 8] == 4.0 and v[1, 4] == 1.5 and v[1, 5] == 4.0 and v[0, 3] == 1.5, v
     E, caps, _ = chooser.choose(rows)
     assert caps.tolist() == [4], (E, caps)
+    chooser.time(2, 1, 2, 0.1, 5.0)  # one slow verification of 2 positions: noise, since 3 cost 1.5
+    assert chooser.costs()[1][1, 1] == 1.5 and chooser.choose(rows)[1].tolist() == [4]
+    small = ExitChooser(layers(4), 2, batch_size=1, timings=chooser.timings)  # a later call with a smaller cap
+    assert small.costs()[1].shape == (3, 3)
 
 
 def test_exit_chooser_starts_from_earlier_calls_timings():

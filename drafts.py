@@ -95,9 +95,9 @@ class ExitChooser:
     Costs: seconds of a draft step at E, of a verification from E of n positions (a round's drafts + 1: on a CPU a
     verification of 5 positions costs about twice one of 1, on a GPU about the same) and of a full-depth step (a
     round without drafts), each the least of its last `window` timings of rounds that read no other exit; the
-    host's work between rounds counts with the verification, as every round pays it. `timings` (measured_timings) carries them from call to call. Compiled,
-    the first `warm_up` timings compile and are not counted, nor later is one over `outlier` times its estimate (a
-    new graph or shape compiling). The first rounds are full-depth steps, until one is timed; before an exit is
+    host's work between rounds counts with the verification, as every round pays it. `timings` (measured_timings)
+    carries them from call to call. Compiled, the first `warm_up` timings compile and are not counted, nor later is
+    one over `outlier` times its estimate (a new graph or shape compiling). The first rounds are full-depth steps, until one is timed; before an exit is
     timed, its cost in weights read (plan_cost) scaled by what the timed costs measured against theirs (for a
     verification, those of the nearest number of positions).
 

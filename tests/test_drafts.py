@@ -178,7 +178,8 @@ def test_exit_chooser_starts_from_earlier_calls_timings():
     model, cpu, rows = layers(8), torch.device("cpu"), torch.tensor([0])
     timings = measured_timings(model, cpu, 1, True)
     assert measured_timings(model, cpu, 1, True) is timings
-    assert measured_timings(model, cpu, 2, True) is not timings and measured_timings(model, cpu, 1, False) is not timings
+    assert measured_timings(model, cpu, 2, True) is not timings
+    assert measured_timings(model, cpu, 1, False) is not timings
     first = ExitChooser(model, 4, batch_size=1, compiled=True, timings=timings)
     assert (first.draftable.nonzero()[:, 0] + 1).tolist() == [2, 4, 6]
     for seconds in (100.0, 100.0, 1.0):  # compiling, then a full-depth step: 1 s

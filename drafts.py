@@ -14,7 +14,6 @@ known from one forward, and keeps the plan with the largest expected speedup:
 with costs counted in weights read, since batch-1 decoding is bandwidth-bound: a round's last draft token runs
 layers [0, f) (f: the plan's first skipped layer) and verification reruns [f, L) + head, every weight once.
 """
-import statistics
 import weakref
 
 import torch
@@ -117,7 +116,7 @@ class ExitChooser:
         self.warm_up = 3 if cuda_graphs else 2 if compiled else 0  # compile, recompile (symbolic positions), record
         self.warmed, self.outlier = 0, 4.0
         self.candidates = list(range(1, L))  # exit e at index e - 1 of the tensors below
-        self.timings = {} if timings is None else timings  # key of self.prior -> seconds of its timed calls
+        self.timings = {} if timings is None else timings  # ("draft", e) or ("verify", e, n) -> seconds timed
         # the exits drafted with: compiled, each is its own draft and verification graphs: those compiled already
         # (timed by an earlier call), else every other one
         self.draftable = torch.ones(L - 1, dtype=torch.bool)
@@ -127,41 +126,66 @@ class ExitChooser:
             self.draftable[torch.tensor(timed) - 1] = True
         elif compiled and L > 2:
             self.draftable[0::2] = False
-        head = head_cost(model)
-        self.prior = {FULL: 1.0}  # in full-depth steps, from weights read: ("draft", e), ("verify", e, positions)
-        for e in self.candidates:
-            self.prior["draft", e], v = plan_cost(torch.arange(L) >= e, head)
-            self.prior.update({("verify", e, n): v for n in range(1, cap + 2)})
+        head = head_cost(model)  # priors in full-depth steps, from weights read; a verification's is 1 (plan_cost)
+        self.draft_prior = torch.tensor([plan_cost(torch.arange(L) >= e, head)[0] for e in self.candidates],
+                                        dtype=torch.float64)  # [L-1]
+        # the least kept timing of each cost, nan until timed: a draft step at exit e [L-1]; a verification from
+        # exit e of n positions [L, cap+1] at [e, n - 1], [0, 0] being a full-depth step
+        self.draft_seconds = torch.full((L - 1,), float("nan"), dtype=torch.float64)
+        self.verify_seconds = torch.full((L, cap + 1), float("nan"), dtype=torch.float64)
+        for key, kept in self.timings.items():
+            self.keep(key, kept)
+        self.estimated = self.priced = None  # estimates() and costs(), until a least timing changes
         # [L-1, B]: decayed counts of agreements and of predictions per exit and row; prior: one disagreement
         self.agreed = torch.zeros(L - 1, batch_size, dtype=torch.float64)
         self.seen = torch.ones(L - 1, batch_size, dtype=torch.float64)
         self.rounds = 0
 
+    def keep(self, key, kept):
+        """Timings kept for key: the least is its cost. Counts past this call's cap (timed by an earlier call with a
+        larger one) are not used."""
+        if key[0] == "draft":
+            seconds, at = self.draft_seconds, key[1] - 1
+        elif key[2] <= self.cap + 1:
+            seconds, at = self.verify_seconds, (key[1], key[2] - 1)
+        else:
+            return
+        if not seconds[at] == min(kept):  # (nan == x is False)
+            seconds[at] = min(kept)
+            self.estimated = self.priced = None
+
     def estimates(self):
-        """key -> seconds: each timed cost (the least of its kept timings), or its prior scaled by the median ratio
-        of timed to prior of its kind: draft steps, or passes through every layer (verifications and full-depth
-        steps) of the nearest number of positions timed; else of the other kind; in full-depth steps before
-        anything is timed."""
-        timed = {k: min(t) for k, t in self.timings.items() if k in self.prior}  # not: counts past a smaller cap
-        drafts, passes = [], {}  # ratios of timed to prior: draft steps; passes by their number of positions
-        for k, t in timed.items():
-            (drafts if k[0] == "draft" else passes.setdefault(k[2], [])).append(t / self.prior[k])
-        draft_scale = statistics.median(drafts or sum(passes.values(), []) or [1.0])
-        pass_scale = {n: statistics.median(passes[min(passes, key=lambda m: (abs(m - n), -m))]) if passes
-                      else draft_scale for n in range(1, self.cap + 2)}
-        return {k: timed.get(k, p * (draft_scale if k[0] == "draft" else pass_scale[k[2]]))
-                for k, p in self.prior.items()}
+        """(draft step [L-1], verification [L, cap+1]) seconds, as in verify_seconds: each timed cost, or its prior
+        scaled by the median (of an even count, the lower middle) ratio of timed to prior of its kind: draft steps,
+        or passes through every layer (verifications and full-depth steps) of the nearest number of positions
+        timed (ties: the larger); else of the other kind; in full-depth steps before anything is timed."""
+        if self.estimated is not None:
+            return self.estimated
+        draft, verify = self.draft_seconds, self.verify_seconds
+        timed = ~verify.isnan()  # [L, cap+1]
+        if not draft.isnan().all():
+            draft_scale = (draft / self.draft_prior).nanmedian()
+        else:
+            draft_scale = verify.nanmedian() if timed.any() else torch.tensor(1.0, dtype=torch.float64)
+        pass_scale = draft_scale.expand(self.cap + 1)  # [cap+1] by number of positions
+        if timed.any():
+            n = torch.arange(self.cap + 1)
+            distance = 2 * (n[None, :] - n[:, None]).abs() - (n[None, :] > n[:, None]).long()  # [n, m]: ties, larger m
+            nearest = distance.masked_fill(~timed.any(0), 2 * self.cap + 3).argmin(1)  # [cap+1]: nearest timed m
+            pass_scale = verify.nanmedian(0).values[nearest]
+        self.estimated = (torch.where(draft.isnan(), self.draft_prior * draft_scale, draft),
+                          torch.where(timed, verify, pass_scale))  # a verification's prior is 1
+        return self.estimated
 
     def costs(self):
         """(draft step [L-1], verification of d + 1 positions [L-1, cap+1]) per exit in full-depth steps. A
         verification runs every layer for at least one position and fewer positions never cost more: a timing that
         says otherwise is noise (which is upward), so v is at least 1 and at most what any larger d costs."""
-        estimates = self.estimates()
-        full = estimates[FULL]
-        v = torch.tensor([[estimates["verify", e, n] / full for n in range(1, self.cap + 2)] for e in self.candidates],
-                         dtype=torch.float64)
-        return (torch.tensor([estimates["draft", e] / full for e in self.candidates], dtype=torch.float64),
-                v.flip(1).cummin(1).values.flip(1).clamp(min=1.0))
+        if self.priced is None:
+            draft, verify = self.estimates()
+            full = verify[0, 0]
+            self.priced = draft / full, (verify[1:] / full).flip(1).cummin(1).values.flip(1).clamp(min=1.0)
+        return self.priced
 
     def choose(self, rows):
         """rows [B]: the batch rows still decoding -> (exit layer, caps [B] in 0 .. cap, the exits this round reads
@@ -195,13 +219,15 @@ class ExitChooser:
         verify_seconds (a full-depth step when steps is 0)."""
         timed = ([(("draft", e), draft_seconds / steps), (("verify", e, positions), verify_seconds)] if steps
                  else [(FULL, verify_seconds)])
-        estimates = self.estimates() if self.timings else None
+        draft, verify = self.estimates() if self.timings else (None, None)
         for key, seconds in timed:
-            if estimates is None and self.warmed < self.warm_up:  # nothing to compare with: the first calls compile
+            if draft is None and self.warmed < self.warm_up:  # nothing to compare with: the first calls compile
                 self.warmed += 1
                 continue
-            if estimates is not None and seconds > self.outlier * estimates[key]:  # a call that compiled (a new graph
-                continue                                                            # or shape), not what it costs
+            estimate = None if draft is None else draft[e - 1] if key[0] == "draft" else verify[key[1], key[2] - 1]
+            if estimate is not None and seconds > self.outlier * estimate:  # a call that compiled (a new graph or
+                continue                                                     # shape), not what it costs
             kept = self.timings.setdefault(key, [])
             kept.append(seconds)
             del kept[:-self.window]
+            self.keep(key, kept)

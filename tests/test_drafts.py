@@ -128,14 +128,14 @@ def test_exit_chooser_prices_exits_by_their_timed_costs():
         assert E == 0 and caps.tolist() == [0], (E, caps)
         chooser.time(0, 0, 1, 0.0, seconds)
     c, v = chooser.costs()
-    assert c[1] == chooser.prior["draft", 2] and bool((v == 1.0).all())  # priors, scaled by the full-depth step
+    assert c[1] == chooser.draft_prior[1] and bool((v == 1.0).all())  # priors, scaled by the full-depth step
     E, caps, _ = chooser.choose(rows)
     assert E == 2 and caps.tolist() == [4], (E, caps)
     chooser.time(2, 2, 3, 200.0, 100.0)  # compiling the graphs of exit 2
     chooser.time(2, 2, 3, 0.2, 1.0)  # a draft step at exit 2 took 0.1 s, its verification 1 s
     c, v = chooser.costs()
     assert c[1] == pytest.approx(0.1)
-    assert c[4] == pytest.approx(0.1 * chooser.prior["draft", 5] / chooser.prior["draft", 2])
+    assert c[4] == pytest.approx(0.1 * chooser.draft_prior[4] / chooser.draft_prior[1])
     E, caps, _ = chooser.choose(rows)
     assert E == 2 and caps.tolist() == [4], (E, caps)
     chooser.time(2, 2, 3, 20.0, 1.0)  # 10 s: over 4 times its estimate, a call that compiled, not counted

@@ -96,9 +96,9 @@ class ExitChooser:
     round without drafts), each the least of its last `window` timings of rounds that read no other exit; the
     host's work between rounds counts with the verification, as every round pays it. `timings` (measured_timings)
     carries them from call to call. Compiled, the first `warm_up` timings compile and are not counted, nor later is
-    one over `outlier` times its estimate (a new graph or shape compiling). The first rounds are full-depth steps, until one is timed; before an exit is
-    timed, its cost in weights read (plan_cost) scaled by what the timed costs measured against theirs (for a
-    verification, those of the nearest number of positions).
+    one over `outlier` times its estimate (a new graph or shape compiling). The first rounds are full-depth steps,
+    until one is timed; before an exit is timed, its cost in weights read (plan_cost) scaled by what the timed costs
+    measured against theirs (for a verification, those of the nearest number of positions).
 
     Rows share a round's draft pass, so they share E: of the exits drafted with (compiled, each being its own
     graphs: every other one, 2, 4, ..., in the first call, and in later calls only the exits earlier calls timed, so

@@ -30,7 +30,8 @@ def assert_drafts_give_greedy(model, idx, lens, n, drafts=DRAFTS, ds=(4,)):
     stats = {}
     for draft in drafts:
         for d in ds:
-            out, stats[str(draft), d] = generate_speculative(model, idx, n, num_speculations=d, prompt_lens=lens, **draft)
+            out, stats[str(draft), d] = generate_speculative(model, idx, n, num_speculations=d, prompt_lens=lens,
+                                                             **draft)
             assert out.tolist() == expected.tolist(), (draft, d)
         b = int(lens.argmin())  # the shortest prompt alone
         alone, _ = generate_speculative(model, idx[b:b + 1, :int(lens[b])], n, num_speculations=d, **draft)

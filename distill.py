@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from configurator import at_least, check_values, configure, run_main
 from data.instruct import IGNORE
 from model import Transformer, layer_mask
-from train import TRAIN_RULES, TrainConfig, copy_tokenizer, load_data, log_metrics
+from train import TRAIN_RULES, TrainConfig, copy_tokenizer, load_data, log_metrics, start_metrics
 
 
 @dataclass
@@ -82,6 +82,7 @@ def main():
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.0)
     os.makedirs(cfg.out_dir, exist_ok=True)
     metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
+    start_metrics(metrics, 0)
     base = val_loss(teacher, val_batch, cfg.eval_batches)
     print(f"distilling layers {layers} of {L}, {cfg.steps_per_layer} steps each; teacher val loss {base:.4f}")
     done, step = [], 0

@@ -525,6 +525,8 @@ def main():
               f"{cfg.micro_batch * cfg.grad_accum * world * cfg.block_size:,} tokens per step; starting at step {start_step}")
 
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if master:
+        start_metrics(metrics_path, start_step)
     tokens_per_step = cfg.micro_batch * cfg.grad_accum * world * cfg.block_size
     peak = peak_flops(device)  # per device; MFU = achieved FLOP/s per process / peak
     flops_per_token = model.flops_per_token(cfg.block_size)
@@ -532,7 +534,7 @@ def main():
                disable=not master)
     t0, timed_steps = time.time(), 0  # tokens/s over the steps since the last evaluation
     for step in bar:
-        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+        if (step % cfg.eval_interval == 0 or step == cfg.max_steps) and (step > start_step or step == 0):
             losses = evaluate(model, val_batch, cfg, eval_exits, device, autocast)
             row = {"step": step, "val_loss": {str(e): v for e, v in losses.items()},
                    "val_ppl": {str(e): math.exp(min(v, 50)) for e, v in losses.items()}}
@@ -597,6 +599,26 @@ def main():
                                            "lr": lr, "tokens_per_s": tok_s, "mfu": mfu})
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def start_metrics(path, start_step):
+    """metrics.jsonl (one JSON row per line; train.py's each have a "step") as a run starting at start_step finds it:
+    a resumed run keeps what its checkpoint's run logged up to it (the training rows before its step and the
+    evaluation at it; it logs the later ones again, the same, since it resumes exactly); a run from scratch
+    (start_step 0) starts it empty. Written under a temporary name and renamed; a line cut short by a kill is
+    dropped."""
+    kept = []
+    if start_step and os.path.exists(path):
+        for line in open(path):
+            try:
+                row = json.loads(line)
+                if row["step"] < start_step or (row["step"] == start_step and "train_loss" not in row):
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 def log_metrics(path, row):

@@ -20,6 +20,12 @@ def val_rows(out_dir):
     return [r for r in map(json.loads, open(os.path.join(out_dir, "metrics.jsonl"))) if "val_loss" in r]
 
 
+def logged_rows(out_dir):
+    """metrics.jsonl's rows without the timings (tokens/s, MFU), which no two runs share."""
+    rows = map(json.loads, open(os.path.join(out_dir, "metrics.jsonl")))
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")} for r in rows]
+
+
 def val_curve(out_dir, exit_layer):
     return [(r["step"], r["val_loss"][str(exit_layer)]) for r in val_rows(out_dir)]
 
@@ -104,6 +110,11 @@ def test_resume_from_a_final_step_off_the_eval_grid(tmp_path, stdlib_data):
     proc = run_entry("train.py", *common, "--max_steps=7", "--init_from=resume")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert saved_step(str(tmp_path)) == 7
+    assert [r["step"] for r in logged_rows(tmp_path) if "val_loss" in r] == [0, 4, 5, 7]
+    # a new run from scratch in the same out_dir logs its own rows only (they were appended to the old run's)
+    assert run_entry("train.py", *common, "--max_steps=2").returncode == 0
+    assert [(r["step"], "val_loss" in r) for r in logged_rows(tmp_path)] == [(0, True), (0, False), (1, False),
+                                                                            (2, True)]
 
 
 def saved_step(out_dir):
@@ -134,3 +145,5 @@ def test_resume_after_sigkill_is_bitwise_exact(stdlib_data, tmp_path):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), f"weights differ after resuming from step {step_at_kill}"
     assert val_curve(straight, 4)[-1] == val_curve(killed, 4)[-1]
+    # metrics.jsonl reads as if never killed: the rows logged after the last checkpoint are not there twice
+    assert logged_rows(killed) == logged_rows(straight)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from configurator import at_least, check_values, configure, run_main
 from data.instruct import IGNORE
 from model import Transformer, layer_mask
-from train import TRAIN_RULES, TrainConfig, copy_tokenizer, load_data, log_metrics, start_metrics
+from train import TRAIN_RULES, TrainConfig, copy_tokenizer, load_data, log_metrics, publish_metrics, start_metrics
 
 
 @dataclass
@@ -82,7 +82,7 @@ def main():
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.0)
     os.makedirs(cfg.out_dir, exist_ok=True)
     metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
-    start_metrics(metrics, 0)
+    metrics = start_metrics(metrics, 0)  # metrics.jsonl once the student is saved
     base = val_loss(teacher, val_batch, cfg.eval_batches)
     print(f"distilling layers {layers} of {L}, {cfg.steps_per_layer} steps each; teacher val loss {base:.4f}")
     done, step = [], 0
@@ -111,6 +111,7 @@ def main():
               f"all layers: student {math.exp(row['student_full']):.2f}, teacher {math.exp(base):.2f}")
     student.save_pretrained(cfg.out_dir)
     copy_tokenizer(tok_file, cfg.out_dir)
+    publish_metrics(metrics)
     print(f"saved the student to {cfg.out_dir}/; sample with --skip_layers {','.join(map(str, sorted(done)))}")
 
 

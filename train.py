@@ -526,7 +526,7 @@ def main():
 
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     if master:
-        start_metrics(metrics_path, start_step)
+        metrics_path = start_metrics(metrics_path, start_step)
     tokens_per_step = cfg.micro_batch * cfg.grad_accum * world * cfg.block_size
     peak = peak_flops(device)  # per device; MFU = achieved FLOP/s per process / peak
     flops_per_token = model.flops_per_token(cfg.block_size)
@@ -551,6 +551,8 @@ def main():
                     raise ValueError(f"validation loss at exit {bad} is {losses[bad]} at step {step}; stopping "
                                      f"without saving: {kept(cfg)}")
                 save_checkpoint(model, optimizer, step, cfg, tokenizer_file, rank)
+                if master:
+                    metrics_path = publish_metrics(metrics_path)
             t0, timed_steps = time.time(), 0
         if step == cfg.max_steps:
             break
@@ -602,11 +604,12 @@ def main():
 
 
 def start_metrics(path, start_step):
-    """metrics.jsonl (one JSON row per line; train.py's each have a "step") as a run starting at start_step finds it:
-    a resumed run keeps what its checkpoint's run logged up to it (the training rows before its step and the
-    evaluation at it; it logs the later ones again, the same, since it resumes exactly); a run from scratch
-    (start_step 0) starts it empty. Written under a temporary name and renamed; a line cut short by a kill is
-    dropped."""
+    """The file a run starting at start_step logs its rows to (JSON, one per line; train.py's each have a "step"). A
+    resumed run logs to `path` (metrics.jsonl), keeping what its checkpoint's run logged up to it (the training rows
+    before its step and the evaluation at it; it logs the later ones again, the same, since it resumes exactly; a
+    line cut short by a kill is dropped). A run from scratch logs to a new path + ".next", which replaces `path`
+    when the run's first checkpoint replaces the earlier run's (publish_metrics): until then the earlier
+    checkpoint keeps its rows. Written under a temporary name and renamed."""
     kept = []
     if start_step and os.path.exists(path):
         for line in open(path):
@@ -616,9 +619,20 @@ def start_metrics(path, start_step):
                     kept.append(line)
             except (ValueError, KeyError, TypeError):
                 continue
-    with open(path + ".tmp", "w") as f:
+    target = path if start_step else path + ".next"
+    with open(target + ".tmp", "w") as f:
         f.writelines(kept)
-    os.replace(path + ".tmp", path)
+    os.replace(target + ".tmp", target)
+    return target
+
+
+def publish_metrics(path):
+    """After a checkpoint is saved: a run's new metrics file (start_metrics' ".next") becomes metrics.jsonl
+    -> the path to log to from now on."""
+    if path.endswith(".next"):
+        os.replace(path, path[:-len(".next")])
+        path = path[:-len(".next")]
+    return path
 
 
 def log_metrics(path, row):

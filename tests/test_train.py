@@ -115,6 +115,33 @@ def test_resume_from_a_final_step_off_the_eval_grid(tmp_path, stdlib_data):
     assert run_entry("train.py", *common, "--max_steps=2").returncode == 0
     assert [(r["step"], "val_loss" in r) for r in logged_rows(tmp_path)] == [(0, True), (0, False), (1, False),
                                                                             (2, True)]
+    assert not os.path.exists(tmp_path / "metrics.jsonl.next")  # it became metrics.jsonl with the first checkpoint
+
+
+def test_metrics_of_an_earlier_run_stay_until_a_new_run_saves_its_first_checkpoint(tmp_path):
+    """A run from scratch in an out_dir that holds an earlier run logs to a new file, which replaces metrics.jsonl
+    only with its first checkpoint (killed before it, the earlier checkpoint and its rows stay together); a resumed
+    run keeps the rows up to its checkpoint's step, and drops a line a kill cut short."""
+    from train import log_metrics, publish_metrics, start_metrics
+    path = str(tmp_path / "metrics.jsonl")
+    old = [{"step": 0, "val_loss": {"1": 9.0}}, {"step": 0, "train_loss": {"1": 9.0}},
+           {"step": 1, "train_loss": {"1": 8.0}}, {"step": 2, "val_loss": {"1": 7.0}}, {"step": 2, "train_loss": {"1": 7.0}}]
+    for row in old:
+        log_metrics(path, row)
+    with open(path, "a") as f:
+        f.write('{"step": 3, "train_lo')  # cut short by a kill
+    before = open(path).read()
+    new = start_metrics(path, 0)
+    log_metrics(new, {"step": 0, "val_loss": {"1": 5.0}})
+    assert new != path and open(path).read() == before
+    assert publish_metrics(new) == path and logged_rows(tmp_path) == [{"step": 0, "val_loss": {"1": 5.0}}]
+    assert publish_metrics(path) == path
+    for row in old[1:]:
+        log_metrics(path, row)
+    with open(path, "a") as f:
+        f.write('{"step": 3, "train_lo')
+    assert start_metrics(path, 2) == path
+    assert logged_rows(tmp_path) == [{"step": 0, "val_loss": {"1": 5.0}}, *old[1:4]]  # the training row at 2 goes
 
 
 def saved_step(out_dir):

@@ -81,8 +81,7 @@ def main():
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.0)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
-    metrics = start_metrics(metrics, 0)  # metrics.jsonl once the student is saved
+    metrics = start_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), 0)  # metrics.jsonl once the student is saved
     base = val_loss(teacher, val_batch, cfg.eval_batches)
     print(f"distilling layers {layers} of {L}, {cfg.steps_per_layer} steps each; teacher val loss {base:.4f}")
     done, step = [], 0

@@ -620,9 +620,7 @@ def start_metrics(path, start_step):
             except (ValueError, KeyError, TypeError):
                 continue
     target = path if start_step else path + ".next"
-    with open(target + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(target + ".tmp", target)
+    atomic_write(target, lambda tmp: open(tmp, "w").writelines(kept))
     return target
 
 

@@ -50,7 +50,7 @@ def main():
     if args.mode == "decode":
         return decode.bench_decode(args.steps, args.ckpt)
     if args.mode == "speculation":
-        return speculation.bench_speculation(args.ckpt or "out", args.plain_ckpt, args.new_tokens, 1, not args.eager,
+        return speculation.bench_speculation(args.ckpt or "out", args.plain_ckpt, args.new_tokens, 2, not args.eager,
                                              args.models)
     {"layerskip": layerskip.bench_layerskip, "train": train.bench_train, "kernels": kernels.bench_kernels,
      "bandwidth": bandwidth.bench_bandwidth}[args.mode](args.steps)

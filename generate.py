@@ -212,6 +212,7 @@ def decode_cache(model, idx, max_len, compile):
 
 
 _compiled = {}
+GRAPHS_PER_FUNCTION = 64
 
 
 def compiled(fn, device):
@@ -221,7 +222,11 @@ def compiled(fn, device):
     (mode="reduce-overhead": one launch per step instead of one per kernel). On the CPU positions turn
     symbolic at the second call (one recompile) and attention reads only the written slots; Inductor's C++
     wrapper there, since the Python wrapper's per-call overhead is most of a small model's step. Speedups in
-    BENCHMARKS.md; the first calls compile (tens of seconds on a CPU)."""
+    BENCHMARKS.md; the first calls compile (tens of seconds on a CPU). Every exit layer, skip plan and number of
+    verified positions is a graph of its own: past dynamo's default of 8 graphs a function, the rest would run
+    eagerly, so the limit is raised to GRAPHS_PER_FUNCTION."""
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = max(dynamo.recompile_limit, GRAPHS_PER_FUNCTION)
     if (fn, device.type) not in _compiled:
         if device.type in CUDA_GRAPH_DEVICES:
             _compiled[fn, device.type] = torch.compile(fn, mode="reduce-overhead")

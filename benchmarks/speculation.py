@@ -7,8 +7,9 @@ For each setting: measured speedup, acceptance, and the ideal speedup that the m
 verifications) and the measured cost of one draft step and one verification predict (REFERENCE.md section 5:
 tokens per round over the round's cost); fraction = measured / ideal; "in draft/verify": the share of the time
 inside rounds' draft steps and verifications as the loop timed them (the rest: bookkeeping, and for exit auto
-reading other exits). Each prompt is timed alone, so the last line, the best static setting of each prompt,
-says what choosing a setting per context could gain.
+reading other exits). Each prompt is timed alone, beside its full-depth decoding (the two called in turns, so
+that a drift of this machine's speed during the run cancels in their ratio), so the last line, the best static
+setting of each prompt, says what choosing a setting per context could gain.
 Models: (a) a LayerSkip-trained checkpoint on a mixed code prompt set, (b) a converted random transformers
 Llama of TinyLlama-1.1B's shape with later layers' output projections scaled down (against transformers'
 assistant_early_exit on the same weights), (c) a checkpoint trained without LayerSkip, with skip-plan drafts.
@@ -55,6 +56,24 @@ def seconds(fn, repeats):
     return best, best_result
 
 
+def paired_seconds(baseline, fn, repeats):
+    """Shortest of `repeats` timed calls of baseline and of fn, called in turns, after one warm-up call of each
+    when WARM_UP -> (seconds of baseline, seconds of fn, fn's result). Timed side by side, their ratio holds
+    where this machine's speed drifts within a run (a setting timed minutes after the full-depth baseline moved
+    by up to 0.3x between runs)."""
+    best, result = [float("inf"), float("inf")], None
+    if WARM_UP:
+        baseline(), fn()
+    for _ in range(repeats):
+        for i, call in enumerate((baseline, fn)):
+            t = time.perf_counter()
+            out = call()
+            t = time.perf_counter() - t
+            if t < best[i]:
+                best[i], result = t, out if i else result
+    return best[0], best[1], result
+
+
 @torch.inference_mode()
 def step_costs(model, prompt, plan, d, compile, repeats=10):
     """Seconds of one full-depth decode step, one draft step and one verification of d+1 positions (the last
@@ -79,13 +98,15 @@ def per_prompt(fn, prompts, repeats):
     return tuple(map(list, zip(*(seconds(lambda: fn(p), repeats) for p in prompts))))
 
 
-def run_setting(model, prompts, n, full_time, full_out, repeats, compile, costs, label, **draft):
-    """Time one speculative setting over the prompts; print speedup, acceptance, ideal speedup, fraction
-    -> (speedup, [seconds per prompt])."""
-    times, results = per_prompt(lambda p: generate_speculative(model, p, n, compile=compile, **draft), prompts,
-                                repeats)
-    t = sum(times)
+def run_setting(model, prompts, n, full_out, repeats, compile, costs, label, **draft):
+    """Time one speculative setting over the prompts, each prompt beside its full-depth decoding (paired_seconds);
+    print speedup, acceptance, ideal speedup, fraction -> (speedup, [speedup per prompt])."""
+    paired = [paired_seconds(lambda: generate(model, p, n, temperature=0, compile=compile),
+                             lambda: generate_speculative(model, p, n, compile=compile, **draft), repeats)
+              for p in prompts]
+    full_times, times, results = map(list, zip(*paired))
     same = all(torch.equal(o, f) for (o, _), f in zip(results, full_out))
+    t = sum(times)
     ideal_time = full_depth_time = 0.0
     for _, s in results:  # the plan (auto: chosen per prompt; exit auto: its most used exit) sets the step costs
         plain = s.get("exit_layers", {}).get(0, 0)  # exit auto's rounds without drafts: full-depth steps
@@ -96,7 +117,7 @@ def run_setting(model, prompts, n, full_time, full_out, repeats, compile, costs,
         full_depth_time += n * c["full"]
     total = {k: sum(s[k] for _, s in results) for k in ("drafted", "accepted", "rounds", "draft_seconds",
                                                         "verify_seconds")}
-    ideal, speedup = full_depth_time / ideal_time, full_time / t
+    ideal, speedup = full_depth_time / ideal_time, sum(full_times) / t
     in_calls = (total["draft_seconds"] + total["verify_seconds"]) / t  # the rest: bookkeeping between rounds
     plans = sorted({str(s.get("draft_skip_layers", s.get("exit_layers"))) for _, s in results})
     shown = "draft_skip_layers" in draft or draft.get("exit_layer") == "auto"
@@ -104,7 +125,7 @@ def run_setting(model, prompts, n, full_time, full_out, repeats, compile, costs,
           f"tokens/round {n * len(prompts) / total['rounds']:4.2f}  ideal {ideal:5.2f}x  fraction "
           f"{speedup / ideal:4.0%}  in draft/verify {in_calls:4.0%}  identical {same}"
           + (f"  plans {' '.join(plans)}" if shown else ""))
-    return speedup, times
+    return speedup, [f / s for f, s in zip(full_times, times)]
 
 
 def bench_model(model, prompts, n, repeats, compile, settings):
@@ -127,13 +148,14 @@ def bench_model(model, prompts, n, repeats, compile, settings):
         if callable(draft):
             draft = draft(results)
             label = label.format(**draft)
-        speedup, times = run_setting(model, prompts, n, t_full, full_out, repeats, compile, costs, label, **draft)
-        results[label] = (speedup, draft, times)
-    static = [times for _, draft, times in results.values() if "draft_threshold" not in draft
+        speedup, speedups = run_setting(model, prompts, n, full_out, repeats, compile, costs, label, **draft)
+        results[label] = (speedup, draft, speedups)
+    static = [speedups for _, draft, speedups in results.values() if "draft_threshold" not in draft
               and "auto" not in (draft.get("exit_layer"), draft.get("draft_skip_layers"))]
     if len(prompts) > 1 and static:  # what choosing the static setting per prompt would give: dynamic's ceiling?
-        print(f"  {'best static setting of each prompt':42s} {t_full / sum(map(min, zip(*static))):5.2f}x  "
-              f"(from the timings above)")
+        best = [max(s) for s in zip(*static)]  # each prompt's best speedup, over its full depth's time above
+        print(f"  {'best static setting of each prompt':42s} {t_full / sum(t / b for t, b in zip(full_times, best)):5.2f}x"
+              f"  (from the speedups above)")
     return t_full, full_out
 
 
@@ -192,9 +214,9 @@ def bench_speculation(ls_ckpt, plain_ckpt, n, repeats, compile, models):
     global WARM_UP
     compile = compile and not common.TINY  # --tiny: a smoke run, where compiling would cost more than the rest
     WARM_UP = compile
-    torch._dynamo.config.cache_size_limit = 64  # every draft depth and plan is its own graph
     print(f"{torch.get_num_threads()} threads; greedy, batch 1; {'--compile' if compile else 'eager'}; best of "
-          f"{repeats}; speedups over our own full-depth decoding in this process")
+          f"{repeats}, each setting's calls in turns with full-depth decoding of the same prompt; speedups over our own "
+          f"full-depth decoding in this process")
     for key, ckpt, title, settings in (("a", ls_ckpt, "LayerSkip-trained", layerskip_settings),
                                        ("c", plain_ckpt, "trained without LayerSkip", plain_settings)):
         if key not in models:

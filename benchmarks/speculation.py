@@ -154,8 +154,8 @@ def bench_model(model, prompts, n, repeats, compile, settings):
               and "auto" not in (draft.get("exit_layer"), draft.get("draft_skip_layers"))]
     if len(prompts) > 1 and static:  # what choosing the static setting per prompt would give: dynamic's ceiling?
         best = [max(s) for s in zip(*static)]  # each prompt's best speedup, over its full depth's time above
-        print(f"  {'best static setting of each prompt':42s} {t_full / sum(t / b for t, b in zip(full_times, best)):5.2f}x"
-              f"  (from the speedups above)")
+        speedup = t_full / sum(t / b for t, b in zip(full_times, best))
+        print(f"  {'best static setting of each prompt':42s} {speedup:5.2f}x  (from the speedups above)")
     return t_full, full_out
 
 
@@ -215,8 +215,8 @@ def bench_speculation(ls_ckpt, plain_ckpt, n, repeats, compile, models):
     compile = compile and not common.TINY  # --tiny: a smoke run, where compiling would cost more than the rest
     WARM_UP = compile
     print(f"{torch.get_num_threads()} threads; greedy, batch 1; {'--compile' if compile else 'eager'}; best of "
-          f"{repeats}, each setting's calls in turns with full-depth decoding of the same prompt; speedups over our own "
-          f"full-depth decoding in this process")
+          f"{repeats}, each setting's calls in turns with full-depth decoding of the same prompt; speedups over our "
+          f"own full-depth decoding in this process")
     for key, ckpt, title, settings in (("a", ls_ckpt, "LayerSkip-trained", layerskip_settings),
                                        ("c", plain_ckpt, "trained without LayerSkip", plain_settings)):
         if key not in models:

@@ -224,9 +224,11 @@ def compiled(fn, device):
     wrapper there, since the Python wrapper's per-call overhead is most of a small model's step. Speedups in
     BENCHMARKS.md; the first calls compile (tens of seconds on a CPU). Every exit layer, skip plan and number of
     verified positions is a graph of its own: past dynamo's default of 8 graphs a function, the rest would run
-    eagerly, so the limit is raised to GRAPHS_PER_FUNCTION."""
+    eagerly, so the process's limit is raised to GRAPHS_PER_FUNCTION (recompile_limit; cache_size_limit before
+    torch 2.6)."""
     dynamo = torch._dynamo.config
-    dynamo.recompile_limit = max(dynamo.recompile_limit, GRAPHS_PER_FUNCTION)
+    limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo, limit, max(getattr(dynamo, limit), GRAPHS_PER_FUNCTION))
     if (fn, device.type) not in _compiled:
         if device.type in CUDA_GRAPH_DEVICES:
             _compiled[fn, device.type] = torch.compile(fn, mode="reduce-overhead")

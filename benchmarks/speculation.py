@@ -70,7 +70,9 @@ def paired_seconds(baseline, fn, repeats):
             out = call()
             t = time.perf_counter() - t
             if t < best[i]:
-                best[i], result = t, out if i else result
+                best[i] = t
+                if i:
+                    result = out
     return best[0], best[1], result
 
 

@@ -61,19 +61,19 @@ def row_ends(new, count, eos_id, rows, stop=None):
     CPU) are its own; rows [B]: each row's index in the batch generate() was called with. Returns (kept [B], ended
     [B] bool) on the CPU: row r keeps new[r, :kept[r]], and ended says it is finished: through its first eos_id, as
     transformers' generate (None: eos does not end rows), or where stop(row, ids it keeps) returns a count (None:
-    go on), e.g. at a stop string (sample.py's Completions). One sync; `stop` is the only per-token Python work."""
-    count = count.to(new.device)
-    is_eos = new == (-1 if eos_id is None else eos_id)
-    is_eos &= torch.arange(new.shape[1], device=new.device) < count[:, None]    # [B, k]
-    ended = is_eos.any(1)
-    kept, ended = torch.stack([torch.where(ended, is_eos.long().argmax(1) + 1, count), ended.long()]).cpu()
-    ended = ended.bool()
-    if stop is not None:
-        for r, (b, ids) in enumerate(zip(rows.tolist(), new.tolist())):
-            m = stop(b, ids[:kept[r]]) if kept[r] else None
+    go on), e.g. at a stop string (sample.py's Completions). One read of new to the host (a sync), then plain Python
+    over at most B x k ids: a handful of tensor ops cost more than that at decoding's batch sizes."""
+    kept = count.tolist()
+    ended = [False] * len(kept)
+    if eos_id is not None or stop is not None:
+        for r, ids in enumerate(new.tolist()):
+            ids = ids[:kept[r]]
+            if eos_id in ids:
+                kept[r], ended[r] = ids.index(eos_id) + 1, True
+            m = stop(int(rows[r]), ids[:kept[r]]) if stop is not None and kept[r] else None
             if m is not None:
                 kept[r], ended[r] = m, True
-    return kept, ended
+    return torch.tensor(kept, dtype=torch.long), torch.tensor(ended)
 
 
 def pad_prompts(prompts, pad_id=0):
@@ -115,7 +115,7 @@ def row_positions(n, cache, device):
     cache that CUDA graphs write (attend_all), so that every step is the same graph."""
     if cache.attend_all:
         return n.to(device)
-    return int(n[0]) if bool((n == n[0]).all()) else n
+    return int(n[0]) if len(n) == 1 or bool((n == n[0]).all()) else n
 
 
 def cache_mask(model, x, pos, cache):
@@ -371,6 +371,24 @@ def verify_step(model, states, pos, start, end, cache, tokens=None, keep=False):
     return model.head(kept[-1]), kept
 
 
+def greedy_round(model, token, pos, shared, runs, end, cache, steps, n_tokens=None):
+    """A greedy round in one call (one graph when compiled): `steps` draft steps (draft_step) from tokens [B, 1] at
+    positions pos, each drafting the argmax of its logits (ids below n_tokens), then their verification (verify_step)
+    -> (the verifier's argmax [B, steps+1], accepted drafts [B]). The verifier's tokens up to a row's accepted count
+    are what it settles: its accepted drafts (equal to them), then the correction or the bonus token."""
+    states, drafts = [], []
+    for i in range(steps):
+        h, logits, _ = draft_step(model, token, pos + i, shared, runs, cache)
+        states.append(h)
+        token = logits[:, :n_tokens].argmax(-1, keepdim=True)  # [B, 1]
+        drafts.append(token)
+    logits, _ = verify_step(model, torch.cat(states, 1) if states else None, pos, shared, end, cache, token)
+    verified = logits[..., :n_tokens].argmax(-1)  # [B, steps+1]
+    if not drafts:
+        return verified, verified.new_zeros(verified.shape[0])
+    return verified, (torch.cat(drafts, 1) == verified[:, :-1]).long().cumprod(1).sum(1)
+
+
 def prefill_reading_exits(model, idx, lens, cache, exits, last=8):
     """prefill() of prompts idx [B, T] (lens [B]) but each row's last token, as generate_speculative's, through
     every layer, reading the head at each exit in `exits` on the way -> (predictions [len(exits), B, last] of those
@@ -473,10 +491,13 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
     (model.rope_switch), and a row's first round past it recomputes the cache (refill), so greedy output still
     equals greedy full-depth decoding. compile: draft steps and verification as compiled graphs. Rows end, and
     ids are limited, as in generate(): an eos (or stop) inside the accepted drafts ends the row there.
+    Greedy rounds with a static draft (no threshold, no exit auto) are one call each, greedy_round: one graph
+    when compiled, drafts chosen and accepted inside it, so the host pays one call a round, not d + 1.
     stats: drafted and accepted tokens, acceptance_rate (also per row), rounds, draft_steps, draft_seconds and
     verify_seconds (a round's time from its first draft step to its last, and from there to the accepted counts,
-    summed: CUDA events on a GPU), and draft_skip_layers, or for exit_layer auto exit_layers: exit -> rounds
-    drafted with it, 0 -> rounds without drafts.
+    summed: CUDA events on a GPU), round_seconds (the same for rounds run as one call, not timed apart), and
+    draft_skip_layers, or for exit_layer auto exit_layers: exit -> rounds drafted with it, 0 -> rounds without
+    drafts.
     """
     B, T = idx.shape
     check_sampling(max_new_tokens, temperature, top_k, top_p)
@@ -512,13 +533,16 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
     n, end = lens.clone(), lens + max_new_tokens   # [B] on the CPU
     row_ids = torch.arange(B)                      # original row of each row still in the batch
     drafted, accepted = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
-    calls = {"rounds": 0, "draft_steps": 0, "draft_seconds": 0.0, "verify_seconds": 0.0}  # where a round's time goes
+    calls = {"rounds": 0, "draft_steps": 0, "draft_seconds": 0.0, "verify_seconds": 0.0,  # where a round's time goes
+             "round_seconds": 0.0}
     exits_used = {}                                # exit layer -> rounds drafted with it (0: rounds without drafts)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-    draft, verify = ((compiled(draft_step, idx.device), compiled(verify_step, idx.device)) if compile
-                     else (draft_step, verify_step))
+    static = draft_threshold is None and chooser is None
+    draft, verify, greedy = ((compiled(draft_step, idx.device), compiled(verify_step, idx.device),
+                              compiled(greedy_round, idx.device)) if compile else (draft_step, verify_step, greedy_round))
     switch = rope_switch(model.cfg)
     pending = None  # exit_layer auto: the last round's timings, until the host's work after it is counted too
+    rows = torch.arange(B, device=idx.device)      # [B] index of each row still in the batch
 
     while len(row_ids) and max_new_tokens:
         d_round, probe = d, False
@@ -536,78 +560,89 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
                 refill(model, out, n, L, cache)
         if chooser:
             exits_used[f if steps else 0] = exits_used.get(f if steps else 0, 0) + 1
-        rows = torch.arange(len(row_ids), device=idx.device)
         counts = torch.full((len(row_ids),), steps)          # [B] drafts each row counts this round
         if chooser:  # each row up to its own cap
             counts = torch.minimum(counts, caps)
-        planned = counts.clone()  # before the threshold stops rows
+        planned = counts  # before the threshold stops rows (which makes a new counts)
         first = row_positions(n - 1, cache, idx.device)      # position of the round's first token (int or [B])
         token = out[rows, (n - 1).to(idx.device)][:, None]   # [B, 1]: the last settled token, not yet run
-        # every layer's output for the probe's heads: compiled, in every round (one graph); eager, where read
-        keep = probe or (compile and chooser is not None)
-        exit_states, drafts, draft_probs, draft_kept = [], [], [], []
         started = clock(idx.device)
-        for i in range(steps):  # tokens n-1 .. n+i-1 through the draft, each giving the next draft
-            h, logits, kept = draft(model, token, first + i, f, runs, cache, keep)
-            logits = logits[:, :n_tokens]
-            calls["draft_steps"] += 1
-            exit_states.append(h.clone())  # a CUDA graph's next replay overwrites its output
-            if probe:
-                draft_kept.append(kept.clone())
-            if temperature == 0:
-                token = logits.argmax(-1)
-                probs = torch.softmax(logits.float(), -1) if draft_threshold is not None else None
-            else:
-                probs = probs_from_logits(logits, temperature, top_k, top_p)
-                draft_probs.append(probs)
-                token = torch.multinomial(probs, 1, generator=generator)[:, 0]
-            drafts.append(token)
-            token = token[:, None]
-            if draft_threshold is not None:  # a row still drafting (count past i) whose draft is unsure stops at i
-                counts = torch.where((counts > i) & (probs.max(-1).values.cpu() < draft_threshold), i, counts)
-                if bool((counts <= i + 1).all()):  # every row stopped or at its own cap
-                    break
-        drafted_at = clock(idx.device)
-        K = int(counts.max())  # verify positions n-1 .. n+K-1 in one pass through layers [f, L)
-        drafts = torch.stack(drafts, 1) if drafts else out.new_zeros(len(rows), 0)  # [B, S]
-        out[rows[:, None], (n[:, None] + torch.arange(drafts.shape[1])).to(idx.device)] = drafts
-        # the state at f of position n+K-1: a draft step's when the round stopped early, else verification runs it
-        last = None if len(exit_states) > K else token
-        states = torch.cat(exit_states[:K + 1], dim=1) if exit_states else None  # [B, K or K+1, C]
-        logits, kept = verify(model, states, first, f, L, cache, last, keep)  # [B, K+1, V]
-        no_drafts = logits.new_zeros(len(rows), 0, logits[..., :n_tokens].shape[-1], dtype=torch.float32)
-        n_acc, next_token = accept_drafts(logits[..., :n_tokens], drafts[:, :K],
-                                          torch.stack(draft_probs, 1)[:, :K] if draft_probs else no_drafts,
-                                          **sampling, counts=counts)
+        # greedy, a static draft or no drafts (exit auto's full-depth rounds that read no other exit): one call
+        one_call = temperature == 0 and (static or steps == 0 and not probe)
+        if one_call:  # new [B, K+1]: the tokens the round settles, valid up to each row's n_acc
+            new, n_acc = greedy(model, token, first, f, runs, L, cache, steps, n_tokens)
+            K, drafted_at = steps, None
+            calls["draft_steps"] += steps
+        else:
+            # every layer's output for the probe's heads: compiled, in every round (one graph); eager, where read
+            keep = probe or (compile and chooser is not None)
+            exit_states, drafts, draft_probs, draft_kept = [], [], [], []
+            for i in range(steps):  # tokens n-1 .. n+i-1 through the draft, each giving the next draft
+                h, logits, kept = draft(model, token, first + i, f, runs, cache, keep)
+                logits = logits[:, :n_tokens]
+                calls["draft_steps"] += 1
+                exit_states.append(h.clone())  # a CUDA graph's next replay overwrites its output
+                if probe:
+                    draft_kept.append(kept.clone())
+                if temperature == 0:
+                    token = logits.argmax(-1)
+                    probs = torch.softmax(logits.float(), -1) if draft_threshold is not None else None
+                else:
+                    probs = probs_from_logits(logits, temperature, top_k, top_p)
+                    draft_probs.append(probs)
+                    token = torch.multinomial(probs, 1, generator=generator)[:, 0]
+                drafts.append(token)
+                token = token[:, None]
+                if draft_threshold is not None:  # a row still drafting (count past i) whose draft is unsure stops
+                    counts = torch.where((counts > i) & (probs.max(-1).values.cpu() < draft_threshold), i, counts)
+                    if bool((counts <= i + 1).all()):  # every row stopped or at its own cap
+                        break
+            drafted_at = clock(idx.device)
+            K = int(counts.max())  # verify positions n-1 .. n+K-1 in one pass through layers [f, L)
+            drafts = torch.stack(drafts, 1) if drafts else out.new_zeros(len(rows), 0)  # [B, S]
+            # the state at f of position n+K-1: a draft step's when the round stopped early, else verification's
+            last = None if len(exit_states) > K else token
+            states = torch.cat(exit_states[:K + 1], dim=1) if exit_states else None  # [B, K or K+1, C]
+            logits, kept = verify(model, states, first, f, L, cache, last, keep)  # [B, K+1, V]
+            no_drafts = logits.new_zeros(len(rows), 0, logits[..., :n_tokens].shape[-1], dtype=torch.float32)
+            n_acc, next_token = accept_drafts(logits[..., :n_tokens], drafts[:, :K],
+                                              torch.stack(draft_probs, 1)[:, :K] if draft_probs else no_drafts,
+                                              **sampling, counts=counts)
+            new = torch.cat([drafts[:, :K], next_token[:, None]], 1)  # [B, K+1]: settled up to n_acc
+            new[rows, n_acc] = next_token
         verified_at = clock(idx.device)
         n_acc = n_acc.cpu()  # the host waits for the round here
         synced_at = time.perf_counter()
         calls["rounds"] += 1
-        draft_seconds, verify_seconds = seconds_between(started, drafted_at), seconds_between(drafted_at, verified_at)
-        calls["draft_seconds"] += draft_seconds
-        calls["verify_seconds"] += verify_seconds
-        if probe:  # the heads of the other exits, on the outputs of layers e-1 that the round's graphs kept
-            probed = probed_predictions(model, probes, f, draft_kept, kept, n_tokens)
+        if drafted_at is None:  # one call: its draft steps and verification are not timed apart
+            draft_seconds, verify_seconds = 0.0, seconds_between(started, verified_at)
+            calls["round_seconds"] += verify_seconds
+        else:
+            draft_seconds = seconds_between(started, drafted_at)
+            verify_seconds = seconds_between(drafted_at, verified_at)
+            calls["draft_seconds"] += draft_seconds
+            calls["verify_seconds"] += verify_seconds
         if chooser:  # a probe round is not timed: reading other exits is not what E costs (on a GPU the heads run
             # queued into the host's time after the round; eager, the layers ran one call each to keep their outputs)
-            pending = None if probe else (f, len(exit_states), K + 1, draft_seconds, verify_seconds, synced_at)
-        out[rows, (n + n_acc).to(idx.device)] = next_token
-        new = out[rows[:, None], (n[:, None] + torch.arange(K + 1)).to(idx.device)]  # [B, K+1]: settled up to n_acc
-        if chooser:
-            count_agreement(chooser, row_ids, f, counts, planned, n_acc, new, probed if probe else ())
+            pending = None if probe else (f, steps if one_call else len(exit_states), K + 1, draft_seconds,
+                                          verify_seconds, synced_at)
+            probed = probed_predictions(model, probes, f, draft_kept, kept, n_tokens) if probe else ()
+            count_agreement(chooser, row_ids, f, counts, planned, n_acc, new, probed)
+        out[rows[:, None], (n[:, None] + torch.arange(K + 1)).to(idx.device)] = new
         drafted[row_ids] += counts
         accepted[row_ids] += n_acc
         settled = torch.minimum(n_acc + 1, end[row_ids] - n)  # a round may settle one token past a row's end
         kept, ended = row_ends(new, settled, model.cfg.eos_id if stop_at_eos else None, row_ids, stop)
         n = n + kept
-        done = ended | (n >= end[row_ids])
-        for r in done.nonzero()[:, 0].tolist():
+        done = (ended | (n >= end[row_ids])).nonzero()[:, 0].tolist()
+        for r in done:
             b, length = int(row_ids[r]), int(n[r])
             result[b, :length] = out[r, :length]  # the rest stays eos padding
-        if bool(done.any()):  # finished rows leave the batch and the cache
-            keep = (~done).nonzero()[:, 0]
-            out, n, row_ids = out[keep.to(idx.device)], n[keep], row_ids[keep]
-            cache = cache.keep_rows(keep.to(idx.device))
+        if done:  # finished rows leave the batch and the cache
+            stay = torch.tensor([r for r in range(len(row_ids)) if r not in done], dtype=torch.long)
+            out, n, row_ids = out[stay.to(idx.device)], n[stay], row_ids[stay]
+            cache = cache.keep_rows(stay.to(idx.device))
+            rows = torch.arange(len(row_ids), device=idx.device)
     stats = {"drafted": int(drafted.sum()), "accepted": int(accepted.sum()),
              "acceptance_rate": int(accepted.sum()) / max(int(drafted.sum()), 1),
              "row_acceptance_rate": (accepted / drafted.clamp(min=1)).tolist(),

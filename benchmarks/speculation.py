@@ -118,9 +118,9 @@ def run_setting(model, prompts, n, full_out, repeats, compile, costs, label, **d
         ideal_time += s["draft_steps"] * c["draft"] + (s["rounds"] - plain) * c["verify"] + plain * c["full"]
         full_depth_time += n * c["full"]
     total = {k: sum(s[k] for _, s in results) for k in ("drafted", "accepted", "rounds", "draft_seconds",
-                                                        "verify_seconds")}
+                                                        "verify_seconds", "round_seconds")}
     ideal, speedup = full_depth_time / ideal_time, sum(full_times) / t
-    in_calls = (total["draft_seconds"] + total["verify_seconds"]) / t  # the rest: bookkeeping between rounds
+    in_calls = sum(total[k] for k in ("draft_seconds", "verify_seconds", "round_seconds")) / t  # the rest: the host's
     plans = sorted({str(s.get("draft_skip_layers", s.get("exit_layers"))) for _, s in results})
     shown = "draft_skip_layers" in draft or draft.get("exit_layer") == "auto"
     print(f"  {label:42s} {speedup:5.2f}x  acceptance {total['accepted'] / max(total['drafted'], 1):6.1%}  "

@@ -225,9 +225,14 @@ def test_threshold_stops_rows_below_the_rounds_longest_cap():
     assert stats["drafted"] == 0 and stats["draft_steps"] == stats["rounds"], stats
 
 
-def test_exit_layer_auto_takes_full_depth_steps_where_no_exit_agrees():
+def test_exit_layer_auto_takes_full_depth_steps_where_no_exit_agrees(monkeypatch):
     """The last layer made dominant (output projections x8): no earlier exit predicts the full model's token, so
-    exit auto stops drafting and most rounds are full-depth steps; the output is still plain greedy."""
+    exit auto stops drafting and most rounds are full-depth steps; the output is still plain greedy. A full-depth
+    round that reads no other exit is one call, as a plain decode step (greedy_round with no drafts; 6a47cb0: a
+    verification keeping every layer's output)."""
+    import generate as generate_module
+    calls, real = [], generate_module.greedy_round
+    monkeypatch.setattr(generate_module, "greedy_round", lambda *a: calls.append(a[7]) or real(*a))
     model = layers(8)
     with torch.no_grad():
         model.layers[-1].attn.wo.weight.mul_(8)
@@ -236,6 +241,7 @@ def test_exit_layer_auto_takes_full_depth_steps_where_no_exit_agrees():
     out, stats = generate_speculative(model, idx, 40, "auto", 4, prompt_lens=lens)
     assert out.tolist() == generate(model, idx, 40, prompt_lens=lens, temperature=0).tolist()
     assert stats["exit_layers"].get(0, 0) > stats["rounds"] / 2, stats
+    assert stats["exit_layers"][0] / 2 < len(calls) == calls.count(0) < stats["exit_layers"][0], (calls, stats)
 
 
 @pytest.mark.parametrize("draft, words", [

@@ -111,8 +111,8 @@ def test_compiled_decode_steps_give_the_eager_tokens(packed, monkeypatch):
 
 
 def test_compiled_speculation_compiles_a_graph_for_every_exit_and_draft_length(monkeypatch):
-    """Every exit layer and number of verified positions is a graph of its own: more than dynamo's default limit
-    of 8 a function, past which the rest ran eagerly (sample.py --compile --exit_layer auto drafts with many).
+    """Every exit layer and draft length is a graph of its own (greedy_round: a greedy round as one call): more
+    than dynamo's default limit of 8 a function, past which the rest ran eagerly (sample.py --compile --exit_layer auto drafts with many).
     Counted per function with a graph-counting backend in place of Inductor; the eager tokens throughout."""
     from torch._dynamo.testing import CompileCounter
     torch._dynamo.reset()
@@ -130,7 +130,7 @@ def test_compiled_speculation_compiles_a_graph_for_every_exit_and_draft_length(m
         for E in range(1, 6):
             for d in (1, 2):
                 assert generate_speculative(model, idx, 8, E, d, compile=True)[0].tolist() == expected.tolist()
-        assert counters["verify_step"].frame_count > 8  # past the default limit (d481b79: 8, then eager)
+        assert counters["greedy_round"].frame_count > 8  # past the default limit (d481b79: 8, then eager)
     finally:
         torch._dynamo.reset()  # the counting backend's graphs would count towards later compiles' limit
 
@@ -197,6 +197,22 @@ def test_greedy_speculation_equals_greedy_decoding(prompt_len):
             out, stats = generate_speculative(model, idx, 30, E, d, temperature=0)
             assert out.tolist() == expected.tolist(), (E, d)
             assert 0 <= stats["accepted"] <= stats["drafted"]
+
+
+def test_a_greedy_round_is_one_call(monkeypatch):
+    """A greedy round with a static draft (an exit or a skip plan) is one call, greedy_round (compiled, one graph),
+    not d draft steps and a verification called one by one (6a47cb0): the host pays one call a round. Ragged batch,
+    greedy output; the calls' draft steps are the rounds' (steps: greedy_round's 8th argument)."""
+    calls, real = [], generate_module.greedy_round
+    monkeypatch.setattr(generate_module, "greedy_round", lambda *a: calls.append(a[7]) or real(*a))
+    model = model_with()
+    idx, lens = pad_prompts(ragged_prompts(seed=3))
+    expected = generate(model, idx, 12, prompt_lens=lens, temperature=0)
+    for draft in (dict(exit_layer=2), dict(draft_skip_layers=[1, 3])):
+        calls.clear()
+        out, stats = generate_speculative(model, idx, 12, num_speculations=3, prompt_lens=lens, **draft)
+        assert out.tolist() == expected.tolist(), draft
+        assert len(calls) == stats["rounds"] and sum(calls) == stats["draft_steps"] > 0, (calls, stats)
 
 
 def test_greedy_speculation_on_a_layerskip_trained_model(layerskip_trained, stdlib_path):

@@ -73,7 +73,7 @@ def row_ends(new, count, eos_id, rows, stop=None):
             m = stop(int(rows[r]), ids[:kept[r]]) if stop is not None and kept[r] else None
             if m is not None:
                 kept[r], ended[r] = m, True
-    return torch.tensor(kept, dtype=torch.long), torch.tensor(ended)
+    return torch.tensor(kept, dtype=torch.long), torch.tensor(ended, dtype=torch.bool)
 
 
 def pad_prompts(prompts, pad_id=0):
@@ -538,8 +538,9 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
     exits_used = {}                                # exit layer -> rounds drafted with it (0: rounds without drafts)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     static = draft_threshold is None and chooser is None
-    draft, verify, greedy = ((compiled(draft_step, idx.device), compiled(verify_step, idx.device),
-                              compiled(greedy_round, idx.device)) if compile else (draft_step, verify_step, greedy_round))
+    draft, verify, greedy = draft_step, verify_step, greedy_round
+    if compile:
+        draft, verify, greedy = (compiled(fn, idx.device) for fn in (draft_step, verify_step, greedy_round))
     switch = rope_switch(model.cfg)
     pending = None  # exit_layer auto: the last round's timings, until the host's work after it is counted too
     rows = torch.arange(B, device=idx.device)      # [B] index of each row still in the batch
@@ -570,11 +571,13 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
         # greedy, a static draft or no drafts (exit auto's full-depth rounds that read no other exit): one call
         one_call = temperature == 0 and (static or steps == 0 and not probe)
         if one_call:  # new [B, K+1]: the tokens the round settles, valid up to each row's n_acc
-            new, n_acc = greedy(model, token, first, f, runs, L, cache, steps, n_tokens)
+            new, n_acc = greedy(model, token, first, f if steps else 0, runs if steps else (), L, cache, steps,
+                                n_tokens)  # no drafts: one graph, a full-depth step, whatever the exit
             K, drafted_at = steps, None
             calls["draft_steps"] += steps
         else:
-            # every layer's output for the probe's heads: compiled, in every round (one graph); eager, where read
+            # every layer's output for the probe's heads: compiled, in every round that drafts (one graph a
+            # length); eager, where read
             keep = probe or (compile and chooser is not None)
             exit_states, drafts, draft_probs, draft_kept = [], [], [], []
             for i in range(steps):  # tokens n-1 .. n+i-1 through the draft, each giving the next draft

@@ -120,7 +120,7 @@ def run_setting(model, prompts, n, full_out, repeats, compile, costs, label, **d
     total = {k: sum(s[k] for _, s in results) for k in ("drafted", "accepted", "rounds", "draft_seconds",
                                                         "verify_seconds", "round_seconds")}
     ideal, speedup = full_depth_time / ideal_time, sum(full_times) / t
-    in_calls = sum(total[k] for k in ("draft_seconds", "verify_seconds", "round_seconds")) / t  # the rest: the host's
+    in_calls = sum(total[k] for k in ("draft_seconds", "verify_seconds", "round_seconds")) / t  # the rest: host work
     plans = sorted({str(s.get("draft_skip_layers", s.get("exit_layers"))) for _, s in results})
     shown = "draft_skip_layers" in draft or draft.get("exit_layer") == "auto"
     print(f"  {label:42s} {speedup:5.2f}x  acceptance {total['accepted'] / max(total['drafted'], 1):6.1%}  "

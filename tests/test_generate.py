@@ -112,8 +112,9 @@ def test_compiled_decode_steps_give_the_eager_tokens(packed, monkeypatch):
 
 def test_compiled_speculation_compiles_a_graph_for_every_exit_and_draft_length(monkeypatch):
     """Every exit layer and draft length is a graph of its own (greedy_round: a greedy round as one call): more
-    than dynamo's default limit of 8 a function, past which the rest ran eagerly (sample.py --compile --exit_layer auto drafts with many).
-    Counted per function with a graph-counting backend in place of Inductor; the eager tokens throughout."""
+    than dynamo's default limit of 8 a function, past which the rest ran eagerly (sample.py --compile --exit_layer
+    auto drafts with many). Counted per function with a graph-counting backend in place of Inductor; the eager
+    tokens throughout."""
     from torch._dynamo.testing import CompileCounter
     torch._dynamo.reset()
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # dynamo's default
@@ -213,6 +214,7 @@ def test_a_greedy_round_is_one_call(monkeypatch):
         out, stats = generate_speculative(model, idx, 12, num_speculations=3, prompt_lens=lens, **draft)
         assert out.tolist() == expected.tolist(), draft
         assert len(calls) == stats["rounds"] and sum(calls) == stats["draft_steps"] > 0, (calls, stats)
+        assert stats["draft_seconds"] == stats["verify_seconds"] == 0 < stats["round_seconds"], stats  # none apart
 
 
 def test_greedy_speculation_on_a_layerskip_trained_model(layerskip_trained, stdlib_path):

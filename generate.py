@@ -299,6 +299,12 @@ def seconds_between(start, end):
     return start.elapsed_time(end) / 1e3 if isinstance(start, torch.cuda.Event) else end - start
 
 
+def accepted_prefix(agrees):
+    """agrees [B, d] bool, whether each draft is accepted on its own -> how many lead each row unbroken [B]: the
+    drafts a round accepts (none after the first rejection)."""
+    return agrees.long().cumprod(1).sum(1)
+
+
 def accept_drafts(logits, drafts, draft_probs, temperature, top_k, top_p, generator, counts=None):
     """Verifier logits [B, d+1, V] (row i predicts draft i; row d the bonus token), drafts [B, d]
     -> (accepted count [B], next token [B]: the correction after the accepted prefix, or the bonus).
@@ -314,13 +320,13 @@ def accept_drafts(logits, drafts, draft_probs, temperature, top_k, top_p, genera
         torch.arange(d) < counts[:, None]).to(drafts.device)          # [B, d]: drafts each row counts
     if temperature == 0:
         verified = logits.argmax(-1)                                  # [B, d+1]
-        n_acc = ((drafts == verified[:, :d]) & own).long().cumprod(1).sum(1)  # [B]
+        n_acc = accepted_prefix((drafts == verified[:, :d]) & own)  # [B]
         return n_acc, verified[rows, n_acc]
     p = probs_from_logits(logits.flatten(0, 1), temperature, top_k, top_p).view(B, d + 1, -1)
     p_x = p[:, :d].gather(-1, drafts[..., None])[..., 0]              # [B, d]
     q_x = draft_probs.gather(-1, drafts[..., None])[..., 0]
     u = torch.rand(B, d, generator=generator, device=drafts.device)
-    n_acc = ((u < (p_x / q_x).clamp(max=1.0)) & own).long().cumprod(1).sum(1)  # [B]
+    n_acc = accepted_prefix((u < (p_x / q_x).clamp(max=1.0)) & own)  # [B]
     q_pad = torch.cat([draft_probs * own[..., None], torch.zeros_like(p[:, :1])], dim=1)  # past a row's own
     residual = (p[rows, n_acc] - q_pad[rows, n_acc]).clamp(min=0)   # [B, V]; drafts q = 0, so p (the bonus)
     return n_acc, torch.multinomial(residual / residual.sum(-1, keepdim=True), 1, generator=generator)[:, 0]
@@ -384,9 +390,8 @@ def greedy_round(model, token, pos, shared, runs, end, cache, steps, n_tokens=No
         drafts.append(token)
     logits, _ = verify_step(model, torch.cat(states, 1) if states else None, pos, shared, end, cache, token)
     verified = logits[..., :n_tokens].argmax(-1)  # [B, steps+1]
-    if not drafts:
-        return verified, verified.new_zeros(verified.shape[0])
-    return verified, (torch.cat(drafts, 1) == verified[:, :-1]).long().cumprod(1).sum(1)
+    drafts = torch.cat(drafts, 1) if drafts else verified[:, :0]  # [B, steps]
+    return verified, accepted_prefix(drafts == verified[:, :-1])
 
 
 def prefill_reading_exits(model, idx, lens, cache, exits, last=8):

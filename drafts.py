@@ -69,7 +69,7 @@ def choose_draft_plan(model, idx, lens, d):
     return best
 
 
-FULL = ("verify", 0, 1)  # ExitChooser's key of a full-depth step: a verification of 1 position from layer 0
+FULL = ("round", 0, 0)  # ExitChooser's key of a full-depth step: a round without drafts
 _timings = weakref.WeakKeyDictionary()  # model -> {(device type, batch size, compiled): ExitChooser.timings}
 
 
@@ -84,150 +84,160 @@ class ExitChooser:
     from acceptance and costs measured while generating, row by row.
 
     Acceptance: until rounds measure it, how often each exit agrees with the full model on the prompt's last
-    tokens (generate.prefill_reading_exits). Every round counts for the exit it drafted with; the first round and
-    every `probe_every`-th after it, the head also reads the output of the layer before other exits (in the first
-    round and full-depth ones every exit drafted with, in others those within `probe_reach` layers of E):
-    shallower ones from the draft steps, deeper ones from the verification, whose graphs keep every layer's
+    tokens (generate.prefill_reading_exits). Every round counts for the exit it drafted with; in probe rounds
+    (the first, then every `probe_every`-th while drafting; while full-depth steps are chosen the gap doubles
+    with each probe, up to `max_probe_gap` rounds, a probe costing about a full-depth step more than a round
+    without one), the head also reads the output of the layer before every other exit drafted with: shallower ones from the draft steps, deeper ones from the verification, whose graphs keep every layer's
     output, in one product with the head. Whether each would have predicted the tokens the round settled counts
     for it. Counts decay by `decay` per update, so the choice follows the context.
 
-    Costs: seconds of a draft step at E, of a verification from E of n positions (a round's drafts + 1: on a CPU a
-    verification of 5 positions costs about twice one of 1, on a GPU about the same) and of a full-depth step (a
-    round without drafts), each the least of its last `window` timings of rounds that read no other exit; the
-    host's work between rounds counts with the verification, as every round pays it. `timings` (measured_timings)
-    carries them from call to call. Compiled, the first `warm_up` timings compile and are not counted, nor later is
-    one over `outlier` times its estimate (a new graph or shape compiling). The first rounds are full-depth steps,
-    until one is timed; before an exit is timed, its cost in weights read (plan_cost) scaled by what the timed costs
-    measured against theirs (for a verification, those of the nearest number of positions).
+    Costs: seconds of a whole round at exit E with s draft steps (its draft steps, its verification of s + 1
+    positions and the host's work until the next round: greedy rounds are one call, greedy_round, whose parts are
+    not timed apart) and of a full-depth step (a round without drafts), each the least of its last `window`
+    timings of rounds that read no other exit. `timings` (measured_timings) carries them from call to call.
+    Compiled, the first `warm_up` timings of each round compile or run cold and are not counted (kept as None),
+    nor later is one over `outlier` times its estimate (a new shape compiling). The first rounds are full-depth
+    steps, until one is timed; an untimed round is priced by weights read (s * plan_cost + 1 full-depth steps)
+    scaled by what timed rounds of the nearest number of draft steps measured against theirs (on a CPU a
+    verification of 5 positions costs about twice one of 1, on a GPU about the same).
 
     Rows share a round's draft pass, so they share E: of the exits drafted with (compiled, each being its own
     graphs: every other one, 2, 4, ..., in the first call, and in later calls only the exits earlier calls timed, so
     that no graph compiles inside them), the one whose best caps give the largest summed expected speedup
-    (expected_speedup over a full-depth step). Each row drafts up to its own cap in 0 .. cap: cap 0, a full-depth
-    step, wherever no draft is expected to pay `margin` more (estimates from a few tokens are noisy)."""
+    (expected_speedup over a full-depth step). Each row drafts up to its own cap in 0 .. cap (compiled, 0, 1, 2
+    or 4, each cap of each exit being a graph): cap 0, a full-depth step, wherever no draft is expected to pay
+    `margin` more (estimates from a few tokens are noisy)."""
 
     def __init__(self, model, cap, batch_size, compiled=False, cuda_graphs=False, timings=None, probe_every=4,
-                 probe_reach=4, decay=0.9, window=5, margin=0.05):
+                 max_probe_gap=32, decay=0.9, window=5, margin=0.05):
         L = model.n_layer
         if L < 2:
             raise ValueError(f"exit_layer auto needs a model of at least 2 layers to draft with, this one has {L}")
         self.cap, self.decay, self.window, self.margin = cap, decay, window, margin
-        self.probe_every, self.probe_reach = probe_every, probe_reach
+        self.probe_every, self.max_probe_gap, self.outlier = probe_every, max_probe_gap, 4.0
+        self.next_probe, self.probe_gap = 1, probe_every  # the round of the next probe, and the last gap
         self.warm_up = 3 if cuda_graphs else 2 if compiled else 0  # compile, recompile (symbolic positions), record
-        self.warmed, self.outlier = 0, 4.0
-        self.candidates = list(range(1, L))  # exit e at index e - 1 of the tensors below
-        self.timings = {} if timings is None else timings  # ("draft", e) or ("verify", e, n) -> seconds timed
-        # the exits drafted with: compiled, each is its own draft and verification graphs: those compiled already
-        # (timed by an earlier call), else every other one
+        self.candidates = list(range(1, L))  # exit e at index e - 1 of the counts below, at row e of the costs
+        self.timings = {} if timings is None else timings  # ("round", e, s) -> seconds timed (None: warm-up)
+        # the exits drafted with: compiled, each is its own graphs: those compiled already (run by an earlier call),
+        # else every other one
         self.draftable = torch.ones(L - 1, dtype=torch.bool)
-        timed = [key[1] for key in self.timings if key[0] == "draft"]
+        timed = [key[1] for key in self.timings if key[1]]
         if compiled and timed:
             self.draftable[:] = False
             self.draftable[torch.tensor(timed) - 1] = True
         elif compiled and L > 2:
             self.draftable[0::2] = False
-        head = head_cost(model)  # priors in full-depth steps, from weights read; a verification's is 1 (plan_cost)
-        self.draft_prior = torch.tensor([plan_cost(torch.arange(L) >= e, head)[0] for e in self.candidates],
-                                        dtype=torch.float64)  # [L-1]
-        # the least kept timing of each cost, nan until timed: a draft step at exit e [L-1]; a verification from
-        # exit e of n positions [L, cap+1] at [e, n - 1], [0, 0] being a full-depth step
-        self.draft_seconds = torch.full((L - 1,), float("nan"), dtype=torch.float64)
-        self.verify_seconds = torch.full((L, cap + 1), float("nan"), dtype=torch.float64)
+        head = head_cost(model)  # a draft step at exit e in full-depth steps, from weights read (plan_cost)
+        draft = torch.tensor([0.0] + [plan_cost(torch.arange(L) >= e, head)[0] for e in self.candidates],
+                             dtype=torch.float64)
+        steps = torch.arange(cap + 1, dtype=torch.float64)
+        # the caps a round may draft up to: compiled, each (exit, cap) being a graph (greedy_round), 0, 1, 2 and 4
+        # (one of 8 draft steps at exit 12 of 16 took 10 minutes to compile on a CPU)
+        self.allowed = (steps <= 4) & (steps.long() & (steps.long() - 1) == 0) if compiled else steps >= 0
+        self.prior = steps * draft[:, None] + 1  # [L, cap+1]: a round from exit e of s draft steps, [0, 0] full depth
+        self.seconds = torch.full((L, cap + 1), float("nan"), dtype=torch.float64)  # the least kept timing, nan: none
+        self.trusted, self.trust = torch.zeros(L, cap + 1, dtype=torch.bool), 3  # enough timings to price by
         for key, kept in self.timings.items():
             self.keep(key, kept)
-        self.estimated = self.priced = None  # estimates() and costs(), until a least timing changes
+        self.estimated = self.priced = self.chosen = None  # estimates(), costs() and choose(), until they change
         # [L-1, B]: decayed counts of agreements and of predictions per exit and row; prior: one disagreement
         self.agreed = torch.zeros(L - 1, batch_size, dtype=torch.float64)
         self.seen = torch.ones(L - 1, batch_size, dtype=torch.float64)
         self.rounds = 0
 
     def keep(self, key, kept):
-        """Timings kept for key: the least is its cost. Counts past this call's cap (timed by an earlier call with a
-        larger one) are not used."""
-        if key[0] == "draft":
-            seconds, at = self.draft_seconds, key[1] - 1
-        elif key[2] <= self.cap + 1:
-            seconds, at = self.verify_seconds, (key[1], key[2] - 1)
-        else:
+        """Timings kept for key: the least is its cost, changed when it moves by 1% or more (so that timing noise
+        does not price every choice again), trusted from `trust` timings on (a full-depth step's from the first).
+        Rounds past this call's cap (timed by an earlier call with a larger one) are not used."""
+        _, e, s = key
+        kept = [t for t in kept if t is not None]
+        if not kept or s > self.cap:
             return
-        if not seconds[at] == min(kept):  # (nan == x is False)
-            seconds[at] = min(kept)
-            self.estimated = self.priced = None
+        trusted = len(kept) >= (1 if e == 0 else self.trust)
+        if not abs(self.seconds[e, s] - min(kept)) < 0.01 * min(kept) or trusted != self.trusted[e, s]:  # nan: False
+            self.seconds[e, s], self.trusted[e, s] = min(kept), trusted
+            self.estimated = self.priced = self.chosen = None
 
     def estimates(self):
-        """(draft step [L-1], verification [L, cap+1]) seconds, as in verify_seconds: each timed cost, or its prior
-        scaled by the median (of an even count, the lower middle) ratio of timed to prior of its kind: draft steps,
-        or passes through every layer (verifications and full-depth steps) of the nearest number of positions
-        timed (ties: the larger); else of the other kind; in full-depth steps before anything is timed."""
+        """Seconds of every round [L, cap+1], as in `seconds`: each trusted timing; else its prior scaled by the
+        median (of an even count, the lower middle) ratio of trusted timing to prior of the rounds with the nearest
+        number of draft steps (ties: the larger), or the timing if less: a round's first timings can run cold, and
+        one priced too dear by them would never be chosen, so never timed again. In full-depth steps before anything
+        is timed."""
         if self.estimated is not None:
             return self.estimated
-        draft, verify = self.draft_seconds, self.verify_seconds
-        timed = ~verify.isnan()  # [L, cap+1]
-        if not draft.isnan().all():
-            draft_scale = (draft / self.draft_prior).nanmedian()
-        else:
-            draft_scale = verify.nanmedian() if timed.any() else torch.tensor(1.0, dtype=torch.float64)
-        pass_scale = draft_scale.expand(self.cap + 1)  # [cap+1] by number of positions
-        if timed.any():
-            n = torch.arange(self.cap + 1)
-            distance = 2 * (n[None, :] - n[:, None]).abs() - (n[None, :] > n[:, None]).long()  # [n, m]: ties, larger m
-            nearest = distance.masked_fill(~timed.any(0), 2 * self.cap + 3).argmin(1)  # [cap+1]: nearest timed m
-            pass_scale = verify.nanmedian(0).values[nearest]
-        self.estimated = (torch.where(draft.isnan(), self.draft_prior * draft_scale, draft),
-                          torch.where(timed, verify, pass_scale))  # a verification's prior is 1
+        scale = torch.ones(self.cap + 1, dtype=torch.float64)  # [cap+1] by number of draft steps
+        if self.trusted.any():
+            s = torch.arange(self.cap + 1)
+            distance = 2 * (s[None, :] - s[:, None]).abs() - (s[None, :] > s[:, None]).long()  # [s, t]: ties, larger t
+            nearest = distance.masked_fill(~self.trusted.any(0), 2 * self.cap + 3).argmin(1)  # [cap+1]: nearest t
+            scale = (self.seconds / self.prior).masked_fill(~self.trusted, float("nan")).nanmedian(0).values[nearest]
+        priced = self.prior * scale
+        self.estimated = torch.where(self.trusted, self.seconds, torch.fmin(self.seconds, priced))  # fmin: not nan
         return self.estimated
 
     def costs(self):
-        """(draft step [L-1], verification of d + 1 positions [L-1, cap+1]) per exit in full-depth steps. A
-        verification runs every layer for at least one position and fewer positions never cost more: a timing that
-        says otherwise is noise (which is upward), so v is at least 1 and at most what any larger d costs."""
+        """A round from exit e with s draft steps [L-1, cap+1] (at [e - 1, s]) in full-depth steps. A round runs
+        every layer for at least one position and fewer draft steps never cost more: a timing that says otherwise
+        is noise (which is upward), so a round costs at least 1 and at most what any larger s costs."""
         if self.priced is None:
-            draft, verify = self.estimates()
-            full = verify[0, 0]
-            self.priced = draft / full, (verify[1:] / full).flip(1).cummin(1).values.flip(1).clamp(min=1.0)
+            rounds = self.estimates()
+            self.priced = (rounds[1:] / rounds[0, 0]).flip(1).cummin(1).values.flip(1).clamp(min=1.0)
         return self.priced
 
     def choose(self, rows):
         """rows [B]: the batch rows still decoding -> (exit layer, caps [B] in 0 .. cap, the exits this round reads
         besides E: none unless it is a probe round). E is 0 when no row drafts: a full-depth step, whose
-        verification from layer 0 keeps every layer's output, so a probe reads every exit."""
-        c, v = self.costs()
+        verification from layer 0 keeps every layer's output, so a probe reads every exit. Until counts or costs
+        change, the same rows get the same choice (a full-depth round counts nothing)."""
+        self.rounds += 1
+        if self.chosen is None or not torch.equal(self.chosen[0], rows):
+            self.chosen = rows, *self.best_exit(rows)
+        E, caps = self.chosen[1:]
+        probe = self.rounds >= self.next_probe
+        if probe:
+            self.probe_gap = min(2 * self.probe_gap, self.max_probe_gap) if E == 0 else self.probe_every
+            self.next_probe = self.rounds + self.probe_gap
+        return E, caps, [e for e in self.candidates if probe and e != E and self.draftable[e - 1]]
+
+    def best_exit(self, rows):
+        """choose()'s exit layer and caps [B] for rows [B], from the counts and costs now."""
         a = self.agreed[:, rows] / self.seen[:, rows]  # [L-1, B]
         d = torch.arange(self.cap + 1, dtype=torch.float64)
-        speedup = expected_speedup(a[..., None], d, c[:, None, None], v[:, None, :])  # [L-1, B, cap+1]
+        speedup = expected_speedup(a[..., None], d, 0.0, self.costs()[:, None, :])  # [L-1, B, cap+1]
         speedup[..., 0] = 1.0 + self.margin  # no drafts: a full-depth step, unless drafts are expected to pay enough
+        speedup[..., ~self.allowed] = 0.0
         best, caps = speedup.max(-1)  # [L-1, B]: each row's best cap at each exit
         totals = best.sum(1).masked_fill(~self.draftable, -1.0)  # [L-1]
         E = int(totals.argmax()) + 1
         caps = caps[E - 1]
-        if FULL not in self.timings or not bool(caps.any()):  # full-depth steps (the first ones, until one is timed)
-            E, caps = 0, torch.zeros_like(caps)
-        self.rounds += 1
-        probes = []
-        if (self.rounds - 1) % self.probe_every == 0:  # the first round and full-depth ones every exit, later E's
-            probes = [e for e in self.candidates if e != E and self.draftable[e - 1]  # neighbours
-                      and (self.rounds == 1 or E == 0 or abs(e - E) <= self.probe_reach)]
-        return E, caps, probes
+        if not self.trusted[0, 0] or not bool(caps.any()):  # full-depth steps (the first ones, until one is timed)
+            return 0, torch.zeros_like(caps)
+        return E, caps
+
+    def full_depth_rounds(self):
+        """After a full-depth choice outside a probe round: the rounds it holds for, this one and those until the
+        next probe round (they count nothing, so they would choose the same), which are counted as chosen."""
+        rounds = self.next_probe - self.rounds
+        self.rounds += rounds - 1
+        return rounds
 
     def count(self, e, rows, agreed, seen):
         """At exit e, batch row rows[i] agreed agreed[i] times in seen[i] predictions ([B] each)."""
         self.agreed[e - 1, rows] = self.decay * self.agreed[e - 1, rows] + agreed.double().cpu()
         self.seen[e - 1, rows] = self.decay * self.seen[e - 1, rows] + seen.double().cpu()
+        self.chosen = None
 
-    def time(self, e, steps, positions, draft_seconds, verify_seconds):
-        """A round's steps draft steps at exit e took draft_seconds, its verification of `positions` positions
-        verify_seconds (a full-depth step when steps is 0)."""
-        timed = ([(("draft", e), draft_seconds / steps), (("verify", e, positions), verify_seconds)] if steps
-                 else [(FULL, verify_seconds)])
-        draft, verify = self.estimates() if self.timings else (None, None)
-        for key, seconds in timed:
-            if draft is None and self.warmed < self.warm_up:  # nothing to compare with: the first calls compile
-                self.warmed += 1
-                continue
-            estimate = None if draft is None else draft[e - 1] if key[0] == "draft" else verify[key[1], key[2] - 1]
-            if estimate is not None and seconds > self.outlier * estimate:  # a call that compiled (a new graph or
-                continue                                                     # shape), not what it costs
-            kept = self.timings.setdefault(key, [])
-            kept.append(seconds)
-            del kept[:-self.window]
-            self.keep(key, kept)
+    def time(self, e, steps, seconds):
+        """A round of `steps` draft steps at exit e took `seconds` (a full-depth step when steps is 0)."""
+        key = ("round", e, steps) if steps else FULL
+        kept = self.timings.setdefault(key, [])
+        if len(kept) < self.warm_up and all(t is None for t in kept):  # its graphs' first calls
+            kept.append(None)
+            return
+        if self.trusted[0, 0] and seconds > self.outlier * self.estimates()[key[1:]]:  # a call that
+            return                                                                                   # compiled
+        kept.append(seconds)
+        del kept[:-self.window]
+        self.keep(key, kept)

@@ -435,6 +435,8 @@ def count_agreement(chooser, rows, E, counts, planned, n_acc, settled, probed=()
     predictions [B, S]) of a probe round's other exits, S positions from the round's first."""
     if E:
         chooser.count(E, rows, n_acc, torch.minimum(counts + (counts < planned).long(), n_acc + 1))
+    if not probed:
+        return
     valid = (torch.arange(settled.shape[1]) <= n_acc[:, None]).to(settled.device)  # [B, K+1]
     for e, preds in probed:
         k = min(preds.shape[1], settled.shape[1])
@@ -496,8 +498,9 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
     (model.rope_switch), and a row's first round past it recomputes the cache (refill), so greedy output still
     equals greedy full-depth decoding. compile: draft steps and verification as compiled graphs. Rows end, and
     ids are limited, as in generate(): an eos (or stop) inside the accepted drafts ends the row there.
-    Greedy rounds with a static draft (no threshold, no exit auto) are one call each, greedy_round: one graph
-    when compiled, drafts chosen and accepted inside it, so the host pays one call a round, not d + 1.
+    Greedy rounds are one call each, greedy_round (one graph when compiled, drafts chosen and accepted inside it, so
+    the host pays one call a round, not d + 1; under exit auto a row accepts at most its own cap), except rounds
+    with a threshold (the host stops rows) or reading other exits (exit auto's probes).
     stats: drafted and accepted tokens, acceptance_rate (also per row), rounds, draft_steps, draft_seconds and
     verify_seconds (a round's time from its first draft step to its last, and from there to the accepted counts,
     summed: CUDA events on a GPU), round_seconds (the same for rounds run as one call, not timed apart), and
@@ -542,7 +545,6 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
              "round_seconds": 0.0}
     exits_used = {}                                # exit layer -> rounds drafted with it (0: rounds without drafts)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-    static = draft_threshold is None and chooser is None
     draft, verify, greedy = draft_step, verify_step, greedy_round
     if compile:
         draft, verify, greedy = (compiled(fn, idx.device) for fn in (draft_step, verify_step, greedy_round))
@@ -551,13 +553,18 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
     rows = torch.arange(B, device=idx.device)      # [B] index of each row still in the batch
 
     while len(row_ids) and max_new_tokens:
-        d_round, probe = d, False
-        if pending:  # the last round's cost, with the host's work after it (accepting, ending rows) in it
-            *timed, verify_seconds, synced_at = pending
-            chooser.time(*timed, verify_seconds + time.perf_counter() - synced_at)
+        d_round, probe, stretch = d, False, False
+        if pending:  # the last round's cost, with the host's work after it (accepting, ending rows) in it, per token
+            e, timed_steps, seconds, synced_at, tokens = pending
+            chooser.time(e, timed_steps, (seconds + time.perf_counter() - synced_at) / tokens)
         if chooser:
             f, caps, probes = chooser.choose(row_ids)
             d_round, probe = int(caps.max()), bool(probes)
+            # greedy full depth, outside probe rounds: it holds until the next probe, so those rounds are one: a
+            # stretch of full-depth steps settled together (the host's work once, not once a token)
+            stretch = f == 0 and not probe and temperature == 0
+            if stretch:
+                d_round = min(chooser.full_depth_rounds(), int((end[row_ids] - n).min())) - 1  # tokens past the first
         steps = int((end[row_ids] - n).min().clamp(max=d_round))  # no row drafts past its end
         if switch is not None:  # LongRoPE: a round stays on one side of the switch (lengths n .. n+steps)
             if bool((n <= switch).any()):
@@ -565,7 +572,7 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
             if bool((n == switch + 1).any()):  # a row's first round past it: its cache was computed before
                 refill(model, out, n, L, cache)
         if chooser:
-            exits_used[f if steps else 0] = exits_used.get(f if steps else 0, 0) + 1
+            exits_used[f if steps else 0] = exits_used.get(f if steps else 0, 0) + (steps + 1 if stretch else 1)
         counts = torch.full((len(row_ids),), steps)          # [B] drafts each row counts this round
         if chooser:  # each row up to its own cap
             counts = torch.minimum(counts, caps)
@@ -573,9 +580,14 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
         first = row_positions(n - 1, cache, idx.device)      # position of the round's first token (int or [B])
         token = out[rows, (n - 1).to(idx.device)][:, None]   # [B, 1]: the last settled token, not yet run
         started = clock(idx.device)
-        # greedy, a static draft or no drafts (exit auto's full-depth rounds that read no other exit): one call
-        one_call = temperature == 0 and (static or steps == 0 and not probe)
-        if one_call:  # new [B, K+1]: the tokens the round settles, valid up to each row's n_acc
+        # greedy, unless the round reads other exits or a threshold stops drafts: one call
+        one_call = temperature == 0 and not probe and (draft_threshold is None or steps == 0)
+        if stretch:  # new [B, K+1]: steps + 1 full-depth steps, one call each, every token settled
+            new = [token]
+            for i in range(steps + 1):
+                new.append(greedy(model, new[-1], first + i, 0, (), L, cache, 0, n_tokens)[0])
+            new, n_acc, K, drafted_at = torch.cat(new[1:], 1), torch.full((len(rows),), steps), steps, None
+        elif one_call:  # new [B, K+1]: the tokens the round settles, valid up to each row's n_acc
             new, n_acc = greedy(model, token, first, f if steps else 0, runs if steps else (), L, cache, steps,
                                 n_tokens)  # no drafts: one graph, a full-depth step, whatever the exit
             K, drafted_at = steps, None
@@ -621,7 +633,11 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
         verified_at = clock(idx.device)
         n_acc = n_acc.cpu()  # the host waits for the round here
         synced_at = time.perf_counter()
-        calls["rounds"] += 1
+        settles = n_acc + 1  # [B] tokens each row settles
+        if not stretch:
+            n_acc = torch.minimum(n_acc, counts)  # drafts accepted: a row's cap may be below the round's
+            settles = n_acc + 1
+        calls["rounds"] += K + 1 if stretch else 1
         if drafted_at is None:  # one call: its draft steps and verification are not timed apart
             draft_seconds, verify_seconds = 0.0, seconds_between(started, verified_at)
             calls["round_seconds"] += verify_seconds
@@ -632,14 +648,15 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
             calls["verify_seconds"] += verify_seconds
         if chooser:  # a probe round is not timed: reading other exits is not what E costs (on a GPU the heads run
             # queued into the host's time after the round; eager, the layers ran one call each to keep their outputs)
-            pending = None if probe else (f, steps if one_call else len(exit_states), K + 1, draft_seconds,
-                                          verify_seconds, synced_at)
+            pending = None if probe else (f, 0 if stretch else steps if one_call else len(exit_states),
+                                          draft_seconds + verify_seconds, synced_at, K + 1 if stretch else 1)
             probed = probed_predictions(model, probes, f, draft_kept, kept, n_tokens) if probe else ()
             count_agreement(chooser, row_ids, f, counts, planned, n_acc, new, probed)
         out[rows[:, None], (n[:, None] + torch.arange(K + 1)).to(idx.device)] = new
         drafted[row_ids] += counts
-        accepted[row_ids] += n_acc
-        settled = torch.minimum(n_acc + 1, end[row_ids] - n)  # a round may settle one token past a row's end
+        if not stretch:
+            accepted[row_ids] += n_acc
+        settled = torch.minimum(settles, end[row_ids] - n)  # a round may settle one token past a row's end
         kept, ended = row_ends(new, settled, model.cfg.eos_id if stop_at_eos else None, row_ids, stop)
         n = n + kept
         done = (ended | (n >= end[row_ids])).nonzero()[:, 0].tolist()

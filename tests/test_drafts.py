@@ -102,7 +102,7 @@ def test_exit_chooser_caps_each_row_by_its_own_acceptance():
     batch is not read."""
     from drafts import ExitChooser
     chooser = ExitChooser(layers(8), 6, batch_size=3)
-    chooser.time(1, 0, 1, 0.0, 1.0)  # a full-depth step: 1 s
+    chooser.time(0, 0, 1.0)  # a full-depth step: 1 s
     rows = torch.tensor([0, 2])
     for _ in range(20):
         for e in chooser.candidates:
@@ -110,15 +110,22 @@ def test_exit_chooser_caps_each_row_by_its_own_acceptance():
     E, caps, _ = chooser.choose(rows)
     assert caps.tolist() == [6, 0] and E in chooser.candidates, (E, caps)
     assert chooser.seen[E - 1, 1] == 1.0  # row 1 was never counted
+    chooser = ExitChooser(layers(8), 6, batch_size=3, compiled=True)  # compiled: caps 0, 1, 2, 4 (one graph each)
+    for _ in range(3):  # 2 compiling, then 1 s
+        chooser.time(0, 0, 1.0)
+    for _ in range(20):
+        for e in chooser.candidates:
+            chooser.count(e, rows, torch.tensor([6, 0]), torch.tensor([6, 6]))
+    assert chooser.choose(rows)[1].tolist() == [4, 0]
 
 
-def test_exit_chooser_prices_exits_by_their_timed_costs():
-    """Every exit agrees 9 times in 10. Compiled, the exits drafted with are every other one (2, 4, 6 of 8), and a
-    graph's first 3 timings (compiling, recompiling, recording a CUDA graph) are not counted, nor later ones over 4
-    times their estimate (a new graph compiling). Until a full-depth step is timed, rounds are full-depth
-    steps; then the shallowest exit drafted with, the cheapest in weights read, drafts; an untimed exit's draft step
-    is priced by its weights read, scaled by the timed draft steps. Once a draft step is timed as dear as a
-    full-depth step, drafting does not pay at any exit: cap 0 again."""
+def test_exit_chooser_prices_exits_by_their_timed_rounds():
+    """Every exit agrees 9 times in 10. Compiled, the exits drafted with are every other one (2, 4, 6 of 8), and
+    the first 3 timings of each round (compiling, recompiling, recording a CUDA graph) are not counted, nor later
+    ones over 4 times their estimate (a new shape compiling). Until a full-depth step is timed, rounds are full-depth
+    steps; then the shallowest exit drafted with, the cheapest in weights read, drafts; a round timed fewer than 3
+    times is priced by its weights read, scaled by the rounds timed 3 times of the nearest number of draft steps. Once a round is timed as
+    dear as 3 full-depth steps, drafting does not pay at any exit: cap 0 again."""
     from drafts import ExitChooser
     chooser = ExitChooser(layers(8), 4, batch_size=1, compiled=True, cuda_graphs=True)
     rows = torch.tensor([0])
@@ -127,47 +134,103 @@ def test_exit_chooser_prices_exits_by_their_timed_costs():
     for seconds in (100.0, 100.0, 100.0, 1.0):  # compiling, then a full-depth step: 1 s
         E, caps, _ = chooser.choose(rows)
         assert E == 0 and caps.tolist() == [0], (E, caps)
-        chooser.time(0, 0, 1, 0.0, seconds)
-    c, v = chooser.costs()
-    assert c[1] == chooser.draft_prior[1] and bool((v == 1.0).all())  # priors, scaled by the full-depth step
+        chooser.time(0, 0, seconds)
+    assert torch.equal(chooser.costs(), chooser.prior[1:])  # weights read, scaled by the full-depth step
     E, caps, _ = chooser.choose(rows)
     assert E == 2 and caps.tolist() == [4], (E, caps)
-    chooser.time(2, 2, 3, 200.0, 100.0)  # compiling the graphs of exit 2
-    chooser.time(2, 2, 3, 0.2, 1.0)  # a draft step at exit 2 took 0.1 s, its verification 1 s
-    c, v = chooser.costs()
-    assert c[1] == pytest.approx(0.1)
-    assert c[4] == pytest.approx(0.1 * chooser.draft_prior[4] / chooser.draft_prior[1])
+    for seconds in (100.0, 100.0, 100.0, 1.2, 1.3, 1.2):  # compiling exit 2's graphs, then rounds of 2 draft steps
+        chooser.time(2, 2, seconds)
+    c = chooser.costs()  # [e - 1, s]
+    assert c[1, 2] == pytest.approx(1.2) and c[1, 3] == pytest.approx(1.2 * chooser.prior[2, 3] / chooser.prior[2, 2])
+    assert c[4, 2] == pytest.approx(1.2 * chooser.prior[5, 2] / chooser.prior[2, 2])
     E, caps, _ = chooser.choose(rows)
     assert E == 2 and caps.tolist() == [4], (E, caps)
-    chooser.time(2, 2, 3, 20.0, 1.0)  # 10 s: over 4 times its estimate, a call that compiled, not counted
-    assert chooser.costs()[0][1] == pytest.approx(0.1)
-    for seconds in [0.35] * chooser.window + [1.0] * chooser.window:  # dearer, then as long as a verification
-        chooser.time(2, 2, 3, 2 * seconds, 1.0)
+    chooser.time(2, 2, 20.0)  # over 4 times its estimate: a call that compiled, not counted
+    assert chooser.costs()[1, 2] == pytest.approx(1.2)
+    for seconds in [2.0] * chooser.window + [3.0] * chooser.window:  # dearer, then 3 full-depth steps
+        chooser.time(2, 2, seconds)
     E, caps, _ = chooser.choose(rows)
     assert caps.tolist() == [0] and E == 0, (E, caps)
 
 
-def test_exit_chooser_prices_verifications_by_their_positions():
-    """On a CPU a verification costs more the more positions it verifies (small-M products). Timed at 1.5 s for 3
-    positions and 4 s for 9 (a full-depth step 1 s), an untimed count priced as the nearest timed one (ties: the
-    larger), drafts are capped where they pay best (4), not at the cap of 8, as one verification cost for every
-    count of positions would have them. A single slow timing of fewer positions is noise (it cannot cost more than
-    more positions) and does not stop drafting; a later call with a smaller cap ignores the larger counts timed."""
+def test_exit_chooser_prices_rounds_by_their_draft_steps():
+    """On a CPU a verification costs more the more positions it verifies (small-M products), so a round's cost is
+    timed for each number of draft steps. Timed at 1.7 s for 2 steps and 4.8 s for 8 (a full-depth step 1 s), an
+    untimed count priced from the nearest timed one (ties: the larger), drafts are capped where they pay best (4),
+    not at the cap of 8, as pricing every round by one ratio to its weights read would have them. A single slow
+    timing (a cold call) does not price a round dearer than its weights read scaled; a later call with a smaller
+    cap ignores the larger counts timed."""
     from drafts import ExitChooser
     chooser, rows = ExitChooser(layers(4), 8, batch_size=1), torch.tensor([0])
     for e in chooser.candidates:
         chooser.count(e, rows, torch.tensor([90]), torch.tensor([100]))
-    chooser.time(0, 0, 1, 0.0, 1.0)
-    chooser.time(2, 2, 3, 0.2, 1.5)
-    chooser.time(2, 8, 9, 0.8, 4.0)
-    c, v = chooser.costs()  # v[e - 1, d]: a verification of d + 1 positions from exit e
-    assert v[1, 2] == 1.5 and v[1, 8] == 4.0 and v[1, 4] == 1.5 and v[1, 5] == 4.0 and v[0, 3] == 1.5, v
+    chooser.time(0, 0, 1.0)
+    for _ in range(3):
+        chooser.time(2, 2, 1.7)
+        chooser.time(2, 8, 4.8)
+    c = chooser.costs()  # c[e - 1, s]: a round from exit e of s draft steps
+    ratio = chooser.prior[:, 4] / chooser.prior[2, 2] * 1.7  # 4 is nearer 2 than 8
+    assert c[1, 2] == 1.7 and c[1, 8] == 4.8 and torch.allclose(c[:, 4], ratio[1:]), c
     E, caps, _ = chooser.choose(rows)
     assert caps.tolist() == [4], (E, caps)
-    chooser.time(2, 1, 2, 0.1, 5.0)  # one slow verification of 2 positions: noise, since 3 cost 1.5
-    assert chooser.costs()[1][1, 1] == 1.5 and chooser.choose(rows)[1].tolist() == [4]
+    chooser.time(2, 1, 3.0)  # one slow round of 1 draft step (a cold call): priced as 2 steps' ratio says
+    assert chooser.costs()[1, 1] == pytest.approx(1.7 * chooser.prior[2, 1] / chooser.prior[2, 2])
+    assert chooser.choose(rows)[1].tolist() == [4]
     small = ExitChooser(layers(4), 2, batch_size=1, timings=chooser.timings)  # a later call with a smaller cap
-    assert small.costs()[1].shape == (3, 3)
+    assert small.costs().shape == (3, 3)
+
+
+def test_exit_chooser_probes_every_exit_and_repeats_unchanged_choices(monkeypatch):
+    """Probe rounds (the first and every 4th) read every other exit, far ones too: an estimate left from the prompt
+    would never be corrected otherwise (exits 8 to 11, here, while exit 3 drafts; before, a probe after the first
+    read exits within 4 layers of E). Rounds that count nothing (full-depth rounds) repeat the last choice without
+    pricing again; a count prices again."""
+    from drafts import ExitChooser
+    chooser, rows = ExitChooser(layers(12), 4, batch_size=1), torch.tensor([0])
+    chooser.time(0, 0, 1.0)
+    for e in chooser.candidates:
+        chooser.count(e, rows, torch.tensor([9 if e == 3 else 1]), torch.tensor([10]))
+    choices = [chooser.choose(rows) for _ in range(5)]
+    assert [(E, caps.tolist()) for E, caps, _ in choices] == [(3, [4])] * 5, choices
+    assert choices[0][2] == choices[4][2] == [1, 2] + list(range(4, 12)) and choices[1][2] == [], choices
+    priced = []
+    monkeypatch.setattr(ExitChooser, "best_exit", lambda self, rows: priced.append(1) or (0, torch.tensor([0])))
+    chooser.choose(rows)
+    chooser.count(1, rows, torch.tensor([1]), torch.tensor([1]))
+    chooser.choose(rows)
+    assert len(priced) == 1
+
+
+def test_exit_chooser_probes_less_often_while_nothing_pays():
+    """While full-depth steps are chosen, each probe doubles the gap to the next (8, 16, then at most 32 rounds): a
+    probe costs about a full-depth step, so probing every 4th round of a hard context cost a quarter of a step a
+    token. Once an exit pays again, every 4th round."""
+    from drafts import ExitChooser
+    chooser, rows = ExitChooser(layers(8), 4, batch_size=1), torch.tensor([0])
+    chooser.time(0, 0, 1.0)
+    for e in chooser.candidates:
+        chooser.count(e, rows, torch.tensor([1]), torch.tensor([10]))
+    probed = [r for r in range(1, 80) if chooser.choose(rows)[2]]
+    assert probed == [1, 9, 25, 57], probed
+    chooser.count(2, rows, torch.tensor([100]), torch.tensor([100]))  # exit 2 agrees: it drafts
+    choices = [chooser.choose(rows) for _ in range(80, 100)]
+    assert {E for E, _, _ in choices} == {2}, choices
+    assert [r for r, (_, _, probes) in zip(range(80, 100), choices) if probes] == [89, 93, 97], choices
+
+
+def test_exit_chooser_times_again_a_round_first_timed_cold():
+    """A round's first timings after its graphs' warm-up can still run cold (compiled, on the Intel CPU: 3.7 ms for
+    a round of 1 draft step that runs in about 2.2 ms warm). Priced by such a timing, and every other round scaled
+    by it, exit 2 would never draft again, so never be timed again. Until timed 3 times a round costs at most its
+    weights read scaled by trusted timings: exit 2 drafts again."""
+    from drafts import ExitChooser
+    chooser, rows = ExitChooser(layers(8), 4, batch_size=1), torch.tensor([0])
+    chooser.time(0, 0, 1.0)
+    for e in chooser.candidates:
+        chooser.count(e, rows, torch.tensor([9 if e == 2 else 1]), torch.tensor([10]))
+    chooser.time(2, 1, 3.0)  # cold: weights read say 1.16 full-depth steps
+    E, caps, _ = chooser.choose(rows)
+    assert E == 2 and int(caps[0]) > 0, (E, caps)  # before: no drafting (E 0)
 
 
 def test_exit_chooser_starts_from_earlier_calls_timings():
@@ -184,14 +247,15 @@ def test_exit_chooser_starts_from_earlier_calls_timings():
     first = ExitChooser(model, 4, batch_size=1, compiled=True, timings=timings)
     assert (first.draftable.nonzero()[:, 0] + 1).tolist() == [2, 4, 6]
     for seconds in (100.0, 100.0, 1.0):  # compiling, then a full-depth step: 1 s
-        first.time(0, 0, 1, 0.0, seconds)
-    first.time(6, 2, 3, 0.4, 1.0)  # exit 6's draft step 0.2 s
+        first.time(0, 0, seconds)
+    for seconds in (100.0, 100.0, 1.4):  # compiling exit 6's graphs, then a round of 2 draft steps: 1.4 s
+        first.time(6, 2, seconds)
     second = ExitChooser(model, 4, batch_size=1, compiled=True, timings=timings)
     assert (second.draftable.nonzero()[:, 0] + 1).tolist() == [6]
     for e in second.candidates:
         second.count(e, rows, torch.tensor([36]), torch.tensor([40]))
     E, caps, _ = second.choose(rows)
-    assert E == 6 and caps.tolist() == [4], (E, caps)
+    assert E == 6 and caps.tolist() == [2], (E, caps)  # 2.71 tokens in 1.4 s; 4 drafts: 4.1 in 2.5 (priced)
 
 
 def test_exit_layer_auto_learns_from_full_depth_rounds_and_stopped_drafts():
@@ -225,6 +289,28 @@ def test_threshold_stops_rows_below_the_rounds_longest_cap():
     assert stats["drafted"] == 0 and stats["draft_steps"] == stats["rounds"], stats
 
 
+def test_exit_layer_auto_drafting_rounds_are_one_call_with_each_rows_cap(monkeypatch):
+    """Greedy exit auto rounds that read no other exit are one call (greedy_round), the round drafting the longest
+    cap (here 3) and each row accepting at most its own (here 1 and 3): output plain greedy (before, such rounds
+    were a call per draft step and one for the verification)."""
+    import generate as generate_module
+    from drafts import ExitChooser
+    calls, real = [], generate_module.greedy_round
+    monkeypatch.setattr(generate_module, "greedy_round", lambda *a: calls.append(a[7]) or real(*a))
+    model = layers(4)
+    with torch.no_grad():  # layers 2 and 3 nearly identities: exit 2 agrees, so drafts run past a cap of 1
+        for block in model.layers[2:]:
+            block.attn.wo.weight.mul_(0.05)
+            block.mlp.w_down.weight.mul_(0.05)
+    idx = torch.randint(1, 256, (2, 5), generator=torch.Generator().manual_seed(0))
+    caps = torch.tensor([1, 3])
+    with mock.patch.object(ExitChooser, "choose", lambda self, rows: (2, caps[rows], [])):
+        out, stats = generate_speculative(model, idx, 24, "auto", 3, stop_at_eos=False)
+    assert out.tolist() == generate(model, idx, 24, temperature=0, stop_at_eos=False).tolist()
+    assert len(calls) == stats["rounds"] and set(calls) <= {1, 2, 3}, (calls, stats)
+    assert stats["acceptance_rate"] > 0.5 and stats["rounds"] >= 12, stats  # row 0: at most 2 tokens a round
+
+
 def test_exit_layer_auto_takes_full_depth_steps_where_no_exit_agrees(monkeypatch):
     """The last layer made dominant (output projections x8): no earlier exit predicts the full model's token, so
     exit auto stops drafting and most rounds are full-depth steps; the output is still plain greedy. A full-depth
@@ -241,7 +327,28 @@ def test_exit_layer_auto_takes_full_depth_steps_where_no_exit_agrees(monkeypatch
     out, stats = generate_speculative(model, idx, 40, "auto", 4, prompt_lens=lens)
     assert out.tolist() == generate(model, idx, 40, prompt_lens=lens, temperature=0).tolist()
     assert stats["exit_layers"].get(0, 0) > stats["rounds"] / 2, stats
-    assert stats["exit_layers"][0] / 2 < len(calls) == calls.count(0) < stats["exit_layers"][0], (calls, stats)
+    assert stats["exit_layers"][0] / 2 < calls.count(0) < stats["exit_layers"][0], (calls, stats)  # not probes
+
+
+def test_exit_layer_auto_full_depth_stretches(monkeypatch):
+    """Where no exit agrees, a full-depth choice outside a probe round holds until the next probe, so those rounds
+    run as one stretch of full-depth steps with the host's work once (before, the chooser and the bookkeeping ran
+    once a token): fewer choices than rounds, and an eos inside a stretch ends its row there, as plain greedy."""
+    from drafts import ExitChooser
+    choices, real = [], ExitChooser.choose
+    monkeypatch.setattr(ExitChooser, "choose", lambda self, rows: choices.append(1) or real(self, rows))
+    model = layers(8)
+    with torch.no_grad():
+        model.layers[-1].attn.wo.weight.mul_(8)
+        model.layers[-1].mlp.w_down.weight.mul_(8)
+    idx, lens = pad_prompts(ragged_prompts(seed=3))
+    free = generate(model, idx, 30, prompt_lens=lens, temperature=0, stop_at_eos=False)
+    model.cfg.eos_id = int(free[1, int(lens[1]) + 10])  # row 1 generates it, mid-stretch or not
+    expected = generate(model, idx, 30, prompt_lens=lens, temperature=0)
+    assert expected.tolist() != free.tolist()
+    out, stats = generate_speculative(model, idx, 30, "auto", 4, prompt_lens=lens)
+    assert out.tolist() == expected.tolist()
+    assert stats["exit_layers"].get(0, 0) > stats["rounds"] / 2 and len(choices) < 0.6 * stats["rounds"], stats
 
 
 @pytest.mark.parametrize("draft, words", [

@@ -86,10 +86,11 @@ class ExitChooser:
     Acceptance: until rounds measure it, how often each exit agrees with the full model on the prompt's last
     tokens (generate.prefill_reading_exits). Every round counts for the exit it drafted with; in probe rounds
     (the first, then every `probe_every`-th while drafting; while full-depth steps are chosen the gap doubles
-    with each probe, up to `max_probe_gap` rounds, a probe costing about a full-depth step more than a round
-    without one), the head also reads the output of the layer before every other exit drafted with: shallower ones from the draft steps, deeper ones from the verification, whose graphs keep every layer's
-    output, in one product with the head. Whether each would have predicted the tokens the round settled counts
-    for it. Counts decay by `decay` per update, so the choice follows the context.
+    with each probe, up to `max_probe_gap` rounds: a probe costs more than a round without one), the head also
+    reads the output of the layer before every other exit drafted with: shallower ones from the draft steps,
+    deeper ones from the verification, whose graphs keep every layer's output, in one product with the head.
+    Whether each would have predicted the tokens the round settled counts for it. Counts decay by `decay` per
+    update, so the choice follows the context.
 
     Costs: seconds of a whole round at exit E with s draft steps (its draft steps, its verification of s + 1
     positions and the host's work until the next round: greedy rounds are one call, greedy_round, whose parts are
@@ -97,16 +98,18 @@ class ExitChooser:
     timings of rounds that read no other exit. `timings` (measured_timings) carries them from call to call.
     Compiled, the first `warm_up` timings of each round compile or run cold and are not counted (kept as None),
     nor later is one over `outlier` times its estimate (a new shape compiling). The first rounds are full-depth
-    steps, until one is timed; an untimed round is priced by weights read (s * plan_cost + 1 full-depth steps)
-    scaled by what timed rounds of the nearest number of draft steps measured against theirs (on a CPU a
-    verification of 5 positions costs about twice one of 1, on a GPU about the same).
+    steps, until one is timed. A round timed `trust` times costs its least timing; any other is priced by weights
+    read (s * plan_cost + 1 full-depth steps) scaled by what trusted rounds of the nearest number of draft steps
+    measured against theirs (on a CPU a verification of 5 positions costs about twice one of 1, on a GPU about the
+    same), or by its timing where that is less.
 
     Rows share a round's draft pass, so they share E: of the exits drafted with (compiled, each being its own
     graphs: every other one, 2, 4, ..., in the first call, and in later calls only the exits earlier calls timed, so
-    that no graph compiles inside them), the one whose best caps give the largest summed expected speedup
-    (expected_speedup over a full-depth step). Each row drafts up to its own cap in 0 .. cap (compiled, 0, 1, 2
-    or 4, each cap of each exit being a graph): cap 0, a full-depth step, wherever no draft is expected to pay
-    `margin` more (estimates from a few tokens are noisy)."""
+    that few graphs compile inside them), the one whose best caps give the largest summed expected speedup
+    (expected_speedup over a full-depth step). A round drafts up to its rows' largest cap and each row counts its
+    drafts up to its own, in 0 .. cap (compiled, 0, 1, 2 or 4, each number of draft steps of each exit being a
+    graph; a round shortened by a row's end drafts the allowed number below): cap 0, a full-depth step, wherever
+    no draft is expected to pay `margin` more (estimates from a few tokens are noisy)."""
 
     def __init__(self, model, cap, batch_size, compiled=False, cuda_graphs=False, timings=None, probe_every=4,
                  max_probe_gap=32, decay=0.9, window=5, margin=0.05):
@@ -196,8 +199,9 @@ class ExitChooser:
             self.chosen = rows, *self.best_exit(rows)
         E, caps = self.chosen[1:]
         probe = self.rounds >= self.next_probe
-        if probe:
-            self.probe_gap = min(2 * self.probe_gap, self.max_probe_gap) if E == 0 else self.probe_every
+        if probe:  # a gap doubles when full depth is chosen (not when forced, before a full-depth step is timed)
+            chose_full = E == 0 and bool(self.trusted[0, 0])
+            self.probe_gap = min(2 * self.probe_gap, self.max_probe_gap) if chose_full else self.probe_every
             self.next_probe = self.rounds + self.probe_gap
         return E, caps, [e for e in self.candidates if probe and e != E and self.draftable[e - 1]]
 
@@ -218,8 +222,9 @@ class ExitChooser:
 
     def full_depth_rounds(self):
         """After a full-depth choice outside a probe round: the rounds it holds for, this one and those until the
-        next probe round (they count nothing, so they would choose the same), which are counted as chosen."""
-        rounds = self.next_probe - self.rounds
+        next probe round (they count nothing, so they would choose the same), which are counted as chosen; 1 while
+        no full-depth step is timed (a timing may make drafting pay)."""
+        rounds = self.next_probe - self.rounds if self.trusted[0, 0] else 1
         self.rounds += rounds - 1
         return rounds
 
@@ -236,8 +241,8 @@ class ExitChooser:
         if len(kept) < self.warm_up and all(t is None for t in kept):  # its graphs' first calls
             kept.append(None)
             return
-        if self.trusted[0, 0] and seconds > self.outlier * self.estimates()[key[1:]]:  # a call that
-            return                                                                                   # compiled
+        if self.trusted[0, 0] and seconds > self.outlier * self.estimates()[key[1:]]:  # a call that compiled
+            return
         kept.append(seconds)
         del kept[:-self.window]
         self.keep(key, kept)

@@ -499,8 +499,11 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
     equals greedy full-depth decoding. compile: draft steps and verification as compiled graphs. Rows end, and
     ids are limited, as in generate(): an eos (or stop) inside the accepted drafts ends the row there.
     Greedy rounds are one call each, greedy_round (one graph when compiled, drafts chosen and accepted inside it, so
-    the host pays one call a round, not d + 1; under exit auto a row accepts at most its own cap), except rounds
-    with a threshold (the host stops rows) or reading other exits (exit auto's probes).
+    the host pays one call a round, not d + 1; under exit auto a row settles every verified draft, counting those
+    up to its own cap), except rounds
+    with a threshold (the host stops rows) or reading other exits (exit auto's probes). Greedy exit auto runs a
+    choice of full depth as a stretch of full-depth steps until its next probe round (ExitChooser.full_depth_rounds),
+    settled together.
     stats: drafted and accepted tokens, acceptance_rate (also per row), rounds, draft_steps, draft_seconds and
     verify_seconds (a round's time from its first draft step to its last, and from there to the accepted counts,
     summed: CUDA events on a GPU), round_seconds (the same for rounds run as one call, not timed apart), and
@@ -554,14 +557,16 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
 
     while len(row_ids) and max_new_tokens:
         d_round, probe, stretch = d, False, False
-        if pending:  # the last round's cost, with the host's work after it (accepting, ending rows) in it, per token
+        if pending:  # the last round's cost, with the host's work after it (accepting, ending rows) in it (a
+            # stretch's: per full-depth step)
             e, timed_steps, seconds, synced_at, tokens = pending
             chooser.time(e, timed_steps, (seconds + time.perf_counter() - synced_at) / tokens)
         if chooser:
             f, caps, probes = chooser.choose(row_ids)
             d_round, probe = int(caps.max()), bool(probes)
             # greedy full depth, outside probe rounds: it holds until the next probe, so those rounds are one: a
-            # stretch of full-depth steps settled together (the host's work once, not once a token)
+            # stretch of full-depth steps settled together (the host's work once, not once a token; the chooser
+            # counts the rounds before the clamps below shorten them, so its next probe may come a few tokens early)
             stretch = f == 0 and not probe and temperature == 0
             if stretch:
                 d_round = min(chooser.full_depth_rounds(), int((end[row_ids] - n).min())) - 1  # tokens past the first
@@ -571,6 +576,8 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
                 steps = min(steps, int((switch - n[n <= switch]).min()))
             if bool((n == switch + 1).any()):  # a row's first round past it: its cache was computed before
                 refill(model, out, n, L, cache)
+        if chooser and not stretch:  # compiled, a draft count with a graph compiled (ExitChooser.allowed)
+            steps = int(chooser.allowed[:steps + 1].nonzero().max())
         if chooser:
             exits_used[f if steps else 0] = exits_used.get(f if steps else 0, 0) + (steps + 1 if stretch else 1)
         counts = torch.full((len(row_ids),), steps)          # [B] drafts each row counts this round
@@ -585,7 +592,8 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
         if stretch:  # new [B, K+1]: steps + 1 full-depth steps, one call each, every token settled
             new = [token]
             for i in range(steps + 1):
-                new.append(greedy(model, new[-1], first + i, 0, (), L, cache, 0, n_tokens)[0])
+                new.append(greedy(model, new[-1], first + i, 0, (), L, cache, 0, n_tokens)[0].clone())  # (a CUDA
+                # graph's next replay overwrites its output)
             new, n_acc, K, drafted_at = torch.cat(new[1:], 1), torch.full((len(rows),), steps), steps, None
         elif one_call:  # new [B, K+1]: the tokens the round settles, valid up to each row's n_acc
             new, n_acc = greedy(model, token, first, f if steps else 0, runs if steps else (), L, cache, steps,
@@ -633,10 +641,8 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
         verified_at = clock(idx.device)
         n_acc = n_acc.cpu()  # the host waits for the round here
         synced_at = time.perf_counter()
-        settles = n_acc + 1  # [B] tokens each row settles
-        if not stretch:
-            n_acc = torch.minimum(n_acc, counts)  # drafts accepted: a row's cap may be below the round's
-            settles = n_acc + 1
+        settles = n_acc + 1  # [B] tokens each row settles: verified drafts, then the verifier's token (a stretch: all)
+        n_acc = torch.minimum(n_acc, counts)  # drafts it counts as accepted: up to its own cap (a stretch: none)
         calls["rounds"] += K + 1 if stretch else 1
         if drafted_at is None:  # one call: its draft steps and verification are not timed apart
             draft_seconds, verify_seconds = 0.0, seconds_between(started, verified_at)
@@ -654,8 +660,7 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
             count_agreement(chooser, row_ids, f, counts, planned, n_acc, new, probed)
         out[rows[:, None], (n[:, None] + torch.arange(K + 1)).to(idx.device)] = new
         drafted[row_ids] += counts
-        if not stretch:
-            accepted[row_ids] += n_acc
+        accepted[row_ids] += n_acc
         settled = torch.minimum(settles, end[row_ids] - n)  # a round may settle one token past a row's end
         kept, ended = row_ends(new, settled, model.cfg.eos_id if stop_at_eos else None, row_ids, stop)
         n = n + kept

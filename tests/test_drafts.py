@@ -124,8 +124,8 @@ def test_exit_chooser_prices_exits_by_their_timed_rounds():
     the first 3 timings of each round (compiling, recompiling, recording a CUDA graph) are not counted, nor later
     ones over 4 times their estimate (a new shape compiling). Until a full-depth step is timed, rounds are full-depth
     steps; then the shallowest exit drafted with, the cheapest in weights read, drafts; a round timed fewer than 3
-    times is priced by its weights read, scaled by the rounds timed 3 times of the nearest number of draft steps. Once a round is timed as
-    dear as 3 full-depth steps, drafting does not pay at any exit: cap 0 again."""
+    times is priced by its weights read, scaled by the rounds timed 3 times of the nearest number of draft steps.
+    Once a round is timed as dear as 3 full-depth steps, drafting does not pay at any exit: cap 0 again."""
     from drafts import ExitChooser
     chooser = ExitChooser(layers(8), 4, batch_size=1, compiled=True, cuda_graphs=True)
     rows = torch.tensor([0])
@@ -228,7 +228,7 @@ def test_exit_chooser_times_again_a_round_first_timed_cold():
     chooser.time(0, 0, 1.0)
     for e in chooser.candidates:
         chooser.count(e, rows, torch.tensor([9 if e == 2 else 1]), torch.tensor([10]))
-    chooser.time(2, 1, 3.0)  # cold: weights read say 1.16 full-depth steps
+    chooser.time(2, 1, 3.0)  # cold: weights read say 1.28 full-depth steps
     E, caps, _ = chooser.choose(rows)
     assert E == 2 and int(caps[0]) > 0, (E, caps)  # before: no drafting (E 0)
 
@@ -255,7 +255,7 @@ def test_exit_chooser_starts_from_earlier_calls_timings():
     for e in second.candidates:
         second.count(e, rows, torch.tensor([36]), torch.tensor([40]))
     E, caps, _ = second.choose(rows)
-    assert E == 6 and caps.tolist() == [2], (E, caps)  # 2.71 tokens in 1.4 s; 4 drafts: 4.1 in 2.5 (priced)
+    assert E == 6 and caps.tolist() == [2], (E, caps)  # 2.65 tokens in 1.4 s; 4 drafts: 3.9 in 4.05 (priced)
 
 
 def test_exit_layer_auto_learns_from_full_depth_rounds_and_stopped_drafts():
@@ -291,8 +291,9 @@ def test_threshold_stops_rows_below_the_rounds_longest_cap():
 
 def test_exit_layer_auto_drafting_rounds_are_one_call_with_each_rows_cap(monkeypatch):
     """Greedy exit auto rounds that read no other exit are one call (greedy_round), the round drafting the longest
-    cap (here 3) and each row accepting at most its own (here 1 and 3): output plain greedy (before, such rounds
-    were a call per draft step and one for the verification)."""
+    cap (here 3) and each row counting drafts up to its own (here 1 and 3) but settling every draft verified (free:
+    the round drafted them): output plain greedy (before, such rounds were a call per draft step and one for the
+    verification)."""
     import generate as generate_module
     from drafts import ExitChooser
     calls, real = [], generate_module.greedy_round
@@ -308,7 +309,8 @@ def test_exit_layer_auto_drafting_rounds_are_one_call_with_each_rows_cap(monkeyp
         out, stats = generate_speculative(model, idx, 24, "auto", 3, stop_at_eos=False)
     assert out.tolist() == generate(model, idx, 24, temperature=0, stop_at_eos=False).tolist()
     assert len(calls) == stats["rounds"] and set(calls) <= {1, 2, 3}, (calls, stats)
-    assert stats["acceptance_rate"] > 0.5 and stats["rounds"] >= 12, stats  # row 0: at most 2 tokens a round
+    assert 0.5 < stats["acceptance_rate"] <= 1 and max(stats["row_acceptance_rate"]) <= 1, stats
+    assert stats["rounds"] < 12, stats  # row 0 settles more than its cap's 2 tokens a round
 
 
 def test_exit_layer_auto_takes_full_depth_steps_where_no_exit_agrees(monkeypatch):

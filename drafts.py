@@ -138,6 +138,7 @@ class ExitChooser:
         # the caps a round may draft up to: compiled, each (exit, cap) being a graph (greedy_round), 0, 1, 2 and 4
         # (one of 8 draft steps at exit 12 of 16 took 10 minutes to compile on a CPU)
         self.allowed = (steps <= 4) & (steps.long() & (steps.long() - 1) == 0) if compiled else steps >= 0
+        self.allowed_steps = [int(self.allowed[:s + 1].nonzero().max()) for s in range(cap + 1)]  # the most <= s
         self.prior = steps * draft[:, None] + 1  # [L, cap+1]: a round from exit e of s draft steps, [0, 0] full depth
         self.seconds = torch.full((L, cap + 1), float("nan"), dtype=torch.float64)  # the least kept timing, nan: none
         self.trusted, self.trust = torch.zeros(L, cap + 1, dtype=torch.bool), 3  # enough timings to price by

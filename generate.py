@@ -500,10 +500,9 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
     ids are limited, as in generate(): an eos (or stop) inside the accepted drafts ends the row there.
     Greedy rounds are one call each, greedy_round (one graph when compiled, drafts chosen and accepted inside it, so
     the host pays one call a round, not d + 1; under exit auto a row settles every verified draft, counting those
-    up to its own cap), except rounds
-    with a threshold (the host stops rows) or reading other exits (exit auto's probes). Greedy exit auto runs a
-    choice of full depth as a stretch of full-depth steps until its next probe round (ExitChooser.full_depth_rounds),
-    settled together.
+    up to its own cap), except rounds with a threshold (the host stops rows) or reading other exits (exit auto's
+    probes). Greedy exit auto runs a choice of full depth as a stretch of full-depth steps until its next probe
+    round (ExitChooser.full_depth_rounds), settled together.
     stats: drafted and accepted tokens, acceptance_rate (also per row), rounds, draft_steps, draft_seconds and
     verify_seconds (a round's time from its first draft step to its last, and from there to the accepted counts,
     summed: CUDA events on a GPU), round_seconds (the same for rounds run as one call, not timed apart), and
@@ -577,7 +576,7 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
             if bool((n == switch + 1).any()):  # a row's first round past it: its cache was computed before
                 refill(model, out, n, L, cache)
         if chooser and not stretch:  # compiled, a draft count with a graph compiled (ExitChooser.allowed)
-            steps = int(chooser.allowed[:steps + 1].nonzero().max())
+            steps = chooser.allowed_steps[steps]
         if chooser:
             exits_used[f if steps else 0] = exits_used.get(f if steps else 0, 0) + (steps + 1 if stretch else 1)
         counts = torch.full((len(row_ids),), steps)          # [B] drafts each row counts this round

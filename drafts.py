@@ -79,58 +79,73 @@ def measured_timings(model, device, batch_size, compiled):
     return _timings.setdefault(model, {}).setdefault((device.type, batch_size, compiled), {})
 
 
+_agreement = weakref.WeakKeyDictionary()  # model -> ExitChooser.history
+
+
+def measured_agreement(model):
+    """How often each exit of this model agreed with the full model in earlier calls, one tensor per process
+    [2, L-1] (agreements, predictions; exit e at e - 1), summed over calls and rows: ExitChooser's prior."""
+    return _agreement.setdefault(model, torch.zeros(2, model.n_layer - 1, dtype=torch.float64))
+
+
 class ExitChooser:
     """--exit_layer auto (after DEL, REFERENCE.md section 5): the exit layer E of each round and each row's cap d,
     from acceptance and costs measured while generating, row by row.
 
-    Acceptance: until rounds measure it, how often each exit agrees with the full model on the prompt's last
-    tokens (generate.prefill_reading_exits). Every round counts for the exit it drafted with; in probe rounds
-    (the first, then every `probe_every`-th while drafting; while full-depth steps are chosen the gap doubles
-    with each probe, up to `max_probe_gap` rounds: a probe costs more than a round without one), the head also
-    reads the output of the layer before every other exit drafted with: shallower ones from the draft steps,
-    deeper ones from the verification, whose graphs keep every layer's output, in one product with the head.
-    Whether each would have predicted the tokens the round settled counts for it. Counts decay by `decay` per
-    update, so the choice follows the context.
+    Acceptance: counts start as `prior` predictions at the rate earlier calls in this process counted on generated
+    tokens (history: measured_agreement), or in a first call from how often each exit agrees with the full model
+    on the prompt's last tokens (generate.prefill_reading_exits). Every round counts for the exit it drafted with;
+    in probe rounds (the first, then every `probe_every`-th while drafting; while full-depth steps are chosen the
+    gap doubles with each probe, up to `max_probe_gap` rounds: a probe costs more than a round without one), the
+    head also reads, at the round's first position, the output of the layer before every other exit drafted with
+    (shallower ones from the first draft step, deeper ones from the verification, whose graphs keep every layer's
+    output), in one product; whether each would have predicted the token settled there counts for it (later
+    positions are settled only where E's drafts were accepted: easy ones, which overstated every other exit). A
+    probe round where full depth is chosen drafts anyway, at the exit whose best cap of 1 or more is expected to
+    pay most: it counts that exit's acceptance on every draft, where a full-depth probe reads one position. Counts
+    decay by `decay` per update, so the choice follows the context; an exit's acceptance is its agreements over
+    its predictions plus one.
 
     Costs: seconds of a whole round at exit E with s draft steps (its draft steps, its verification of s + 1
     positions and the host's work until the next round: greedy rounds are one call, greedy_round, whose parts are
     not timed apart) and of a full-depth step (a round without drafts), each the least of its last `window`
     timings of rounds that read no other exit. `timings` (measured_timings) carries them from call to call.
-    Compiled, the first `warm_up` timings of each round compile or run cold and are not counted (kept as None),
-    nor later is one over `outlier` times its estimate (a new shape compiling). The first rounds are full-depth
-    steps, until one is timed. A round timed `trust` times costs its least timing; any other is priced by weights
+    The first `warm_up` timings of each round compile or run cold and are not counted (kept as None; eager, the
+    first: a process's first full-depth step was timed at 1.75x the later ones), nor later is one over `outlier`
+    times its estimate (a new shape compiling). The first rounds are full-depth steps, until one is timed. A round
+    timed `trust` times costs its least timing; any other is priced by weights
     read (s * plan_cost + 1 full-depth steps) scaled by what trusted rounds of the nearest number of draft steps
     measured against theirs (on a CPU a verification of 5 positions costs about twice one of 1, on a GPU about the
     same), or by its timing where that is less.
 
-    Rows share a round's draft pass, so they share E: of the exits drafted with (compiled, each being its own
-    graphs: every other one, 2, 4, ..., in the first call, and in later calls only the exits earlier calls timed, so
-    that few graphs compile inside them), the one whose best caps give the largest summed expected speedup
+    Rows share a round's draft pass, so they share E: of the exits drafted with (every other one up to half the
+    depth, 2, 4, ..., L/2: the largest of fewer noisy estimates is less often an overstated one, and a draft step
+    from past half the depth costs over half a full-depth step, so that even at 85% acceptance 4 drafts pay at most
+    1.15x; compiled, each exit being its own graphs, later calls draft only with the exits earlier calls timed, so
+    that few graphs compile inside them: on 2 CPU cores a round's graph compiles in 40-160 s), the one whose best
+    caps give the largest summed expected speedup
     (expected_speedup over a full-depth step). A round drafts up to its rows' largest cap and each row counts its
     drafts up to its own, in 0 .. cap (compiled, 0, 1, 2 or 4, each number of draft steps of each exit being a
     graph; a round shortened by a row's end drafts the allowed number below): cap 0, a full-depth step, wherever
     no draft is expected to pay `margin` more (estimates from a few tokens are noisy)."""
 
-    def __init__(self, model, cap, batch_size, compiled=False, cuda_graphs=False, timings=None, probe_every=4,
-                 max_probe_gap=32, decay=0.9, window=5, margin=0.05):
+    def __init__(self, model, cap, batch_size, compiled=False, cuda_graphs=False, timings=None, history=None,
+                 probe_every=4, max_probe_gap=32, decay=0.9, window=5, margin=0.05, prior=4.0):
         L = model.n_layer
         if L < 2:
             raise ValueError(f"exit_layer auto needs a model of at least 2 layers to draft with, this one has {L}")
         self.cap, self.decay, self.window, self.margin = cap, decay, window, margin
         self.probe_every, self.max_probe_gap, self.outlier = probe_every, max_probe_gap, 4.0
         self.next_probe, self.probe_gap = 1, probe_every  # the round of the next probe, and the last gap
-        self.warm_up = 3 if cuda_graphs else 2 if compiled else 0  # compile, recompile (symbolic positions), record
+        self.warm_up = 3 if cuda_graphs else 2 if compiled else 1  # compile, recompile (symbolic positions), record
         self.candidates = list(range(1, L))  # exit e at index e - 1 of the counts below, at row e of the costs
         self.timings = {} if timings is None else timings  # ("round", e, s) -> seconds timed (None: warm-up)
-        # the exits drafted with: compiled, each is its own graphs: those compiled already (run by an earlier call),
-        # else every other one
-        self.draftable = torch.ones(L - 1, dtype=torch.bool)
-        timed = [key[1] for key in self.timings if key[1]]
+        # the exits drafted with: every other one up to half the depth (exit 1 of 2 layers); compiled, each being its
+        # own graphs, in later calls only those earlier calls ran (compiled)
+        e, timed = torch.tensor(self.candidates), [key[1] for key in self.timings if key[1]]
+        self.draftable = (e % 2 == 0) & (e <= max(L // 2, 2)) if L > 2 else e == 1
         if compiled and timed:
-            self.draftable[:] = False
-            self.draftable[torch.tensor(timed) - 1] = True
-        elif compiled and L > 2:
-            self.draftable[0::2] = False
+            self.draftable = torch.isin(e, torch.tensor(timed))
         head = head_cost(model)  # a draft step at exit e in full-depth steps, from weights read (plan_cost)
         draft = torch.tensor([0.0] + [plan_cost(torch.arange(L) >= e, head)[0] for e in self.candidates],
                              dtype=torch.float64)
@@ -145,9 +160,12 @@ class ExitChooser:
         for key, kept in self.timings.items():
             self.keep(key, kept)
         self.estimated = self.priced = self.chosen = None  # estimates(), costs() and choose(), until they change
-        # [L-1, B]: decayed counts of agreements and of predictions per exit and row; prior: one disagreement
-        self.agreed = torch.zeros(L - 1, batch_size, dtype=torch.float64)
-        self.seen = torch.ones(L - 1, batch_size, dtype=torch.float64)
+        # [L-1, B]: decayed counts of agreements and of predictions per exit and row, from `prior` predictions at the
+        # rate earlier calls counted on generated tokens (history, summed over calls: measured_agreement), if any
+        self.history = torch.zeros(2, L - 1, dtype=torch.float64) if history is None else history
+        rate = self.history[0] / self.history[1].clamp(min=1)
+        self.seen = (prior * (self.history[1] > 0)).double()[:, None].repeat(1, batch_size)
+        self.agreed = rate[:, None] * self.seen
         self.rounds = 0
 
     def keep(self, key, kept):
@@ -204,14 +222,20 @@ class ExitChooser:
             chose_full = E == 0 and bool(self.trusted[0, 0])
             self.probe_gap = min(2 * self.probe_gap, self.max_probe_gap) if chose_full else self.probe_every
             self.next_probe = self.rounds + self.probe_gap
+            if chose_full:  # the probe drafts anyway, at the exit most likely to pay: it measures that exit's
+                # acceptance on every position it drafts, where a full-depth step's probe reads one
+                E, caps = self.best_exit(rows, explore=True)
         return E, caps, [e for e in self.candidates if probe and e != E and self.draftable[e - 1]]
 
-    def best_exit(self, rows):
-        """choose()'s exit layer and caps [B] for rows [B], from the counts and costs now."""
-        a = self.agreed[:, rows] / self.seen[:, rows]  # [L-1, B]
+    def best_exit(self, rows, explore=False):
+        """choose()'s exit layer and caps [B] for rows [B], from the counts and costs now; with explore, the best
+        that drafts (each row's best cap of 1 or more)."""
+        a = self.agreed[:, rows] / (self.seen[:, rows] + 1)  # [L-1, B]: one disagreement more than counted (an
+        # estimate of 1 from a few predictions would price every cap as free)
         d = torch.arange(self.cap + 1, dtype=torch.float64)
         speedup = expected_speedup(a[..., None], d, 0.0, self.costs()[:, None, :])  # [L-1, B, cap+1]
-        speedup[..., 0] = 1.0 + self.margin  # no drafts: a full-depth step, unless drafts are expected to pay enough
+        # no drafts: a full-depth step, unless drafts are expected to pay enough
+        speedup[..., 0] = 0.0 if explore else 1.0 + self.margin
         speedup[..., ~self.allowed] = 0.0
         best, caps = speedup.max(-1)  # [L-1, B]: each row's best cap at each exit
         totals = best.sum(1).masked_fill(~self.draftable, -1.0)  # [L-1]
@@ -229,10 +253,14 @@ class ExitChooser:
         self.rounds += rounds - 1
         return rounds
 
-    def count(self, e, rows, agreed, seen):
-        """At exit e, batch row rows[i] agreed agreed[i] times in seen[i] predictions ([B] each)."""
-        self.agreed[e - 1, rows] = self.decay * self.agreed[e - 1, rows] + agreed.double().cpu()
-        self.seen[e - 1, rows] = self.decay * self.seen[e - 1, rows] + seen.double().cpu()
+    def count(self, e, rows, agreed, seen, generated=True):
+        """At exit e, batch row rows[i] agreed agreed[i] times in seen[i] predictions ([B] each); generated: on
+        generated tokens (else on the prompt's, which later calls' priors leave out)."""
+        agreed, seen = agreed.double().cpu(), seen.double().cpu()
+        self.agreed[e - 1, rows] = self.decay * self.agreed[e - 1, rows] + agreed
+        self.seen[e - 1, rows] = self.decay * self.seen[e - 1, rows] + seen
+        if generated:
+            self.history[:, e - 1] += torch.stack([agreed.sum(), seen.sum()])
         self.chosen = None
 
     def time(self, e, steps, seconds):

@@ -9,7 +9,6 @@ import time
 import weakref
 
 import torch
-import torch.nn.functional as F
 
 from model import KVCache, layer_mask, rope_switch
 
@@ -413,18 +412,16 @@ def prefill_reading_exits(model, idx, lens, cache, exits, last=8):
     return preds[:-1], preds[-1], (pos >= 0).to(x.device)
 
 
-def probed_predictions(model, exits, f, draft_kept, kept, n_tokens):
-    """What the head at each exit in `exits` predicts at a round's positions: shallower than f from the draft steps'
-    kept layer outputs (each [f, B, 1, C]), deeper from the verification's (kept [L - f, B, K+1, C]), all in one
-    product with the head -> [(exit, predictions [B, S])]."""
-    states = [(e, torch.cat([k[e - 1] for k in draft_kept], 1)) for e in exits if e < f and draft_kept]
-    states += [(e, kept[e - 1 - f]) for e in exits if e > f]
+def probed_predictions(model, exits, f, first_kept, kept, n_tokens):
+    """What the head at each exit in `exits` predicts at a round's first position: shallower than f from the first
+    draft step's kept layer outputs ([f, B, 1, C], None if the round drafted nothing), deeper from the
+    verification's (kept [L - f, B, K+1, C]), all in one product with the head -> [(exit, predictions [B])]."""
+    states = [(e, first_kept[e - 1]) for e in exits if e < f and first_kept is not None]
+    states += [(e, kept[e - 1 - f, :, :1]) for e in exits if e > f]
     if not states:
         return []
-    S = max(x.shape[1] for _, x in states)
-    padded = torch.stack([F.pad(x, (0, 0, 0, S - x.shape[1])) for _, x in states])  # [X, B, S, C]
-    preds = model.head(padded)[..., :n_tokens].argmax(-1)  # [X, B, S]
-    return [(e, p[:, :x.shape[1]]) for (e, x), p in zip(states, preds)]
+    preds = model.head(torch.stack([x for _, x in states]))[..., 0, :n_tokens].argmax(-1)  # [X, B]
+    return [(e, p) for (e, _), p in zip(states, preds)]
 
 
 def count_agreement(chooser, rows, E, counts, planned, n_acc, settled, probed=()):
@@ -432,16 +429,13 @@ def count_agreement(chooser, rows, E, counts, planned, n_acc, settled, probed=()
     and n_acc [B]). settled [B, K+1]: the tokens at the round's positions, valid up to each row's n_acc (the
     accepted drafts and the verifier's token). The exit E drafted (0: none did): its accepted drafts agreed, a
     rejected one did not, nor one the threshold stopped (a row's count below what it planned). probed: (exit,
-    predictions [B, S]) of a probe round's other exits, S positions from the round's first."""
+    predictions [B]) of a probe round's other exits at the round's first position, which every round settles (its
+    later ones only where E's drafts were accepted: easy positions, where counting them overstated every other
+    exit's agreement)."""
     if E:
         chooser.count(E, rows, n_acc, torch.minimum(counts + (counts < planned).long(), n_acc + 1))
-    if not probed:
-        return
-    valid = (torch.arange(settled.shape[1]) <= n_acc[:, None]).to(settled.device)  # [B, K+1]
     for e, preds in probed:
-        k = min(preds.shape[1], settled.shape[1])
-        ok = valid[:, :k]
-        chooser.count(e, rows, ((preds[:, :k] == settled[:, :k]) & ok).sum(1), ok.sum(1))
+        chooser.count(e, rows, (preds == settled[:, 0]).long(), torch.ones_like(n_acc))
 
 
 def draft_plan(model, exit_layer, draft_skip_layers):
@@ -523,9 +517,10 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
         draft_skip_layers = choose_draft_plan(model, idx, lens, d)
     chooser = None
     if exit_layer == "auto":  # E every round, d per row, from acceptance measured online
-        from drafts import ExitChooser, measured_timings
+        from drafts import ExitChooser, measured_agreement, measured_timings
         chooser = ExitChooser(model, d, B, compile, cuda_graphs=compile and idx.device.type in CUDA_GRAPH_DEVICES,
-                              timings=measured_timings(model, idx.device, B, compile))
+                              timings=measured_timings(model, idx.device, B, compile),
+                              history=measured_agreement(model))
         exit_layer = chooser.candidates[0]
     plan = draft_plan(model, exit_layer, draft_skip_layers)
     f = int(plan.nonzero()[0])                      # the first layer the draft skips
@@ -534,10 +529,12 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
     cache = decode_cache(model, idx, T + max_new_tokens, compile)  # positions written stay below T + max_new_tokens
     result = eos_padded(model, idx, lens, max_new_tokens)
     out = torch.cat([idx, result[:, T:], idx.new_zeros(B, d + 1)], dim=1)  # working buffer, rows leave as they finish
-    if T > 1 and chooser:  # the prefill also tells how often each exit agrees with the full model on the prompts
-        exit_preds, full_preds, valid = prefill_reading_exits(model, idx, lens, cache, chooser.candidates)
-        for e, preds in zip(chooser.candidates, exit_preds):
-            chooser.count(e, torch.arange(B), ((preds == full_preds) & valid).sum(1), valid.sum(1))
+    if T > 1 and chooser and not bool(chooser.history[1].any()):  # a first call's prior: the prefill also tells how
+        # often each exit agrees with the full model on the prompts (later calls start from what earlier ones counted)
+        exits = [e for e in chooser.candidates if chooser.draftable[e - 1]]
+        exit_preds, full_preds, valid = prefill_reading_exits(model, idx, lens, cache, exits)
+        for e, preds in zip(exits, exit_preds):
+            chooser.count(e, torch.arange(B), ((preds == full_preds) & valid).sum(1), valid.sum(1), generated=False)
     elif T > 1:  # prefill all layers with every prompt token but each row's last
         prefill(model, idx[:, :-1], (lens - 1).clamp(min=1), L, cache)
     n, end = lens.clone(), lens + max_new_tokens   # [B] on the CPU
@@ -601,16 +598,16 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
             calls["draft_steps"] += steps
         else:
             # every layer's output for the probe's heads: compiled, in every round that drafts (one graph a
-            # length); eager, where read
+            # length); eager, where read (the verification and the first draft step)
             keep = probe or (compile and chooser is not None)
-            exit_states, drafts, draft_probs, draft_kept = [], [], [], []
+            exit_states, drafts, draft_probs, first_kept = [], [], [], None
             for i in range(steps):  # tokens n-1 .. n+i-1 through the draft, each giving the next draft
-                h, logits, kept = draft(model, token, first + i, f, runs, cache, keep)
+                h, logits, kept = draft(model, token, first + i, f, runs, cache, keep and (compile or i == 0))
                 logits = logits[:, :n_tokens]
                 calls["draft_steps"] += 1
                 exit_states.append(h.clone())  # a CUDA graph's next replay overwrites its output
-                if probe:
-                    draft_kept.append(kept.clone())
+                if probe and i == 0:
+                    first_kept = kept.clone()
                 if temperature == 0:
                     token = logits.argmax(-1)
                     probs = torch.softmax(logits.float(), -1) if draft_threshold is not None else None
@@ -655,7 +652,7 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
             # queued into the host's time after the round; eager, the layers ran one call each to keep their outputs)
             pending = None if probe else (f, 0 if stretch else steps if one_call else len(exit_states),
                                           draft_seconds + verify_seconds, synced_at, K + 1 if stretch else 1)
-            probed = probed_predictions(model, probes, f, draft_kept, kept, n_tokens) if probe else ()
+            probed = probed_predictions(model, probes, f, first_kept, kept, n_tokens) if probe else ()
             count_agreement(chooser, row_ids, f, counts, planned, n_acc, new, probed)
         out[rows[:, None], (n[:, None] + torch.arange(K + 1)).to(idx.device)] = new
         drafted[row_ids] += counts

@@ -102,14 +102,15 @@ def test_exit_chooser_caps_each_row_by_its_own_acceptance():
     batch is not read."""
     from drafts import ExitChooser
     chooser = ExitChooser(layers(8), 6, batch_size=3)
-    chooser.time(0, 0, 1.0)  # a full-depth step: 1 s
+    for _ in range(2):  # a full-depth step: 1 s (the first, cold, not counted)
+        chooser.time(0, 0, 1.0)
     rows = torch.tensor([0, 2])
     for _ in range(20):
         for e in chooser.candidates:
             chooser.count(e, rows, torch.tensor([6, 0]), torch.tensor([6, 6]))
     E, caps, _ = chooser.choose(rows)
     assert caps.tolist() == [6, 0] and E in chooser.candidates, (E, caps)
-    assert chooser.seen[E - 1, 1] == 1.0  # row 1 was never counted
+    assert chooser.seen[E - 1, 1] == 0.0  # row 1 was never counted
     chooser = ExitChooser(layers(8), 6, batch_size=3, compiled=True)  # compiled: caps 0, 1, 2, 4 (one graph each)
     for _ in range(3):  # 2 compiling, then 1 s
         chooser.time(0, 0, 1.0)
@@ -156,43 +157,46 @@ def test_exit_chooser_prices_exits_by_their_timed_rounds():
 def test_exit_chooser_prices_rounds_by_their_draft_steps():
     """On a CPU a verification costs more the more positions it verifies (small-M products), so a round's cost is
     timed for each number of draft steps. Timed at 1.7 s for 2 steps and 4.8 s for 8 (a full-depth step 1 s), an
-    untimed count priced from the nearest timed one (ties: the larger), drafts are capped where they pay best (4),
-    not at the cap of 8, as pricing every round by one ratio to its weights read would have them. A single slow
-    timing (a cold call) does not price a round dearer than its weights read scaled; a later call with a smaller
-    cap ignores the larger counts timed."""
+    untimed count priced from the nearest timed one (ties: the larger), drafts are capped where they pay best (3 at
+    exit 2, the exit drafted with of 4 layers), not at the cap of 8, as pricing every round by one ratio to its
+    weights read would have them. A single slow timing (a cold call) does not price a round dearer than its weights
+    read scaled; a later call with a smaller cap ignores the larger counts timed."""
     from drafts import ExitChooser
     chooser, rows = ExitChooser(layers(4), 8, batch_size=1), torch.tensor([0])
     for e in chooser.candidates:
-        chooser.count(e, rows, torch.tensor([90]), torch.tensor([100]))
-    chooser.time(0, 0, 1.0)
-    for _ in range(3):
+        chooser.count(e, rows, torch.tensor([90]), torch.tensor([99]))  # acceptance 0.9: 90 of 99 + 1
+    for _ in range(2):  # eager too, the first timing of each round (cold) is not counted
+        chooser.time(0, 0, 1.0)
+    for _ in range(4):
         chooser.time(2, 2, 1.7)
         chooser.time(2, 8, 4.8)
     c = chooser.costs()  # c[e - 1, s]: a round from exit e of s draft steps
     ratio = chooser.prior[:, 4] / chooser.prior[2, 2] * 1.7  # 4 is nearer 2 than 8
     assert c[1, 2] == 1.7 and c[1, 8] == 4.8 and torch.allclose(c[:, 4], ratio[1:]), c
     E, caps, _ = chooser.choose(rows)
-    assert caps.tolist() == [4], (E, caps)
-    chooser.time(2, 1, 3.0)  # one slow round of 1 draft step (a cold call): priced as 2 steps' ratio says
+    assert E == 2 and caps.tolist() == [3], (E, caps)
+    for _ in range(2):  # one slow round of 1 draft step counted (a cold call): priced as 2 steps' ratio says
+        chooser.time(2, 1, 3.0)
     assert chooser.costs()[1, 1] == pytest.approx(1.7 * chooser.prior[2, 1] / chooser.prior[2, 2])
-    assert chooser.choose(rows)[1].tolist() == [4]
+    assert chooser.choose(rows)[1].tolist() == [3]
     small = ExitChooser(layers(4), 2, batch_size=1, timings=chooser.timings)  # a later call with a smaller cap
     assert small.costs().shape == (3, 3)
 
 
 def test_exit_chooser_probes_every_exit_and_repeats_unchanged_choices(monkeypatch):
-    """Probe rounds (the first and every 4th) read every other exit, far ones too: an estimate left from the prompt
-    would never be corrected otherwise (exits 8 to 11, here, while exit 3 drafts; before, a probe after the first
-    read exits within 4 layers of E). Rounds that count nothing (full-depth rounds) repeat the last choice without
-    pricing again; a count prices again."""
+    """Probe rounds (the first and every 4th) read every other exit drafted with (every other one up to half the
+    depth: 2, 4 and 6 of 12), far ones too: an estimate left from the prompt would never be corrected otherwise.
+    Rounds that count nothing (full-depth rounds) repeat the last choice without pricing again; a count prices
+    again."""
     from drafts import ExitChooser
     chooser, rows = ExitChooser(layers(12), 4, batch_size=1), torch.tensor([0])
-    chooser.time(0, 0, 1.0)
+    for _ in range(2):
+        chooser.time(0, 0, 1.0)
     for e in chooser.candidates:
-        chooser.count(e, rows, torch.tensor([9 if e == 3 else 1]), torch.tensor([10]))
+        chooser.count(e, rows, torch.tensor([9 if e == 4 else 1]), torch.tensor([10]))
     choices = [chooser.choose(rows) for _ in range(5)]
-    assert [(E, caps.tolist()) for E, caps, _ in choices] == [(3, [4])] * 5, choices
-    assert choices[0][2] == choices[4][2] == [1, 2] + list(range(4, 12)) and choices[1][2] == [], choices
+    assert [(E, caps.tolist()) for E, caps, _ in choices] == [(4, [3])] * 5, choices
+    assert choices[0][2] == choices[4][2] == [2, 6] and choices[1][2] == [], choices
     priced = []
     monkeypatch.setattr(ExitChooser, "best_exit", lambda self, rows: priced.append(1) or (0, torch.tensor([0])))
     chooser.choose(rows)
@@ -204,14 +208,20 @@ def test_exit_chooser_probes_every_exit_and_repeats_unchanged_choices(monkeypatc
 def test_exit_chooser_probes_less_often_while_nothing_pays():
     """While full-depth steps are chosen, each probe doubles the gap to the next (8, 16, then at most 32 rounds): a
     probe costs about a full-depth step, so probing every 4th round of a hard context cost a quarter of a step a
-    token. Once an exit pays again, every 4th round."""
+    token. A probe drafts anyway, at the exit most likely to pay (before, it was a full-depth step reading each exit
+    at one position, and a context whose first tokens disagreed stayed at full depth where exit 4 paid 1.4x). Once
+    an exit pays again, every 4th round."""
     from drafts import ExitChooser
     chooser, rows = ExitChooser(layers(8), 4, batch_size=1), torch.tensor([0])
-    chooser.time(0, 0, 1.0)
+    for _ in range(2):
+        chooser.time(0, 0, 1.0)
     for e in chooser.candidates:
         chooser.count(e, rows, torch.tensor([1]), torch.tensor([10]))
-    probed = [r for r in range(1, 80) if chooser.choose(rows)[2]]
+    choices = [chooser.choose(rows) for _ in range(1, 80)]
+    probed = [r for r, (_, _, probes) in zip(range(1, 80), choices) if probes]
     assert probed == [1, 9, 25, 57], probed
+    assert all((E != 0) == (r in probed) and (E == 0 or caps.tolist() == [1])
+               for r, (E, caps, _) in zip(range(1, 80), choices)), choices
     chooser.count(2, rows, torch.tensor([100]), torch.tensor([100]))  # exit 2 agrees: it drafts
     choices = [chooser.choose(rows) for _ in range(80, 100)]
     assert {E for E, _, _ in choices} == {2}, choices
@@ -225,37 +235,78 @@ def test_exit_chooser_times_again_a_round_first_timed_cold():
     weights read scaled by trusted timings: exit 2 drafts again."""
     from drafts import ExitChooser
     chooser, rows = ExitChooser(layers(8), 4, batch_size=1), torch.tensor([0])
+    chooser.time(0, 0, 1.75)  # a process's first full-depth step, cold (eager too): not counted
+    assert chooser.choose(rows)[0] == 0 and chooser.seconds[0, 0].isnan()
     chooser.time(0, 0, 1.0)
     for e in chooser.candidates:
         chooser.count(e, rows, torch.tensor([9 if e == 2 else 1]), torch.tensor([10]))
-    chooser.time(2, 1, 3.0)  # cold: weights read say 1.28 full-depth steps
+    for _ in range(2):
+        chooser.time(2, 1, 3.0)  # cold: weights read say 1.28 full-depth steps
     E, caps, _ = chooser.choose(rows)
     assert E == 2 and int(caps[0]) > 0, (E, caps)  # before: no drafting (E 0)
 
 
-def test_exit_chooser_starts_from_earlier_calls_timings():
+def test_exit_chooser_starts_from_earlier_calls_timings_and_acceptance():
     """What a step costs does not depend on the prompt: a later call's chooser starts from the timings of earlier
     calls with the same model, device, batch size and compile mode, so it drafts from its first round (no
-    full-depth rounds until one is timed), and compiled it drafts only with the exits they timed, whose graphs have
-    compiled, rather than every other exit (a new exit's graphs would compile inside the call)."""
-    from drafts import ExitChooser, measured_timings
+    full-depth rounds until one is timed). Its acceptance starts from the rates earlier calls counted on generated
+    tokens, at the weight of 4 predictions (before: from the agreement on the prompt's last 8 tokens alone, which on
+    a prompt of prose before code chose an exit that did not pay); what a first call counted on the prompt is left
+    out. Compiled, it drafts only with the exits they timed, whose graphs have compiled (a new exit's graphs would
+    compile inside the call), and a first call with every other exit up to half the depth."""
+    from drafts import ExitChooser, measured_agreement, measured_timings
     model, cpu, rows = layers(8), torch.device("cpu"), torch.tensor([0])
-    timings = measured_timings(model, cpu, 1, True)
-    assert measured_timings(model, cpu, 1, True) is timings
+    timings, history = measured_timings(model, cpu, 1, True), measured_agreement(model)
+    assert measured_timings(model, cpu, 1, True) is timings and measured_agreement(model) is history
     assert measured_timings(model, cpu, 2, True) is not timings
     assert measured_timings(model, cpu, 1, False) is not timings
-    first = ExitChooser(model, 4, batch_size=1, compiled=True, timings=timings)
-    assert (first.draftable.nonzero()[:, 0] + 1).tolist() == [2, 4, 6]
+    assert measured_agreement(layers(8)) is not history
+    first = ExitChooser(model, 4, batch_size=1, compiled=True, timings=timings, history=history)
+    assert (first.draftable.nonzero()[:, 0] + 1).tolist() == [2, 4]
     for seconds in (100.0, 100.0, 1.0):  # compiling, then a full-depth step: 1 s
         first.time(0, 0, seconds)
-    for seconds in (100.0, 100.0, 1.4):  # compiling exit 6's graphs, then a round of 2 draft steps: 1.4 s
-        first.time(6, 2, seconds)
-    second = ExitChooser(model, 4, batch_size=1, compiled=True, timings=timings)
-    assert (second.draftable.nonzero()[:, 0] + 1).tolist() == [6]
-    for e in second.candidates:
-        second.count(e, rows, torch.tensor([36]), torch.tensor([40]))
+    for seconds in (100.0, 100.0, 1.4):  # compiling exit 4's graphs, then a round of 2 draft steps: 1.4 s
+        first.time(4, 2, seconds)
+    first.count(2, rows, torch.tensor([40]), torch.tensor([40]), generated=False)  # the prompt: exit 2 agrees
+    first.count(2, rows, torch.tensor([4]), torch.tensor([40]))  # generated tokens: exit 2 rarely does, 4 mostly
+    first.count(4, rows, torch.tensor([36]), torch.tensor([40]))
+    second = ExitChooser(model, 4, batch_size=1, compiled=True, timings=timings, history=history)
+    assert (second.draftable.nonzero()[:, 0] + 1).tolist() == [4]
+    assert second.seen[[1, 3], 0].tolist() == [4.0, 4.0] and second.agreed[[1, 3], 0].tolist() == [0.4, 3.6]
     E, caps, _ = second.choose(rows)
-    assert E == 6 and caps.tolist() == [2], (E, caps)  # 2.65 tokens in 1.4 s; 4 drafts: 3.9 in 4.05 (priced)
+    assert E == 4 and caps.tolist() == [2], (E, caps)
+
+
+def test_exit_layer_auto_reads_the_prompts_exits_in_a_first_call_only(monkeypatch):
+    """A first call's chooser starts from how often each exit agrees with the full model on the prompt; later calls
+    start from what earlier ones counted on generated tokens, and skip reading the prompt's exits. Greedy output
+    stays plain greedy."""
+    import generate as generate_module
+    reads, real = [], generate_module.prefill_reading_exits
+    monkeypatch.setattr(generate_module, "prefill_reading_exits", lambda *a: reads.append(1) or real(*a))
+    model = layers(8)
+    idx, lens = pad_prompts(ragged_prompts(seed=3))
+    expected = generate(model, idx, 20, prompt_lens=lens, temperature=0)
+    for _ in range(2):
+        out, _ = generate_speculative(model, idx, 20, "auto", 4, prompt_lens=lens)
+        assert out.tolist() == expected.tolist()
+    assert reads == [1]
+
+
+def test_probes_count_other_exits_at_the_rounds_first_position():
+    """A round settles its later positions only where E's drafts were accepted (easy positions), so probed exits
+    count at its first position only: counting every settled position had every other exit agree far more often
+    than it would drafting (exit 1 counted 0.55 over the prompt set, where drafting at exit 2 accepted 0.44)."""
+    from generate import count_agreement
+    calls = []
+
+    class Chooser:
+        def count(self, e, rows, agreed, seen):
+            calls.append((e, agreed.tolist(), seen.tolist()))
+    settled = torch.tensor([[5, 6, 7, 8], [5, 9, 9, 9]])  # row 0: 3 drafts accepted, then the verifier's token
+    n_acc, counts = torch.tensor([3, 0]), torch.tensor([3, 3])
+    count_agreement(Chooser(), torch.tensor([0, 1]), 2, counts, counts, n_acc, settled, [(4, torch.tensor([5, 7]))])
+    assert calls == [(2, [3, 0], [3, 1]), (4, [1, 0], [1, 1])], calls
 
 
 def test_exit_layer_auto_learns_from_full_depth_rounds_and_stopped_drafts():

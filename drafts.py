@@ -83,61 +83,69 @@ _agreement = weakref.WeakKeyDictionary()  # model -> ExitChooser.history
 
 
 def measured_agreement(model):
-    """How often each exit of this model agreed with the full model in earlier calls, one tensor per process
-    [2, L-1] (agreements, predictions; exit e at e - 1), summed over calls and rows: ExitChooser's prior."""
-    return _agreement.setdefault(model, torch.zeros(2, model.n_layer - 1, dtype=torch.float64))
+    """How often each exit of this model agreed with the full model in earlier calls' greedy rounds without a
+    threshold, one tensor per process [2, L-1] (agreements, predictions; exit e at e - 1), summed over calls and
+    rows: ExitChooser's prior. A normal tensor, though generate_speculative runs under inference mode."""
+    if model not in _agreement:
+        with torch.inference_mode(False):
+            _agreement[model] = torch.zeros(2, model.n_layer - 1, dtype=torch.float64)
+    return _agreement[model]
 
 
 class ExitChooser:
     """--exit_layer auto (after DEL, REFERENCE.md section 5): the exit layer E of each round and each row's cap d,
     from acceptance and costs measured while generating, row by row.
 
-    Acceptance: counts start as `prior` predictions at the rate earlier calls in this process counted on generated
-    tokens (history: measured_agreement), or in a first call from how often each exit agrees with the full model
-    on the prompt's last tokens (generate.prefill_reading_exits). Every round counts for the exit it drafted with;
+    Acceptance: counts start as `prior_weight` predictions at the rate earlier calls in this process counted on
+    generated tokens in greedy rounds without a threshold (history: measured_agreement; a sampled token or a draft
+    the threshold stopped says less of agreement), or in a first call from how often each exit agrees with the full
+    model on the prompt's last tokens (generate.prefill_reading_exits). Every round counts for the exit it drafted with;
     in probe rounds (the first, then every `probe_every`-th while drafting; while full-depth steps are chosen the
     gap doubles with each probe, up to `max_probe_gap` rounds: a probe costs more than a round without one), the
     head also reads, at the round's first position, the output of the layer before every other exit drafted with
     (shallower ones from the first draft step, deeper ones from the verification, whose graphs keep every layer's
     output), in one product; whether each would have predicted the token settled there counts for it (later
-    positions are settled only where E's drafts were accepted: easy ones, which overstated every other exit). A
-    probe round where full depth is chosen drafts anyway, at the exit whose best cap of 1 or more is expected to
-    pay most: it counts that exit's acceptance on every draft, where a full-depth probe reads one position. Counts
-    decay by `decay` per update, so the choice follows the context; an exit's acceptance is its agreements over
-    its predictions plus one.
+    positions are settled only where E's drafts were accepted, so they would count the other exits mostly where
+    E found the tokens easy). A probe round where full depth is chosen drafts anyway, at the exit whose best cap of
+    1 or more is expected to pay most: it counts that exit's acceptance on every draft, where a full-depth probe
+    reads one position. Counts decay by `decay` per update (a row not counted keeps its own), so the choice follows
+    the context; an exit's acceptance is agreements / (predictions + 1).
 
     Costs: seconds of a whole round at exit E with s draft steps (its draft steps, its verification of s + 1
     positions and the host's work until the next round: greedy rounds are one call, greedy_round, whose parts are
     not timed apart) and of a full-depth step (a round without drafts), each the least of its last `window`
     timings of rounds that read no other exit. `timings` (measured_timings) carries them from call to call.
     The first `warm_up` timings of each round compile or run cold and are not counted (kept as None; eager, the
-    first: a process's first full-depth step was timed at 1.75x the later ones), nor later is one over `outlier`
-    times its estimate (a new shape compiling). The first rounds are full-depth steps, until one is timed. A round
-    timed `trust` times costs its least timing; any other is priced by weights
-    read (s * plan_cost + 1 full-depth steps) scaled by what trusted rounds of the nearest number of draft steps
-    measured against theirs (on a CPU a verification of 5 positions costs about twice one of 1, on a GPU about the
-    same), or by its timing where that is less.
+    first: a first call can run slow, and once auto drafts a full-depth step is timed rarely, so one slow timing
+    could price it: in one process its only timing was 6.31 ms where plain decoding ran at 3.6 ms a token, so every
+    round looked 1.75x cheaper against it than it was), nor later is one over `outlier` times its estimate (a new
+    shape compiling). The first rounds are full-depth steps, until one is timed. A round timed `trust` times costs
+    its least timing; any other is priced by weights read (s * plan_cost + 1 full-depth steps) scaled by what
+    trusted rounds of the nearest number of draft steps measured against theirs (on a CPU a verification of 5
+    positions costs about twice one of 1, on a GPU about the same), or by its timing where that is less.
 
     Rows share a round's draft pass, so they share E: of the exits drafted with (every other one up to half the
-    depth, 2, 4, ..., L/2: the largest of fewer noisy estimates is less often an overstated one, and a draft step
-    from past half the depth costs over half a full-depth step, so that even at 85% acceptance 4 drafts pay at most
-    1.15x; compiled, each exit being its own graphs, later calls draft only with the exits earlier calls timed, so
-    that few graphs compile inside them: on 2 CPU cores a round's graph compiles in 40-160 s), the one whose best
-    caps give the largest summed expected speedup
+    depth, 2, 4, ..., L/2, or 1 of 2 layers and 2 of 3: the largest of fewer noisy estimates is less often an
+    overstated one, and a draft step from past half the depth costs over half a full-depth step, so that at 85%
+    acceptance 4 drafts pay about 1.15x at best; compiled, each exit being its own graphs, later calls draft only
+    with the exits earlier calls timed, so that few graphs compile inside them: on 2 CPU cores a round's graph
+    compiles in 40-160 s; a probe round's separate draft and verification calls may still compile a few), the one
+    whose best caps give the largest summed expected speedup
     (expected_speedup over a full-depth step). A round drafts up to its rows' largest cap and each row counts its
     drafts up to its own, in 0 .. cap (compiled, 0, 1, 2 or 4, each number of draft steps of each exit being a
     graph; a round shortened by a row's end drafts the allowed number below): cap 0, a full-depth step, wherever
     no draft is expected to pay `margin` more (estimates from a few tokens are noisy)."""
 
     def __init__(self, model, cap, batch_size, compiled=False, cuda_graphs=False, timings=None, history=None,
-                 probe_every=4, max_probe_gap=32, decay=0.9, window=5, margin=0.05, prior=4.0):
+                 probe_every=4, max_probe_gap=32, decay=0.9, window=5, margin=0.05, prior_weight=4.0):
         L = model.n_layer
         if L < 2:
             raise ValueError(f"exit_layer auto needs a model of at least 2 layers to draft with, this one has {L}")
         self.cap, self.decay, self.window, self.margin = cap, decay, window, margin
         self.probe_every, self.max_probe_gap, self.outlier = probe_every, max_probe_gap, 4.0
         self.next_probe, self.probe_gap = 1, probe_every  # the round of the next probe, and the last gap
-        self.warm_up = 3 if cuda_graphs else 2 if compiled else 1  # compile, recompile (symbolic positions), record
+        # timings not counted: compile, recompile (symbolic positions), record a CUDA graph; eager, a cold first call
+        self.warm_up = 3 if cuda_graphs else 2 if compiled else 1
         self.candidates = list(range(1, L))  # exit e at index e - 1 of the counts below, at row e of the costs
         self.timings = {} if timings is None else timings  # ("round", e, s) -> seconds timed (None: warm-up)
         # the exits drafted with: every other one up to half the depth (exit 1 of 2 layers); compiled, each being its
@@ -160,11 +168,11 @@ class ExitChooser:
         for key, kept in self.timings.items():
             self.keep(key, kept)
         self.estimated = self.priced = self.chosen = None  # estimates(), costs() and choose(), until they change
-        # [L-1, B]: decayed counts of agreements and of predictions per exit and row, from `prior` predictions at the
-        # rate earlier calls counted on generated tokens (history, summed over calls: measured_agreement), if any
+        # [L-1, B]: decayed counts of agreements and of predictions per exit and row, from `prior_weight` predictions
+        # at the rate earlier calls counted (history, summed over calls: measured_agreement), if any
         self.history = torch.zeros(2, L - 1, dtype=torch.float64) if history is None else history
         rate = self.history[0] / self.history[1].clamp(min=1)
-        self.seen = (prior * (self.history[1] > 0)).double()[:, None].repeat(1, batch_size)
+        self.seen = (prior_weight * (self.history[1] > 0)).double()[:, None].repeat(1, batch_size)
         self.agreed = rate[:, None] * self.seen
         self.rounds = 0
 
@@ -209,10 +217,11 @@ class ExitChooser:
         return self.priced
 
     def choose(self, rows):
-        """rows [B]: the batch rows still decoding -> (exit layer, caps [B] in 0 .. cap, the exits this round reads
-        besides E: none unless it is a probe round). E is 0 when no row drafts: a full-depth step, whose
-        verification from layer 0 keeps every layer's output, so a probe reads every exit. Until counts or costs
-        change, the same rows get the same choice (a full-depth round counts nothing)."""
+        """rows [B]: the batch rows still decoding -> (exit layer, caps [B] in 0 .. cap, the exits drafted with this
+        round reads besides E: none unless it is a probe round). E is 0 when no row drafts: a full-depth step (in a
+        probe round only before a full-depth step is timed: its verification from layer 0 keeps every layer's
+        output). Until counts or costs change, the same rows get the same choice outside probe rounds (a full-depth
+        round counts nothing)."""
         self.rounds += 1
         if self.chosen is None or not torch.equal(self.chosen[0], rows):
             self.chosen = rows, *self.best_exit(rows)
@@ -253,13 +262,16 @@ class ExitChooser:
         self.rounds += rounds - 1
         return rounds
 
-    def count(self, e, rows, agreed, seen, generated=True):
-        """At exit e, batch row rows[i] agreed agreed[i] times in seen[i] predictions ([B] each); generated: on
-        generated tokens (else on the prompt's, which later calls' priors leave out)."""
+    def count(self, e, rows, agreed, seen, remember=True):
+        """At exit e, batch row rows[i] agreed agreed[i] times in seen[i] predictions ([B] each); a row without
+        predictions (a cap of 0 in a round that drafts) keeps its counts. remember: add them to `history`, later
+        calls' prior (greedy rounds without a threshold; not the prompt's agreement)."""
         agreed, seen = agreed.double().cpu(), seen.double().cpu()
+        counted = seen > 0
+        rows, agreed, seen = torch.as_tensor(rows).cpu()[counted], agreed[counted], seen[counted]
         self.agreed[e - 1, rows] = self.decay * self.agreed[e - 1, rows] + agreed
         self.seen[e - 1, rows] = self.decay * self.seen[e - 1, rows] + seen
-        if generated:
+        if remember:
             self.history[:, e - 1] += torch.stack([agreed.sum(), seen.sum()])
         self.chosen = None
 
@@ -267,7 +279,7 @@ class ExitChooser:
         """A round of `steps` draft steps at exit e took `seconds` (a full-depth step when steps is 0)."""
         key = ("round", e, steps) if steps else FULL
         kept = self.timings.setdefault(key, [])
-        if len(kept) < self.warm_up and all(t is None for t in kept):  # its graphs' first calls
+        if len(kept) < self.warm_up and all(t is None for t in kept):  # its first calls (compiling, cold)
             kept.append(None)
             return
         if self.trusted[0, 0] and seconds > self.outlier * self.estimates()[key[1:]]:  # a call that compiled

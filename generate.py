@@ -424,18 +424,18 @@ def probed_predictions(model, exits, f, first_kept, kept, n_tokens):
     return [(e, p) for (e, _), p in zip(states, preds)]
 
 
-def count_agreement(chooser, rows, E, counts, planned, n_acc, settled, probed=()):
+def count_agreement(chooser, rows, E, counts, planned, n_acc, settled, probed=(), remember=True):
     """Tell the exit chooser how its exits did this round in batch rows rows [B] (on the CPU, as counts, planned
     and n_acc [B]). settled [B, K+1]: the tokens at the round's positions, valid up to each row's n_acc (the
     accepted drafts and the verifier's token). The exit E drafted (0: none did): its accepted drafts agreed, a
     rejected one did not, nor one the threshold stopped (a row's count below what it planned). probed: (exit,
     predictions [B]) of a probe round's other exits at the round's first position, which every round settles (its
-    later ones only where E's drafts were accepted: easy positions, where counting them overstated every other
-    exit's agreement)."""
+    later ones only where E's drafts were accepted, where counting them would count the other exits mostly where E
+    found the tokens easy). remember: as ExitChooser.count."""
     if E:
-        chooser.count(E, rows, n_acc, torch.minimum(counts + (counts < planned).long(), n_acc + 1))
+        chooser.count(E, rows, n_acc, torch.minimum(counts + (counts < planned).long(), n_acc + 1), remember)
     for e, preds in probed:
-        chooser.count(e, rows, (preds == settled[:, 0]).long(), torch.ones_like(n_acc))
+        chooser.count(e, rows, (preds == settled[:, 0]).long(), torch.ones_like(n_acc), remember)
 
 
 def draft_plan(model, exit_layer, draft_skip_layers):
@@ -534,7 +534,7 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
         exits = [e for e in chooser.candidates if chooser.draftable[e - 1]]
         exit_preds, full_preds, valid = prefill_reading_exits(model, idx, lens, cache, exits)
         for e, preds in zip(exits, exit_preds):
-            chooser.count(e, torch.arange(B), ((preds == full_preds) & valid).sum(1), valid.sum(1), generated=False)
+            chooser.count(e, torch.arange(B), ((preds == full_preds) & valid).sum(1), valid.sum(1), remember=False)
     elif T > 1:  # prefill all layers with every prompt token but each row's last
         prefill(model, idx[:, :-1], (lens - 1).clamp(min=1), L, cache)
     n, end = lens.clone(), lens + max_new_tokens   # [B] on the CPU
@@ -653,7 +653,8 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
             pending = None if probe else (f, 0 if stretch else steps if one_call else len(exit_states),
                                           draft_seconds + verify_seconds, synced_at, K + 1 if stretch else 1)
             probed = probed_predictions(model, probes, f, first_kept, kept, n_tokens) if probe else ()
-            count_agreement(chooser, row_ids, f, counts, planned, n_acc, new, probed)
+            count_agreement(chooser, row_ids, f, counts, planned, n_acc, new, probed,
+                            remember=temperature == 0 and draft_threshold is None)  # (ExitChooser.count)
         out[rows[:, None], (n[:, None] + torch.arange(K + 1)).to(idx.device)] = new
         drafted[row_ids] += counts
         accepted[row_ids] += n_acc

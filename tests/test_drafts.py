@@ -183,7 +183,7 @@ def test_exit_chooser_prices_rounds_by_their_draft_steps():
     assert small.costs().shape == (3, 3)
 
 
-def test_exit_chooser_probes_every_exit_and_repeats_unchanged_choices(monkeypatch):
+def test_exit_chooser_probes_the_exits_drafted_with_and_repeats_unchanged_choices(monkeypatch):
     """Probe rounds (the first and every 4th) read every other exit drafted with (every other one up to half the
     depth: 2, 4 and 6 of 12), far ones too: an estimate left from the prompt would never be corrected otherwise.
     Rounds that count nothing (full-depth rounds) repeat the last choice without pricing again; a count prices
@@ -267,7 +267,7 @@ def test_exit_chooser_starts_from_earlier_calls_timings_and_acceptance():
         first.time(0, 0, seconds)
     for seconds in (100.0, 100.0, 1.4):  # compiling exit 4's graphs, then a round of 2 draft steps: 1.4 s
         first.time(4, 2, seconds)
-    first.count(2, rows, torch.tensor([40]), torch.tensor([40]), generated=False)  # the prompt: exit 2 agrees
+    first.count(2, rows, torch.tensor([40]), torch.tensor([40]), remember=False)  # the prompt: exit 2 agrees
     first.count(2, rows, torch.tensor([4]), torch.tensor([40]))  # generated tokens: exit 2 rarely does, 4 mostly
     first.count(4, rows, torch.tensor([36]), torch.tensor([40]))
     second = ExitChooser(model, 4, batch_size=1, compiled=True, timings=timings, history=history)
@@ -294,19 +294,48 @@ def test_exit_layer_auto_reads_the_prompts_exits_in_a_first_call_only(monkeypatc
 
 
 def test_probes_count_other_exits_at_the_rounds_first_position():
-    """A round settles its later positions only where E's drafts were accepted (easy positions), so probed exits
-    count at its first position only: counting every settled position had every other exit agree far more often
-    than it would drafting (exit 1 counted 0.55 over the prompt set, where drafting at exit 2 accepted 0.44)."""
+    """A round settles its later positions only where E's drafts were accepted, so probed exits count at its first
+    position only: counting every settled position counted them mostly where E found the tokens easy."""
     from generate import count_agreement
     calls = []
 
     class Chooser:
-        def count(self, e, rows, agreed, seen):
+        def count(self, e, rows, agreed, seen, remember):
             calls.append((e, agreed.tolist(), seen.tolist()))
     settled = torch.tensor([[5, 6, 7, 8], [5, 9, 9, 9]])  # row 0: 3 drafts accepted, then the verifier's token
     n_acc, counts = torch.tensor([3, 0]), torch.tensor([3, 3])
     count_agreement(Chooser(), torch.tensor([0, 1]), 2, counts, counts, n_acc, settled, [(4, torch.tensor([5, 7]))])
     assert calls == [(2, [3, 0], [3, 1]), (4, [1, 0], [1, 1])], calls
+
+
+@torch.no_grad()
+def test_probed_predictions_read_each_exit_at_the_rounds_first_position():
+    """Exits shallower than the draft's f are read from the first draft step's layer outputs, deeper ones from the
+    verification's at its first position: the output of layer e - 1 through the head. A round that drafted nothing
+    has no shallower exits to read."""
+    from generate import probed_predictions
+    model, g = layers(8), torch.Generator().manual_seed(0)
+    first_kept = torch.randn(4, 2, 1, model.cfg.n_embd, generator=g)  # f = 4: layers 0-3 of the first draft step
+    kept = torch.randn(4, 2, 3, model.cfg.n_embd, generator=g)  # layers 4-7 of a verification of 3 positions
+    read = dict(probed_predictions(model, [2, 6], 4, first_kept, kept, None))
+    assert torch.equal(read[2], model.head(first_kept[1])[:, 0].argmax(-1))
+    assert torch.equal(read[6], model.head(kept[1, :, :1])[:, 0].argmax(-1))
+    assert probed_predictions(model, [2], 4, None, kept, None) == []
+
+
+def test_exit_chooser_keeps_the_counts_of_a_row_without_predictions():
+    """A row with a cap of 0 in a round that drafts (a batch) has no prediction at E: its counts stay as they were
+    (decayed with nothing added, its estimate of agreements / (predictions + 1) sank towards 0, so that it could not
+    draft at E again). Only greedy rounds without a threshold enter later calls' prior."""
+    from drafts import ExitChooser
+    chooser, rows = ExitChooser(layers(8), 4, batch_size=2), torch.tensor([0, 1])
+    chooser.count(2, rows, torch.tensor([9, 9]), torch.tensor([10, 10]))
+    for _ in range(20):
+        chooser.count(2, rows, torch.tensor([5, 0]), torch.tensor([5, 0]))
+    assert chooser.agreed[1, 1] == 9 and chooser.seen[1, 1] == 10, chooser.seen
+    assert chooser.history[:, 1].tolist() == [118, 120]
+    chooser.count(2, rows, torch.tensor([0, 0]), torch.tensor([3, 3]), remember=False)  # sampled, or thresholded
+    assert chooser.history[:, 1].tolist() == [118, 120] and chooser.seen[1, 1] == 12  # 0.9 x 10 + 3
 
 
 def test_exit_layer_auto_learns_from_full_depth_rounds_and_stopped_drafts():

@@ -148,8 +148,8 @@ class ExitChooser:
         self.warm_up = 3 if cuda_graphs else 2 if compiled else 1
         self.candidates = list(range(1, L))  # exit e at index e - 1 of the counts below, at row e of the costs
         self.timings = {} if timings is None else timings  # ("round", e, s) -> seconds timed (None: warm-up)
-        # the exits drafted with: every other one up to half the depth (exit 1 of 2 layers); compiled, each being its
-        # own graphs, in later calls only those earlier calls ran (compiled)
+        # the exits drafted with: every other one up to half the depth (exit 1 of 2 layers, 2 of 3); compiled (each is
+        # its own graphs), in later calls only those earlier calls ran
         e, timed = torch.tensor(self.candidates), [key[1] for key in self.timings if key[1]]
         self.draftable = (e % 2 == 0) & (e <= max(L // 2, 2)) if L > 2 else e == 1
         if compiled and timed:

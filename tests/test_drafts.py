@@ -184,8 +184,8 @@ def test_exit_chooser_prices_rounds_by_their_draft_steps():
 
 
 def test_exit_chooser_probes_the_exits_drafted_with_and_repeats_unchanged_choices(monkeypatch):
-    """Probe rounds (the first and every 4th) read every other exit drafted with (every other one up to half the
-    depth: 2, 4 and 6 of 12), far ones too: an estimate left from the prompt would never be corrected otherwise.
+    """Probe rounds (the first and every 4th) read each of the other exits drafted with (every other one up to half
+    the depth: 2, 4 and 6 of 12), far ones too: an estimate left from the prompt would never be corrected otherwise.
     Rounds that count nothing (full-depth rounds) repeat the last choice without pricing again; a count prices
     again."""
     from drafts import ExitChooser

@@ -154,6 +154,7 @@ class ExitChooser:
         self.draftable = (e % 2 == 0) & (e <= max(L // 2, 2)) if L > 2 else e == 1
         if compiled and timed:
             self.draftable = torch.isin(e, torch.tensor(timed))
+        self.drafted_with = e[self.draftable].tolist()  # the same, as exit layers
         head = head_cost(model)  # a draft step at exit e in full-depth steps, from weights read (plan_cost)
         draft = torch.tensor([0.0] + [plan_cost(torch.arange(L) >= e, head)[0] for e in self.candidates],
                              dtype=torch.float64)
@@ -234,7 +235,7 @@ class ExitChooser:
             if chose_full:  # the probe drafts anyway, at the exit most likely to pay: it measures that exit's
                 # acceptance on every position it drafts, where a full-depth step's probe reads one
                 E, caps = self.best_exit(rows, explore=True)
-        return E, caps, [e for e in self.candidates if probe and e != E and self.draftable[e - 1]]
+        return E, caps, [e for e in self.drafted_with if e != E] if probe else []
 
     def best_exit(self, rows, explore=False):
         """choose()'s exit layer and caps [B] for rows [B], from the counts and costs now; with explore, the best
@@ -267,12 +268,14 @@ class ExitChooser:
         predictions (a cap of 0 in a round that drafts) keeps its counts. remember: add them to `history`, later
         calls' prior (greedy rounds without a threshold; not the prompt's agreement)."""
         agreed, seen = agreed.double().cpu(), seen.double().cpu()
-        counted = seen > 0
-        rows, agreed, seen = torch.as_tensor(rows).cpu()[counted], agreed[counted], seen[counted]
+        if not bool(seen.all()):  # (a check per round: the masking below costs about what the update does)
+            counted = seen > 0
+            rows, agreed, seen = torch.as_tensor(rows).cpu()[counted], agreed[counted], seen[counted]
         self.agreed[e - 1, rows] = self.decay * self.agreed[e - 1, rows] + agreed
         self.seen[e - 1, rows] = self.decay * self.seen[e - 1, rows] + seen
         if remember:
-            self.history[:, e - 1] += torch.stack([agreed.sum(), seen.sum()])
+            self.history[0, e - 1] += agreed.sum()
+            self.history[1, e - 1] += seen.sum()
         self.chosen = None
 
     def time(self, e, steps, seconds):

@@ -531,9 +531,8 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
     out = torch.cat([idx, result[:, T:], idx.new_zeros(B, d + 1)], dim=1)  # working buffer, rows leave as they finish
     if T > 1 and chooser and not bool(chooser.history[1].any()):  # a first call's prior: the prefill also tells how
         # often each exit agrees with the full model on the prompts (later calls start from what earlier ones counted)
-        exits = [e for e in chooser.candidates if chooser.draftable[e - 1]]
-        exit_preds, full_preds, valid = prefill_reading_exits(model, idx, lens, cache, exits)
-        for e, preds in zip(exits, exit_preds):
+        exit_preds, full_preds, valid = prefill_reading_exits(model, idx, lens, cache, chooser.drafted_with)
+        for e, preds in zip(chooser.drafted_with, exit_preds):
             chooser.count(e, torch.arange(B), ((preds == full_preds) & valid).sum(1), valid.sum(1), remember=False)
     elif T > 1:  # prefill all layers with every prompt token but each row's last
         prefill(model, idx[:, :-1], (lens - 1).clamp(min=1), L, cache)

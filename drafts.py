@@ -101,15 +101,16 @@ class ExitChooser:
     the threshold stopped says less of agreement), or in a first call from how often each exit agrees with the full
     model on the prompt's last tokens (generate.prefill_reading_exits). Every round counts for the exit it drafted with;
     in probe rounds (the first, then every `probe_every`-th while drafting; while full-depth steps are chosen the
-    gap doubles with each probe, up to `max_probe_gap` rounds: a probe costs more than a round without one), the
-    head also reads, at the round's first position, the output of the layer before every other exit drafted with
-    (shallower ones from the first draft step, deeper ones from the verification, whose graphs keep every layer's
-    output), in one product; whether each would have predicted the token settled there counts for it (later
-    positions are settled only where E's drafts were accepted, so they would count the other exits mostly where
-    E found the tokens easy). A probe round where full depth is chosen drafts anyway, at the exit whose best cap of
-    1 or more is expected to pay most: it counts that exit's acceptance on every draft, where a full-depth probe
-    reads one position. Counts decay by `decay` per update (a row not counted keeps its own), so the choice follows
-    the context; an exit's acceptance is agreements / (predictions + 1).
+    gap doubles with each probe, up to `max_probe_gap` rounds: a probe costs more than a round without one; back to
+    `probe_every` as soon as a round drafts), the head also reads, at the round's first position, the output of the
+    layer before every other exit drafted with (shallower ones from the first draft step, deeper ones from the
+    verification, whose graphs keep every layer's output), in one product; whether each would have predicted the
+    token settled there counts for it (later positions are settled only where E's drafts were accepted, so they
+    would count the other exits mostly where E found the tokens easy). A probe round where full depth is chosen
+    drafts anyway, at the exit whose best cap of 1 or more is expected to pay most: it counts that exit's acceptance
+    on every draft, where a full-depth probe reads one position. Counts decay by `decay` per update (a row not
+    counted keeps its own), so the choice follows the context; an exit's acceptance is agreements / (predictions +
+    1).
 
     Costs: seconds of a whole round at exit E with s draft steps (its draft steps, its verification of s + 1
     positions and the host's work until the next round: greedy rounds are one call, greedy_round, whose parts are
@@ -227,6 +228,10 @@ class ExitChooser:
         if self.chosen is None or not torch.equal(self.chosen[0], rows):
             self.chosen = rows, *self.best_exit(rows)
         E, caps = self.chosen[1:]
+        if E != 0 and self.probe_gap > self.probe_every:  # drafting again after full-depth steps: the next probe
+            # within probe_every rounds, not after the gap grown while nothing paid (up to 32 rounds of drafting at
+            # one exit, the others unread: on textwrap.py exit 6 drafted there where exit 2 agreed as often)
+            self.probe_gap, self.next_probe = self.probe_every, min(self.next_probe, self.rounds + self.probe_every)
         probe = self.rounds >= self.next_probe
         if probe:  # a gap doubles when full depth is chosen (not when forced, before a full-depth step is timed)
             chose_full = E == 0 and bool(self.trusted[0, 0])

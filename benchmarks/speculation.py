@@ -166,8 +166,8 @@ def best_static(results):
 
 
 def layerskip_settings(L):
-    exits = sorted({L // 4, L // 2, 3 * L // 4})
-    static = [(f"E={E} d={d}", dict(exit_layer=E, num_speculations=d)) for E in exits for d in (2, 4, 6)]
+    exits = sorted({min(2, L - 1), L // 4, L // 2, 3 * L // 4} - {0})  # exit 2: the cheapest exit auto drafts with
+    static = [(f"E={E} d={d}", dict(exit_layer=E, num_speculations=d)) for E in exits for d in (1, 2, 4, 6)]
     dynamic = [("threshold {draft_threshold} at E={exit_layer}, cap {num_speculations}",
                 lambda r, p=p: dict(best_static(r), num_speculations=8, draft_threshold=p)) for p in (0.5, 0.8)]
     auto = [("exit layer auto, cap 8", dict(exit_layer="auto", num_speculations=8))]

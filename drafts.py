@@ -84,12 +84,9 @@ _agreement = weakref.WeakKeyDictionary()  # model -> ExitChooser.history
 
 def measured_agreement(model):
     """How often each exit of this model agreed with the full model in earlier calls' greedy rounds without a
-    threshold, one tensor per process [2, L-1] (agreements, predictions; exit e at e - 1), summed over calls and
-    rows: ExitChooser's prior. A normal tensor, though generate_speculative runs under inference mode."""
-    if model not in _agreement:
-        with torch.inference_mode(False):
-            _agreement[model] = torch.zeros(2, model.n_layer - 1, dtype=torch.float64)
-    return _agreement[model]
+    threshold, one per process: [agreements, predictions], each a list [L-1] (exit e at e - 1) summed over calls
+    and rows: ExitChooser's prior."""
+    return _agreement.setdefault(model, [[0.0] * (model.n_layer - 1), [0.0] * (model.n_layer - 1)])
 
 
 class ExitChooser:
@@ -162,33 +159,36 @@ class ExitChooser:
         steps = torch.arange(cap + 1, dtype=torch.float64)
         # the caps a round may draft up to: compiled, each (exit, cap) being a graph (greedy_round), 0, 1, 2 and 4
         # (one of 8 draft steps at exit 12 of 16 took 10 minutes to compile on a CPU)
-        self.allowed = (steps <= 4) & (steps.long() & (steps.long() - 1) == 0) if compiled else steps >= 0
-        self.allowed_steps = [int(self.allowed[:s + 1].nonzero().max()) for s in range(cap + 1)]  # the most <= s
+        self.allowed = [s in (0, 1, 2, 4) or not compiled for s in range(cap + 1)]
+        self.allowed_steps = [max(t for t in range(s + 1) if self.allowed[t]) for s in range(cap + 1)]  # the most <= s
         self.prior = steps * draft[:, None] + 1  # [L, cap+1]: a round from exit e of s draft steps, [0, 0] full depth
-        self.seconds = torch.full((L, cap + 1), float("nan"), dtype=torch.float64)  # the least kept timing, nan: none
-        self.trusted, self.trust = torch.zeros(L, cap + 1, dtype=torch.bool), 3  # enough timings to price by
+        # [L][cap+1] (plain numbers, as the counts below): the least kept timing (nan: none), and whether there are
+        # enough timings to price by
+        self.seconds = [[float("nan")] * (cap + 1) for _ in range(L)]
+        self.trusted, self.trust = [[False] * (cap + 1) for _ in range(L)], 3
         for key, kept in self.timings.items():
             self.keep(key, kept)
         self.estimated = self.priced = self.chosen = None  # estimates(), costs() and choose(), until they change
-        # [L-1, B]: decayed counts of agreements and of predictions per exit and row, from `prior_weight` predictions
-        # at the rate earlier calls counted (history, summed over calls: measured_agreement), if any
-        self.history = torch.zeros(2, L - 1, dtype=torch.float64) if history is None else history
-        rate = self.history[0] / self.history[1].clamp(min=1)
-        self.seen = (prior_weight * (self.history[1] > 0)).double()[:, None].repeat(1, batch_size)
-        self.agreed = rate[:, None] * self.seen
+        # [L-1][B] (plain numbers: a round's choice reads a few of them, and tensor ops on a few numbers cost more
+        # than the numbers): decayed counts of agreements and of predictions per exit and row, from `prior_weight`
+        # predictions at the rate earlier calls counted (history, summed over calls: measured_agreement), if any
+        self.history = [[0.0] * (L - 1), [0.0] * (L - 1)] if history is None else history
+        self.seen = [[prior_weight if n > 0 else 0.0] * batch_size for n in self.history[1]]
+        self.agreed = [[a / max(n, 1.0) * prior_weight if n > 0 else 0.0] * batch_size for a, n in zip(*self.history)]
         self.rounds = 0
 
     def keep(self, key, kept):
-        """Timings kept for key: the least is its cost, changed when it moves by 1% or more (so that timing noise
-        does not price every choice again), trusted from `trust` timings on (a full-depth step's from the first).
+        """Timings kept for key: the least is its cost, changed when it moves by 5% or more (so that timing noise
+        does not price every choice again: in a compiled loop on a CPU, pricing again every round took 0.15 ms of a
+        2.5 ms round), trusted from `trust` timings on (a full-depth step's from the first).
         Rounds past this call's cap (timed by an earlier call with a larger one) are not used."""
         _, e, s = key
         kept = [t for t in kept if t is not None]
         if not kept or s > self.cap:
             return
         trusted = len(kept) >= (1 if e == 0 else self.trust)
-        if not abs(self.seconds[e, s] - min(kept)) < 0.01 * min(kept) or trusted != self.trusted[e, s]:  # nan: False
-            self.seconds[e, s], self.trusted[e, s] = min(kept), trusted
+        if not abs(self.seconds[e][s] - min(kept)) < 0.05 * min(kept) or trusted != self.trusted[e][s]:  # nan: False
+            self.seconds[e][s], self.trusted[e][s] = min(kept), trusted
             self.estimated = self.priced = self.chosen = None
 
     def estimates(self):
@@ -199,14 +199,15 @@ class ExitChooser:
         is timed."""
         if self.estimated is not None:
             return self.estimated
+        seconds, trusted = torch.tensor(self.seconds, dtype=torch.float64), torch.tensor(self.trusted)  # [L, cap+1]
         scale = torch.ones(self.cap + 1, dtype=torch.float64)  # [cap+1] by number of draft steps
-        if self.trusted.any():
+        if trusted.any():
             s = torch.arange(self.cap + 1)
             distance = 2 * (s[None, :] - s[:, None]).abs() - (s[None, :] > s[:, None]).long()  # [s, t]: ties, larger t
-            nearest = distance.masked_fill(~self.trusted.any(0), 2 * self.cap + 3).argmin(1)  # [cap+1]: nearest t
-            scale = (self.seconds / self.prior).masked_fill(~self.trusted, float("nan")).nanmedian(0).values[nearest]
+            nearest = distance.masked_fill(~trusted.any(0), 2 * self.cap + 3).argmin(1)  # [cap+1]: nearest t
+            scale = (seconds / self.prior).masked_fill(~trusted, float("nan")).nanmedian(0).values[nearest]
         priced = self.prior * scale
-        self.estimated = torch.where(self.trusted, self.seconds, torch.fmin(self.seconds, priced))  # fmin: not nan
+        self.estimated = torch.where(trusted, seconds, torch.fmin(seconds, priced))  # fmin: not nan
         return self.estimated
 
     def costs(self):
@@ -234,7 +235,7 @@ class ExitChooser:
             self.probe_gap, self.next_probe = self.probe_every, min(self.next_probe, self.rounds + self.probe_every)
         probe = self.rounds >= self.next_probe
         if probe:  # a gap doubles when full depth is chosen (not when forced, before a full-depth step is timed)
-            chose_full = E == 0 and bool(self.trusted[0, 0])
+            chose_full = E == 0 and self.trusted[0][0]
             self.probe_gap = min(2 * self.probe_gap, self.max_probe_gap) if chose_full else self.probe_every
             self.next_probe = self.rounds + self.probe_gap
             if chose_full:  # the probe drafts anyway, at the exit most likely to pay: it measures that exit's
@@ -244,43 +245,47 @@ class ExitChooser:
 
     def best_exit(self, rows, explore=False):
         """choose()'s exit layer and caps [B] for rows [B], from the counts and costs now; with explore, the best
-        that drafts (each row's best cap of 1 or more)."""
-        a = self.agreed[:, rows] / (self.seen[:, rows] + 1)  # [L-1, B]: one disagreement more than counted (an
-        # estimate of 1 from a few predictions would price every cap as free)
-        d = torch.arange(self.cap + 1, dtype=torch.float64)
-        speedup = expected_speedup(a[..., None], d, 0.0, self.costs()[:, None, :])  # [L-1, B, cap+1]
-        # no drafts: a full-depth step, unless drafts are expected to pay enough
-        speedup[..., 0] = 0.0 if explore else 1.0 + self.margin
-        speedup[..., ~self.allowed] = 0.0
-        best, caps = speedup.max(-1)  # [L-1, B]: each row's best cap at each exit
-        totals = best.sum(1).masked_fill(~self.draftable, -1.0)  # [L-1]
-        E = int(totals.argmax()) + 1
-        caps = caps[E - 1]
-        if not self.trusted[0, 0] or not bool(caps.any()):  # full-depth steps (the first ones, until one is timed)
-            return 0, torch.zeros_like(caps)
-        return E, caps
+        that drafts (each row's best cap of 1 or more). Each exit drafted with scores the sum over rows of each row's
+        best expected speedup over a full-depth step (ties: the shallower exit, the smaller cap)."""
+        costs, rows = self.costs().tolist(), rows.tolist()  # costs[e - 1][s] in full-depth steps
+        steps = [s for s in range(1, self.cap + 1) if self.allowed[s]]  # (a list: indexing a tensor costs more)
+        floor = 0.0 if explore else 1.0 + self.margin  # no drafts: a full-depth step, unless drafts pay enough
+        best_total, E, best_caps = -1.0, 0, [0] * len(rows)
+        for e in self.drafted_with:
+            agreed, seen, total, caps = self.agreed[e - 1], self.seen[e - 1], 0.0, []
+            for b in rows:
+                a = agreed[b] / (seen[b] + 1)  # one disagreement more than counted (an estimate of 1 from a few
+                # predictions would price every cap as free)
+                speedup, cap = max((expected_speedup(a, s, 0.0, costs[e - 1][s]), -s) for s in steps)
+                speedup, cap = (speedup, -cap) if speedup > floor else (floor, 0)
+                total += speedup
+                caps.append(cap)
+            if total > best_total:
+                best_total, E, best_caps = total, e, caps
+        if not self.trusted[0][0] or not any(best_caps):  # full-depth steps (the first ones, until one is timed)
+            return 0, torch.zeros(len(rows), dtype=torch.long)
+        return E, torch.tensor(best_caps)
 
     def full_depth_rounds(self):
         """After a full-depth choice outside a probe round: the rounds it holds for, this one and those until the
         next probe round (they count nothing, so they would choose the same), which are counted as chosen; 1 while
         no full-depth step is timed (a timing may make drafting pay)."""
-        rounds = self.next_probe - self.rounds if self.trusted[0, 0] else 1
+        rounds = self.next_probe - self.rounds if self.trusted[0][0] else 1
         self.rounds += rounds - 1
         return rounds
 
     def count(self, e, rows, agreed, seen, remember=True):
-        """At exit e, batch row rows[i] agreed agreed[i] times in seen[i] predictions ([B] each); a row without
-        predictions (a cap of 0 in a round that drafts) keeps its counts. remember: add them to `history`, later
-        calls' prior (greedy rounds without a threshold; not the prompt's agreement)."""
-        agreed, seen = agreed.double().cpu(), seen.double().cpu()
-        if not bool(seen.all()):  # (a check per round: the masking below costs about what the update does)
-            counted = seen > 0
-            rows, agreed, seen = torch.as_tensor(rows).cpu()[counted], agreed[counted], seen[counted]
-        self.agreed[e - 1, rows] = self.decay * self.agreed[e - 1, rows] + agreed
-        self.seen[e - 1, rows] = self.decay * self.seen[e - 1, rows] + seen
-        if remember:
-            self.history[0, e - 1] += agreed.sum()
-            self.history[1, e - 1] += seen.sum()
+        """At exit e, batch row rows[i] agreed agreed[i] times in seen[i] predictions ([B] each, tensors or lists);
+        a row without predictions (a cap of 0 in a round that drafts) keeps its counts. remember: add them to
+        `history`, later calls' prior (greedy rounds without a threshold; not the prompt's agreement)."""
+        rows, agreed, seen = (torch.as_tensor(x).tolist() for x in (rows, agreed, seen))
+        for b, n_agreed, n_seen in zip(rows, agreed, seen):
+            if n_seen:
+                self.agreed[e - 1][b] = self.decay * self.agreed[e - 1][b] + n_agreed
+                self.seen[e - 1][b] = self.decay * self.seen[e - 1][b] + n_seen
+                if remember:
+                    self.history[0][e - 1] += n_agreed
+                    self.history[1][e - 1] += n_seen
         self.chosen = None
 
     def time(self, e, steps, seconds):
@@ -290,7 +295,7 @@ class ExitChooser:
         if len(kept) < self.warm_up and all(t is None for t in kept):  # its first calls (compiling, cold)
             kept.append(None)
             return
-        if self.trusted[0, 0] and seconds > self.outlier * self.estimates()[key[1:]]:  # a call that compiled
+        if self.trusted[0][0] and seconds > self.outlier * float(self.estimates()[key[1:]]):  # a call that compiled
             return
         kept.append(seconds)
         del kept[:-self.window]

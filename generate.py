@@ -6,6 +6,7 @@ generated tokens only (unified layer skipping, REFERENCE.md section 2), so the p
 complete and generated tokens never read a slot the plan skipped.
 """
 import time
+import types
 import weakref
 
 import torch
@@ -214,26 +215,33 @@ _compiled = {}
 GRAPHS_PER_FUNCTION = 64
 
 
-def compiled(fn, device):
-    """fn (next_logits, step or layers) as a torch.compile'd graph for `device`. With compile=True the cache
-    spans the model's whole context, so shapes are static. On CUDA the step attends over the whole cache with
-    positions as a device tensor, so one graph serves every step and is recorded once as a CUDA graph
-    (mode="reduce-overhead": one launch per step instead of one per kernel). On the CPU positions turn
+def compiled(fn, device, variant=None):
+    """fn (next_logits, greedy_round, draft_step or verify_step) as a torch.compile'd graph for `device`. With
+    compile=True the cache spans the model's whole context, so shapes are static. On CUDA the step attends over the
+    whole cache with positions as a device tensor, so one graph serves every step and is recorded once as a CUDA
+    graph (mode="reduce-overhead": one launch per step instead of one per kernel). On the CPU positions turn
     symbolic at the second call (one recompile) and attention reads only the written slots; Inductor's C++
     wrapper there, since the Python wrapper's per-call overhead is most of a small model's step. Speedups in
     BENCHMARKS.md; the first calls compile (tens of seconds on a CPU). Every exit layer, skip plan and number of
     verified positions is a graph of its own: past dynamo's default of 8 graphs a function, the rest would run
     eagerly, so the process's limit is raised to GRAPHS_PER_FUNCTION (recompile_limit; cache_size_limit before
-    torch 2.6)."""
-    dynamo = torch._dynamo.config
-    limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
-    setattr(dynamo, limit, max(getattr(dynamo, limit), GRAPHS_PER_FUNCTION))
-    if (fn, device.type) not in _compiled:
+    torch 2.6). variant: what makes a call another graph (a round's draft layers and number of draft steps): each
+    variant compiles from its own copy of fn's code, which dynamo keeps its graphs on, so that a call meets its own
+    graph's guards first instead of failing the others' first (where two graphs alternate, as exit auto's rounds
+    do, that cost about 0.3 ms a call on a 2-core CPU, against 0.04 ms with copies: BENCHMARKS.md). The copies keep
+    fn's name, line and file, so what dynamo learns of one (positions turning symbolic) holds for all."""
+    key = fn, device.type, variant
+    if key not in _compiled:
+        dynamo = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo, limit, max(getattr(dynamo, limit), GRAPHS_PER_FUNCTION))
+        if variant is not None:  # the same code, another object
+            fn = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__)
         if device.type in CUDA_GRAPH_DEVICES:
-            _compiled[fn, device.type] = torch.compile(fn, mode="reduce-overhead")
+            _compiled[key] = torch.compile(fn, mode="reduce-overhead")
         else:
-            _compiled[fn, device.type] = torch.compile(fn, options={"cpp_wrapper": True})
-    return _compiled[fn, device.type]
+            _compiled[key] = torch.compile(fn, options={"cpp_wrapper": True})
+    return _compiled[key]
 
 
 @torch.inference_mode()
@@ -529,7 +537,7 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
     cache = decode_cache(model, idx, T + max_new_tokens, compile)  # positions written stay below T + max_new_tokens
     result = eos_padded(model, idx, lens, max_new_tokens)
     out = torch.cat([idx, result[:, T:], idx.new_zeros(B, d + 1)], dim=1)  # working buffer, rows leave as they finish
-    if T > 1 and chooser and not bool(chooser.history[1].any()):  # a first call's prior: the prefill also tells how
+    if T > 1 and chooser and not any(chooser.history[1]):  # a first call's prior: the prefill also tells how
         # often each exit agrees with the full model on the prompts (later calls start from what earlier ones counted)
         exit_preds, full_preds, valid = prefill_reading_exits(model, idx, lens, cache, chooser.drafted_with)
         for e, preds in zip(chooser.drafted_with, exit_preds):
@@ -543,9 +551,10 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
              "round_seconds": 0.0}
     exits_used = {}                                # exit layer -> rounds drafted with it (0: rounds without drafts)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-    draft, verify, greedy = draft_step, verify_step, greedy_round
-    if compile:
-        draft, verify, greedy = (compiled(fn, idx.device) for fn in (draft_step, verify_step, greedy_round))
+
+    def graph(fn, *variant):  # compiled, a graph of its own for each variant of what fn runs (compiled())
+        return compiled(fn, idx.device, variant) if compile else fn
+
     switch = rope_switch(model.cfg)
     pending = None  # exit_layer auto: the last round's timings, until the host's work after it is counted too
     rows = torch.arange(B, device=idx.device)      # [B] index of each row still in the batch
@@ -585,14 +594,15 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
         # greedy, unless the round reads other exits or a threshold stops drafts: one call
         one_call = temperature == 0 and not probe and (draft_threshold is None or steps == 0)
         if stretch:  # new [B, K+1]: steps + 1 full-depth steps, one call each, every token settled
-            new = [token]
+            new, full_step = [token], graph(greedy_round, 0, (), 0)
             for i in range(steps + 1):
-                new.append(greedy(model, new[-1], first + i, 0, (), L, cache, 0, n_tokens)[0].clone())  # (a CUDA
+                new.append(full_step(model, new[-1], first + i, 0, (), L, cache, 0, n_tokens)[0].clone())  # (a CUDA
                 # graph's next replay overwrites its output)
             new, n_acc, K, drafted_at = torch.cat(new[1:], 1), torch.full((len(rows),), steps), steps, None
         elif one_call:  # new [B, K+1]: the tokens the round settles, valid up to each row's n_acc
-            new, n_acc = greedy(model, token, first, f if steps else 0, runs if steps else (), L, cache, steps,
-                                n_tokens)  # no drafts: one graph, a full-depth step, whatever the exit
+            shared, draft_runs = (f, runs) if steps else (0, ())  # no drafts: a full-depth step, whatever the exit
+            new, n_acc = graph(greedy_round, shared, draft_runs, steps)(model, token, first, shared, draft_runs, L,
+                                                                        cache, steps, n_tokens)
             K, drafted_at = steps, None
             calls["draft_steps"] += steps
         else:
@@ -601,7 +611,8 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
             keep = probe or (compile and chooser is not None)
             exit_states, drafts, draft_probs, first_kept = [], [], [], None
             for i in range(steps):  # tokens n-1 .. n+i-1 through the draft, each giving the next draft
-                h, logits, kept = draft(model, token, first + i, f, runs, cache, keep and (compile or i == 0))
+                keep_i = keep and (compile or i == 0)
+                h, logits, kept = graph(draft_step, f, runs, keep_i)(model, token, first + i, f, runs, cache, keep_i)
                 logits = logits[:, :n_tokens]
                 calls["draft_steps"] += 1
                 exit_states.append(h.clone())  # a CUDA graph's next replay overwrites its output
@@ -626,7 +637,8 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
             # the state at f of position n+K-1: a draft step's when the round stopped early, else verification's
             last = None if len(exit_states) > K else token
             states = torch.cat(exit_states[:K + 1], dim=1) if exit_states else None  # [B, K or K+1, C]
-            logits, kept = verify(model, states, first, f, L, cache, last, keep)  # [B, K+1, V]
+            logits, kept = graph(verify_step, f, K, last is None, keep)(model, states, first, f, L, cache, last,
+                                                                        keep)  # [B, K+1, V]
             no_drafts = logits.new_zeros(len(rows), 0, logits[..., :n_tokens].shape[-1], dtype=torch.float32)
             n_acc, next_token = accept_drafts(logits[..., :n_tokens], drafts[:, :K],
                                               torch.stack(draft_probs, 1)[:, :K] if draft_probs else no_drafts,

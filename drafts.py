@@ -268,9 +268,10 @@ class ExitChooser:
 
     def full_depth_rounds(self):
         """After a full-depth choice outside a probe round: the rounds it holds for, this one and those until the
-        next probe round (they count nothing, so they would choose the same), which are counted as chosen; 1 while
-        no full-depth step is timed (a timing may make drafting pay)."""
-        rounds = self.next_probe - self.rounds if self.trusted[0][0] else 1
+        next probe round, at most `probe_every` (full-depth steps read the exits drafted with, so the choice may
+        change after them), which are counted as chosen; 1 while no full-depth step is timed (a timing may make
+        drafting pay)."""
+        rounds = min(self.next_probe - self.rounds, self.probe_every) if self.trusted[0][0] else 1
         self.rounds += rounds - 1
         return rounds
 

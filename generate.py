@@ -401,6 +401,22 @@ def greedy_round(model, token, pos, shared, runs, end, cache, steps, n_tokens=No
     return verified, accepted_prefix(drafts == verified[:, :-1])
 
 
+def full_step_reading_exits(model, token, pos, end, cache, exits, n_tokens=None):
+    """A full-depth decode step of tokens [B, 1] at positions pos through layers [0, end) that also reads the head
+    at each exit in `exits` on the way -> (the full model's argmax [B, 1], each exit's [len(exits), B]): while exit
+    layer auto decodes at full depth, how often each exit would have drafted the token settled is counted at the
+    price of its head (one graph when compiled)."""
+    x = model.embed(token, pos)
+    attn_mask = cache_mask(model, x, pos, cache)
+    states, start = [], 0
+    for stop in list(exits) + [end]:
+        x = model.run_layers(x, start, stop, None, cache, pos, attn_mask)
+        states.append(x[:, -1])  # [B, C]
+        start = stop
+    preds = model.head(torch.stack(states))[..., :n_tokens].argmax(-1)  # [len(exits) + 1, B]: one product
+    return preds[-1][:, None], preds[:-1]
+
+
 def prefill_reading_exits(model, idx, lens, cache, exits, last=8):
     """prefill() of prompts idx [B, T] (lens [B]) but each row's last token, as generate_speculative's, through
     every layer, reading the head at each exit in `exits` on the way -> (predictions [len(exits), B, last] of those
@@ -568,9 +584,8 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
         if chooser:
             f, caps, probes = chooser.choose(row_ids)
             d_round, probe = int(caps.max()), bool(probes)
-            # greedy full depth, outside probe rounds: it holds until the next probe, so those rounds are one: a
-            # stretch of full-depth steps settled together (the host's work once, not once a token; the chooser
-            # counts the rounds before the clamps below shorten them, so its next probe may come a few tokens early)
+            # greedy full depth, outside probe rounds: a stretch of full-depth steps settled together (the host's
+            # work once, not once a token; ExitChooser.full_depth_rounds), each reading the exits drafted with
             stretch = f == 0 and not probe and temperature == 0
             if stretch:
                 d_round = min(chooser.full_depth_rounds(), int((end[row_ids] - n).min())) - 1  # tokens past the first
@@ -594,10 +609,12 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
         # greedy, unless the round reads other exits or a threshold stops drafts: one call
         one_call = temperature == 0 and not probe and (draft_threshold is None or steps == 0)
         if stretch:  # new [B, K+1]: steps + 1 full-depth steps, one call each, every token settled
-            new, full_step = [token], graph(greedy_round, 0, (), 0)
+            exits = tuple(chooser.drafted_with)
+            new, read, full_step = [token], [], graph(full_step_reading_exits, exits)
             for i in range(steps + 1):
-                new.append(full_step(model, new[-1], first + i, 0, (), L, cache, 0, n_tokens)[0].clone())  # (a CUDA
-                # graph's next replay overwrites its output)
+                settled_token, exit_preds = full_step(model, new[-1], first + i, L, cache, exits, n_tokens)
+                new.append(settled_token.clone())  # (a CUDA graph's next replay overwrites its outputs)
+                read.append(exit_preds.clone())
             new, n_acc, K, drafted_at = torch.cat(new[1:], 1), torch.full((len(rows),), steps), steps, None
         elif one_call:  # new [B, K+1]: the tokens the round settles, valid up to each row's n_acc
             shared, draft_runs = (f, runs) if steps else (0, ())  # no drafts: a full-depth step, whatever the exit
@@ -666,6 +683,8 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
             probed = probed_predictions(model, probes, f, first_kept, kept, n_tokens) if probe else ()
             count_agreement(chooser, row_ids, f, counts, planned, n_acc, new, probed,
                             remember=temperature == 0 and draft_threshold is None)  # (ExitChooser.count)
+            for i, exit_preds in enumerate(read if stretch else ()):  # a stretch's every token, by the exits read
+                count_agreement(chooser, row_ids, 0, counts, planned, n_acc, new[:, i:], zip(exits, exit_preds))
         out[rows[:, None], (n[:, None] + torch.arange(K + 1)).to(idx.device)] = new
         drafted[row_ids] += counts
         accepted[row_ids] += n_acc

@@ -399,11 +399,14 @@ def test_exit_layer_auto_drafting_rounds_are_one_call_with_each_rows_cap(monkeyp
 def test_exit_layer_auto_takes_full_depth_steps_where_no_exit_agrees(monkeypatch):
     """The last layer made dominant (output projections x8): no earlier exit predicts the full model's token, so
     exit auto stops drafting and most rounds are full-depth steps; the output is still plain greedy. A full-depth
-    round that reads no other exit is one call, as a plain decode step (greedy_round with no drafts; 6a47cb0: a
-    verification keeping every layer's output)."""
+    step outside a probe round is one call, as a plain decode step (6a47cb0: a verification keeping every layer's
+    output), that reads the head at the exits drafted with on the way, and each of its tokens counts for them: in
+    full-depth steps, every exit's agreement is measured at the price of its head (before, stretches of full-depth
+    steps counted nothing and the chooser learnt only from probe rounds, whose gap doubled up to 32 rounds)."""
     import generate as generate_module
-    calls, real = [], generate_module.greedy_round
-    monkeypatch.setattr(generate_module, "greedy_round", lambda *a: calls.append(a[7]) or real(*a))
+    from drafts import measured_agreement
+    calls, real = [], generate_module.full_step_reading_exits
+    monkeypatch.setattr(generate_module, "full_step_reading_exits", lambda *a: calls.append(a[5]) or real(*a))
     model = layers(8)
     with torch.no_grad():
         model.layers[-1].attn.wo.weight.mul_(8)
@@ -412,7 +415,28 @@ def test_exit_layer_auto_takes_full_depth_steps_where_no_exit_agrees(monkeypatch
     out, stats = generate_speculative(model, idx, 40, "auto", 4, prompt_lens=lens)
     assert out.tolist() == generate(model, idx, 40, prompt_lens=lens, temperature=0).tolist()
     assert stats["exit_layers"].get(0, 0) > stats["rounds"] / 2, stats
-    assert stats["exit_layers"][0] / 2 < calls.count(0) < stats["exit_layers"][0], (calls, stats)  # not probes
+    assert stats["exit_layers"][0] / 2 < len(calls) <= stats["exit_layers"][0], (calls, stats)  # not probes
+    assert set(calls) == {(2, 4)}  # the exits drafted with: every other one up to half the depth
+    agreements, predictions = measured_agreement(model)
+    assert predictions[1] >= len(calls) and predictions[3] >= len(calls), predictions  # a row a token, each exit
+    assert agreements[1] < 0.2 * predictions[1], agreements
+
+
+@torch.no_grad()
+def test_full_step_reading_exits_reads_each_exits_head():
+    """A full-depth decode step that reads exits 2 and 5 on the way: the full model's argmax and each exit's, as the
+    model's own forward at those exit layers predicts the next token; the cache written as a plain step's."""
+    from generate import decode_cache, full_step_reading_exits, prefill
+    model = layers(8)
+    idx = torch.randint(256, (2, 6), generator=torch.Generator().manual_seed(1))
+    cache = decode_cache(model, idx, 8, compile=False)
+    prefill(model, idx[:, :-1], torch.tensor([5, 5]), 8, cache)
+    token, read = full_step_reading_exits(model, idx[:, -1:], 5, 8, cache, (2, 5))
+    assert torch.equal(token[:, 0], model(idx)[:, -1].argmax(-1))
+    for e, preds in zip((2, 5), read):
+        assert torch.equal(preds, model(idx, exit_layer=e)[:, -1].argmax(-1)), e
+    token, _ = full_step_reading_exits(model, token, 6, 8, cache, (2, 5))  # the next step reads the cache written
+    assert torch.equal(token[:, 0], model(torch.cat([idx, model(idx)[:, -1:].argmax(-1)], 1))[:, -1].argmax(-1))
 
 
 def test_exit_layer_auto_full_depth_stretches(monkeypatch):

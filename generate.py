@@ -519,8 +519,8 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
     Greedy rounds are one call each, greedy_round (one graph when compiled, drafts chosen and accepted inside it, so
     the host pays one call a round, not d + 1; under exit auto a row settles every verified draft, counting those
     up to its own cap), except rounds with a threshold (the host stops rows) or reading other exits (exit auto's
-    probes). Greedy exit auto runs a choice of full depth as a stretch of full-depth steps until its next probe
-    round (ExitChooser.full_depth_rounds), settled together.
+    probes). Greedy exit auto runs a choice of full depth as a stretch of full-depth steps (ExitChooser.
+    full_depth_rounds), settled together, each reading the head at the exits drafted with (full_step_reading_exits).
     stats: drafted and accepted tokens, acceptance_rate (also per row), rounds, draft_steps, draft_seconds and
     verify_seconds (a round's time from its first draft step to its last, and from there to the accepted counts,
     summed: CUDA events on a GPU), round_seconds (the same for rounds run as one call, not timed apart), and

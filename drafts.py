@@ -105,9 +105,10 @@ class ExitChooser:
     token settled there counts for it (later positions are settled only where E's drafts were accepted, so they
     would count the other exits mostly where E found the tokens easy). A probe round where full depth is chosen
     drafts anyway, at the exit whose best cap of 1 or more is expected to pay most: it counts that exit's acceptance
-    on every draft, where a full-depth probe reads one position. Full-depth steps outside probe rounds read the head
-    at every exit drafted with (generate.full_step_reading_exits), and each token they settle counts for each of
-    those exits (every position there is settled by the full model alone, so none is read selectively). Counts
+    on every draft, where a full-depth probe reads one position. Greedy full-depth steps outside probe rounds
+    without a threshold read the head at every exit drafted with (generate.full_step_reading_exits), and each token
+    they settle counts for each of those exits (every position there is settled by the full model alone, so none is
+    read selectively; with a threshold, agreement overstates what drafts the threshold stops would give). Counts
     decay by `decay` per update (a row not counted keeps its own), so the choice follows the context; an exit's
     acceptance is agreements / (predictions + 1).
 
@@ -225,8 +226,7 @@ class ExitChooser:
         """rows [B]: the batch rows still decoding -> (exit layer, caps [B] in 0 .. cap, the exits drafted with this
         round reads besides E: none unless it is a probe round). E is 0 when no row drafts: a full-depth step (in a
         probe round only before a full-depth step is timed: its verification from layer 0 keeps every layer's
-        output). Until counts or costs change, the same rows get the same choice outside probe rounds (a full-depth
-        round counts nothing)."""
+        output). Until counts or costs change, the same rows get the same choice outside probe rounds."""
         self.rounds += 1
         if self.chosen is None or not torch.equal(self.chosen[0], rows):
             self.chosen = rows, *self.best_exit(rows)
@@ -272,7 +272,8 @@ class ExitChooser:
         """After a full-depth choice outside a probe round: the rounds it holds for, this one and those until the
         next probe round, at most `probe_every` (full-depth steps read the exits drafted with, so the choice may
         change after them), which are counted as chosen; 1 while no full-depth step is timed (a timing may make
-        drafting pay)."""
+        drafting pay). They are counted before the caller's clamps (a row's end, LongRoPE's switch) shorten the
+        stretch, so the next probe may come a few tokens early."""
         rounds = min(self.next_probe - self.rounds, self.probe_every) if self.trusted[0][0] else 1
         self.rounds += rounds - 1
         return rounds
@@ -281,7 +282,7 @@ class ExitChooser:
         """At exit e, batch row rows[i] agreed agreed[i] times in seen[i] predictions ([B] each, tensors or lists);
         a row without predictions (a cap of 0 in a round that drafts) keeps its counts. remember: add them to
         `history`, later calls' prior (greedy rounds without a threshold; not the prompt's agreement)."""
-        rows, agreed, seen = (torch.as_tensor(x).tolist() for x in (rows, agreed, seen))
+        rows, agreed, seen = (x.tolist() if torch.is_tensor(x) else x for x in (rows, agreed, seen))
         for b, n_agreed, n_seen in zip(rows, agreed, seen):
             if n_seen:
                 self.agreed[e - 1][b] = self.decay * self.agreed[e - 1][b] + n_agreed

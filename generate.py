@@ -216,27 +216,29 @@ GRAPHS_PER_FUNCTION = 64
 
 
 def compiled(fn, device, variant=None):
-    """fn (next_logits, greedy_round, draft_step or verify_step) as a torch.compile'd graph for `device`. With
-    compile=True the cache spans the model's whole context, so shapes are static. On CUDA the step attends over the
-    whole cache with positions as a device tensor, so one graph serves every step and is recorded once as a CUDA
-    graph (mode="reduce-overhead": one launch per step instead of one per kernel). On the CPU positions turn
-    symbolic at the second call (one recompile) and attention reads only the written slots; Inductor's C++
-    wrapper there, since the Python wrapper's per-call overhead is most of a small model's step. Speedups in
-    BENCHMARKS.md; the first calls compile (tens of seconds on a CPU). Every exit layer, skip plan and number of
-    verified positions is a graph of its own: past dynamo's default of 8 graphs a function, the rest would run
-    eagerly, so the process's limit is raised to GRAPHS_PER_FUNCTION (recompile_limit; cache_size_limit before
+    """fn (next_logits, greedy_round, full_step_reading_exits, draft_step or verify_step) as a torch.compile'd graph
+    for `device`. With compile=True the cache spans the model's whole context, so shapes are static. On CUDA the
+    step attends over the whole cache with positions as a device tensor, so one graph serves every step and is
+    recorded once as a CUDA graph (mode="reduce-overhead": one launch per step instead of one per kernel). On the
+    CPU positions turn symbolic at the second call (one recompile) and attention reads only the written slots;
+    Inductor's C++ wrapper there, since the Python wrapper's per-call overhead is most of a small model's step.
+    Speedups in BENCHMARKS.md; the first calls compile (tens of seconds on a CPU). Every exit layer, skip plan and
+    number of verified positions is a graph of its own: past dynamo's default of 8 graphs a function, the rest would
+    run eagerly, so the process's limit is raised to GRAPHS_PER_FUNCTION (recompile_limit; cache_size_limit before
     torch 2.6). variant: what makes a call another graph (a round's draft layers and number of draft steps): each
     variant compiles from its own copy of fn's code, which dynamo keeps its graphs on, so that a call meets its own
-    graph's guards first instead of failing the others' first (where two graphs alternate, as exit auto's rounds
-    do, that cost about 0.3 ms a call on a 2-core CPU, against 0.04 ms with copies: BENCHMARKS.md). The copies keep
-    fn's name, line and file, so what dynamo learns of one (positions turning symbolic) holds for all."""
+    graph's guards first instead of failing the others' first (where two graphs alternate, as exit auto's rounds do,
+    that cost about 0.3 ms a call on a 2-core CPU, against 0.04 ms with copies: BENCHMARKS.md). The copies keep fn's
+    name, line and file, so what dynamo learns of one (positions turning symbolic) holds for all."""
     key = fn, device.type, variant
     if key not in _compiled:
         dynamo = torch._dynamo.config
         limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
         setattr(dynamo, limit, max(getattr(dynamo, limit), GRAPHS_PER_FUNCTION))
         if variant is not None:  # the same code, another object
-            fn = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__)
+            copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
+                                      fn.__closure__)
+            copy.__kwdefaults__, fn = fn.__kwdefaults__, copy
         if device.type in CUDA_GRAPH_DEVICES:
             _compiled[key] = torch.compile(fn, mode="reduce-overhead")
         else:
@@ -683,8 +685,11 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
             probed = probed_predictions(model, probes, f, first_kept, kept, n_tokens) if probe else ()
             count_agreement(chooser, row_ids, f, counts, planned, n_acc, new, probed,
                             remember=temperature == 0 and draft_threshold is None)  # (ExitChooser.count)
-            for i, exit_preds in enumerate(read if stretch else ()):  # a stretch's every token, by the exits read
-                count_agreement(chooser, row_ids, 0, counts, planned, n_acc, new[:, i:], zip(exits, exit_preds))
+            if stretch and draft_threshold is None:  # a stretch's every token, by each exit read (ExitChooser)
+                agreed = (torch.stack(read) == new.T[:, None, :]).long().cpu().tolist()  # [K+1][exits][B]
+                for token_agreed in agreed:
+                    for e, rows_agreed in zip(exits, token_agreed):
+                        chooser.count(e, row_ids, rows_agreed, [1] * len(rows_agreed))
         out[rows[:, None], (n[:, None] + torch.arange(K + 1)).to(idx.device)] = new
         drafted[row_ids] += counts
         accepted[row_ids] += n_acc

@@ -405,8 +405,9 @@ def test_exit_layer_auto_takes_full_depth_steps_where_no_exit_agrees(monkeypatch
     steps counted nothing and the chooser learnt only from probe rounds, whose gap doubled up to 32 rounds)."""
     import generate as generate_module
     from drafts import measured_agreement
-    calls, real = [], generate_module.full_step_reading_exits
-    monkeypatch.setattr(generate_module, "full_step_reading_exits", lambda *a: calls.append(a[5]) or real(*a))
+    calls, real = [], generate_module.full_step_reading_exits  # (exits read, batch rows) of each call
+    monkeypatch.setattr(generate_module, "full_step_reading_exits",
+                        lambda *a: calls.append((a[5], len(a[1]))) or real(*a))
     model = layers(8)
     with torch.no_grad():
         model.layers[-1].attn.wo.weight.mul_(8)
@@ -416,10 +417,27 @@ def test_exit_layer_auto_takes_full_depth_steps_where_no_exit_agrees(monkeypatch
     assert out.tolist() == generate(model, idx, 40, prompt_lens=lens, temperature=0).tolist()
     assert stats["exit_layers"].get(0, 0) > stats["rounds"] / 2, stats
     assert stats["exit_layers"][0] / 2 < len(calls) <= stats["exit_layers"][0], (calls, stats)  # not probes
-    assert set(calls) == {(2, 4)}  # the exits drafted with: every other one up to half the depth
+    assert {exits for exits, _ in calls} == {(2, 4)}  # the exits drafted with: every other one up to half the depth
     agreements, predictions = measured_agreement(model)
-    assert predictions[1] >= len(calls) and predictions[3] >= len(calls), predictions  # a row a token, each exit
+    row_tokens = sum(rows for _, rows in calls)  # each counts for exits 2 and 4 (besides the rounds that drafted)
+    assert predictions[1] >= row_tokens and predictions[3] >= row_tokens and row_tokens > len(calls), predictions
     assert agreements[1] < 0.2 * predictions[1], agreements
+
+
+def test_exit_layer_auto_with_a_threshold_counts_nothing_of_full_depth_steps_for_later_calls():
+    """With a threshold, full-depth steps do not count the exits they could read (agreement there overstates what
+    the drafts a threshold stops would give), and nothing of the call enters later calls' prior (9828b11 counted
+    its full-depth tokens into it). The output is still plain greedy."""
+    from drafts import measured_agreement
+    model = layers(8)
+    with torch.no_grad():
+        model.layers[-1].attn.wo.weight.mul_(8)
+        model.layers[-1].mlp.w_down.weight.mul_(8)
+    idx, lens = pad_prompts(ragged_prompts(seed=3))
+    out, stats = generate_speculative(model, idx, 40, "auto", 4, prompt_lens=lens, draft_threshold=0.5)
+    assert out.tolist() == generate(model, idx, 40, prompt_lens=lens, temperature=0).tolist()
+    assert stats["exit_layers"].get(0, 0) > stats["rounds"] / 2, stats
+    assert not any(measured_agreement(model)[1]), measured_agreement(model)
 
 
 @torch.no_grad()
@@ -440,9 +458,10 @@ def test_full_step_reading_exits_reads_each_exits_head():
 
 
 def test_exit_layer_auto_full_depth_stretches(monkeypatch):
-    """Where no exit agrees, a full-depth choice outside a probe round holds until the next probe, so those rounds
-    run as one stretch of full-depth steps with the host's work once (before, the chooser and the bookkeeping ran
-    once a token): fewer choices than rounds, and an eos inside a stretch ends its row there, as plain greedy."""
+    """Where no exit agrees, a full-depth choice outside a probe round holds for up to 4 rounds (until the next
+    probe), so those rounds run as one stretch of full-depth steps with the host's work once (before, the chooser
+    and the bookkeeping ran once a token): fewer choices than rounds, and an eos inside a stretch ends its row there,
+    as plain greedy."""
     from drafts import ExitChooser
     choices, real = [], ExitChooser.choose
     monkeypatch.setattr(ExitChooser, "choose", lambda self, rows: choices.append(1) or real(self, rows))

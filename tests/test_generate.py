@@ -112,9 +112,10 @@ def test_compiled_decode_steps_give_the_eager_tokens(packed, monkeypatch):
 
 def test_compiled_speculation_compiles_a_graph_for_every_exit_and_draft_length(monkeypatch):
     """Every exit layer and draft length is a graph of its own (greedy_round: a greedy round as one call): more
-    than dynamo's default limit of 8 a function, past which the rest ran eagerly (sample.py --compile --exit_layer
-    auto drafts with many; each variant now compiles from its own copy of the function, generate.compiled). Counted
-    per function with a graph-counting backend in place of Inductor; the eager tokens throughout."""
+    than dynamo's default limit of 8 a function, past which the rest ran eagerly (d481b79; sample.py --compile
+    --exit_layer auto drafts with many). Each variant now compiles from its own copy of the function's code
+    (generate.compiled), so no code object nears the limit; all of them compile. Counted per function with a
+    graph-counting backend in place of Inductor; the eager tokens throughout."""
     from torch._dynamo.testing import CompileCounter
     torch._dynamo.reset()
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # dynamo's default

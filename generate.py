@@ -450,18 +450,26 @@ def probed_predictions(model, exits, f, first_kept, kept, n_tokens):
     return [(e, p) for (e, _), p in zip(states, preds)]
 
 
-def count_agreement(chooser, rows, E, counts, planned, n_acc, settled, probed=(), remember=True):
+def count_agreement(chooser, rows, E, counts, planned, n_acc, settled, probed=(), read=(), remember=True):
     """Tell the exit chooser how its exits did this round in batch rows rows [B] (on the CPU, as counts, planned
     and n_acc [B]). settled [B, K+1]: the tokens at the round's positions, valid up to each row's n_acc (the
     accepted drafts and the verifier's token). The exit E drafted (0: none did): its accepted drafts agreed, a
     rejected one did not, nor one the threshold stopped (a row's count below what it planned). probed: (exit,
     predictions [B]) of a probe round's other exits at the round's first position, which every round settles (its
     later ones only where E's drafts were accepted, where counting them would count the other exits mostly where E
-    found the tokens easy). remember: as ExitChooser.count."""
+    found the tokens easy). read: (exit, predictions [B, K+1]) of a stretch of full-depth steps, every position of
+    which the full model settled, counted position by position (one product, one copy to the host). remember: as
+    ExitChooser.count."""
     if E:
         chooser.count(E, rows, n_acc, torch.minimum(counts + (counts < planned).long(), n_acc + 1), remember)
     for e, preds in probed:
         chooser.count(e, rows, (preds == settled[:, 0]).long(), torch.ones_like(n_acc), remember)
+    if read:
+        exits = [e for e, _ in read]
+        agreed = (torch.stack([preds for _, preds in read]) == settled).long().cpu()  # [exits, B, K+1]
+        for position in agreed.permute(2, 0, 1).tolist():  # [K+1][exits][B]
+            for e, rows_agreed in zip(exits, position):
+                chooser.count(e, rows, rows_agreed, [1] * len(rows_agreed), remember)
 
 
 def draft_plan(model, exit_layer, draft_skip_layers):
@@ -612,12 +620,14 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
         one_call = temperature == 0 and not probe and (draft_threshold is None or steps == 0)
         if stretch:  # new [B, K+1]: steps + 1 full-depth steps, one call each, every token settled
             exits = tuple(chooser.drafted_with)
-            new, read, full_step = [token], [], graph(full_step_reading_exits, exits)
+            new, exit_preds, full_step = [token], [], graph(full_step_reading_exits, exits)
             for i in range(steps + 1):
-                settled_token, exit_preds = full_step(model, new[-1], first + i, L, cache, exits, n_tokens)
+                settled_token, preds = full_step(model, new[-1], first + i, L, cache, exits, n_tokens)
                 new.append(settled_token.clone())  # (a CUDA graph's next replay overwrites its outputs)
-                read.append(exit_preds.clone())
+                exit_preds.append(preds.clone())
             new, n_acc, K, drafted_at = torch.cat(new[1:], 1), torch.full((len(rows),), steps), steps, None
+            # each exit's predictions [B, K+1]; with a threshold, agreement overstates what its drafts would give
+            read = list(zip(exits, torch.stack(exit_preds, -1))) if draft_threshold is None else ()
         elif one_call:  # new [B, K+1]: the tokens the round settles, valid up to each row's n_acc
             shared, draft_runs = (f, runs) if steps else (0, ())  # no drafts: a full-depth step, whatever the exit
             new, n_acc = graph(greedy_round, shared, draft_runs, steps)(model, token, first, shared, draft_runs, L,
@@ -683,13 +693,8 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
             pending = None if probe else (f, 0 if stretch else steps if one_call else len(exit_states),
                                           draft_seconds + verify_seconds, synced_at, K + 1 if stretch else 1)
             probed = probed_predictions(model, probes, f, first_kept, kept, n_tokens) if probe else ()
-            count_agreement(chooser, row_ids, f, counts, planned, n_acc, new, probed,
+            count_agreement(chooser, row_ids, f, counts, planned, n_acc, new, probed, read if stretch else (),
                             remember=temperature == 0 and draft_threshold is None)  # (ExitChooser.count)
-            if stretch and draft_threshold is None:  # a stretch's every token, by each exit read (ExitChooser)
-                agreed = (torch.stack(read) == new.T[:, None, :]).long().cpu().tolist()  # [K+1][exits][B]
-                for token_agreed in agreed:
-                    for e, rows_agreed in zip(exits, token_agreed):
-                        chooser.count(e, row_ids, rows_agreed, [1] * len(rows_agreed))
         out[rows[:, None], (n[:, None] + torch.arange(K + 1)).to(idx.device)] = new
         drafted[row_ids] += counts
         accepted[row_ids] += n_acc

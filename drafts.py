@@ -101,7 +101,8 @@ class ExitChooser:
     gap doubles with each probe, up to `max_probe_gap` rounds: a probe costs more than a round without one; back to
     `probe_every` as soon as a round drafts), the head also reads, at the round's first position, the output of the
     layer before every other exit drafted with (shallower ones from the first draft step, deeper ones from the
-    verification, whose graphs keep every layer's output), in one product; whether each would have predicted the
+    verification, which keep every layer's output; greedy, all in the round's one call, generate.greedy_round), in
+    one product; whether each would have predicted the
     token settled there counts for it (later positions are settled only where E's drafts were accepted, so they
     would count the other exits mostly where E found the tokens easy). A probe round where full depth is chosen
     drafts anyway, at the exit whose best cap of 1 or more is expected to pay most: it counts that exit's acceptance
@@ -130,7 +131,7 @@ class ExitChooser:
     overstated one, and a draft step from past half the depth costs over half a full-depth step, so that at 85%
     acceptance 4 drafts pay about 1.15x at best; compiled, each exit being its own graphs, later calls draft only
     with the exits earlier calls timed, so that few graphs compile inside them: on 2 CPU cores a round's graph
-    compiles in 40-160 s; a probe round's separate draft and verification calls may still compile a few), the one
+    compiles in 40-160 s; a probe round is a graph of its own too), the one
     whose best caps give the largest summed expected speedup
     (expected_speedup over a full-depth step). A round drafts up to its rows' largest cap and each row counts its
     drafts up to its own, in 0 .. cap (compiled, 0, 1, 2 or 4, each number of draft steps of each exit being a

@@ -386,21 +386,26 @@ def verify_step(model, states, pos, start, end, cache, tokens=None, keep=False):
     return model.head(kept[-1]), kept
 
 
-def greedy_round(model, token, pos, shared, runs, end, cache, steps, n_tokens=None):
+def greedy_round(model, token, pos, shared, runs, end, cache, steps, n_tokens=None, exits=()):
     """A greedy round in one call (one graph when compiled): `steps` draft steps (draft_step) from tokens [B, 1] at
     positions pos, each drafting the argmax of its logits (ids below n_tokens), then their verification (verify_step)
-    -> (the verifier's argmax [B, steps+1], accepted drafts [B]). The verifier's tokens up to a row's accepted count
-    are what it settles: its accepted drafts (equal to them), then the correction or the bonus token."""
-    states, drafts = [], []
+    -> (the verifier's argmax [B, steps+1], accepted drafts [B], [(exit, predictions [B])] of each exit in `exits`
+    at the round's first position: exit auto's probe, probed_predictions, from the layer outputs the first draft
+    step and the verification keep when exits are read). The verifier's tokens up to a row's accepted count are what
+    it settles: its accepted drafts (equal to them), then the correction or the bonus token."""
+    states, drafts, first_kept = [], [], None
     for i in range(steps):
-        h, logits, _ = draft_step(model, token, pos + i, shared, runs, cache)
+        h, logits, kept = draft_step(model, token, pos + i, shared, runs, cache, keep=bool(exits) and i == 0)
+        first_kept = kept if i == 0 else first_kept
         states.append(h)
         token = logits[:, :n_tokens].argmax(-1, keepdim=True)  # [B, 1]
         drafts.append(token)
-    logits, _ = verify_step(model, torch.cat(states, 1) if states else None, pos, shared, end, cache, token)
+    logits, kept = verify_step(model, torch.cat(states, 1) if states else None, pos, shared, end, cache, token,
+                               keep=bool(exits))
     verified = logits[..., :n_tokens].argmax(-1)  # [B, steps+1]
     drafts = torch.cat(drafts, 1) if drafts else verified[:, :0]  # [B, steps]
-    return verified, accepted_prefix(drafts == verified[:, :-1])
+    probed = probed_predictions(model, exits, shared, first_kept, kept, n_tokens)
+    return verified, accepted_prefix(drafts == verified[:, :-1]), probed
 
 
 def full_step_reading_exits(model, token, pos, end, cache, exits, n_tokens=None):
@@ -528,9 +533,10 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
     ids are limited, as in generate(): an eos (or stop) inside the accepted drafts ends the row there.
     Greedy rounds are one call each, greedy_round (one graph when compiled, drafts chosen and accepted inside it, so
     the host pays one call a round, not d + 1; under exit auto a row settles every verified draft, counting those
-    up to its own cap), except rounds with a threshold (the host stops rows) or reading other exits (exit auto's
-    probes). Greedy exit auto runs a choice of full depth as a stretch of full-depth steps (ExitChooser.
-    full_depth_rounds), settled together, each reading the head at the exits drafted with (full_step_reading_exits).
+    up to its own cap; an exit auto probe round reads the other exits in the same call), except rounds with a
+    threshold (the host stops rows). Greedy exit auto runs a choice of full depth as a stretch of full-depth steps
+    (ExitChooser.full_depth_rounds), settled together, each reading the head at the exits drafted with
+    (full_step_reading_exits).
     stats: drafted and accepted tokens, acceptance_rate (also per row), rounds, draft_steps, draft_seconds and
     verify_seconds (a round's time from its first draft step to its last, and from there to the accepted counts,
     summed: CUDA events on a GPU), round_seconds (the same for rounds run as one call, not timed apart), and
@@ -616,8 +622,9 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
         first = row_positions(n - 1, cache, idx.device)      # position of the round's first token (int or [B])
         token = out[rows, (n - 1).to(idx.device)][:, None]   # [B, 1]: the last settled token, not yet run
         started = clock(idx.device)
-        # greedy, unless the round reads other exits or a threshold stops drafts: one call
-        one_call = temperature == 0 and not probe and (draft_threshold is None or steps == 0)
+        # greedy, unless a threshold stops drafts: one call (which, in a probe round, reads the other exits too)
+        one_call = temperature == 0 and (draft_threshold is None or steps == 0)
+        probed, read = (), ()  # exit auto: (exit, predictions) of a probe's other exits, of a stretch's exits
         if stretch:  # new [B, K+1]: steps + 1 full-depth steps, one call each, every token settled
             exits = tuple(chooser.drafted_with)
             new, exit_preds, full_step = [token], [], graph(full_step_reading_exits, exits)
@@ -630,8 +637,9 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
             read = list(zip(exits, torch.stack(exit_preds, -1))) if draft_threshold is None else ()
         elif one_call:  # new [B, K+1]: the tokens the round settles, valid up to each row's n_acc
             shared, draft_runs = (f, runs) if steps else (0, ())  # no drafts: a full-depth step, whatever the exit
-            new, n_acc = graph(greedy_round, shared, draft_runs, steps)(model, token, first, shared, draft_runs, L,
-                                                                        cache, steps, n_tokens)
+            exits = tuple(probes) if probe else ()
+            new, n_acc, probed = graph(greedy_round, shared, draft_runs, steps, exits)(
+                model, token, first, shared, draft_runs, L, cache, steps, n_tokens, exits)
             K, drafted_at = steps, None
             calls["draft_steps"] += steps
         else:
@@ -674,6 +682,7 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
                                               **sampling, counts=counts)
             new = torch.cat([drafts[:, :K], next_token[:, None]], 1)  # [B, K+1]: settled up to n_acc
             new[rows, n_acc] = next_token
+            probed = probed_predictions(model, probes, f, first_kept, kept, n_tokens) if probe else ()
         verified_at = clock(idx.device)
         n_acc = n_acc.cpu()  # the host waits for the round here
         synced_at = time.perf_counter()
@@ -692,8 +701,7 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
             # queued into the host's time after the round; eager, the layers ran one call each to keep their outputs)
             pending = None if probe else (f, 0 if stretch else steps if one_call else len(exit_states),
                                           draft_seconds + verify_seconds, synced_at, K + 1 if stretch else 1)
-            probed = probed_predictions(model, probes, f, first_kept, kept, n_tokens) if probe else ()
-            count_agreement(chooser, row_ids, f, counts, planned, n_acc, new, probed, read if stretch else (),
+            count_agreement(chooser, row_ids, f, counts, planned, n_acc, new, probed, read,
                             remember=temperature == 0 and draft_threshold is None)  # (ExitChooser.count)
         out[rows[:, None], (n[:, None] + torch.arange(K + 1)).to(idx.device)] = new
         drafted[row_ids] += counts

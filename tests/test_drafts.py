@@ -326,6 +326,31 @@ def test_probed_predictions_read_each_exit_at_the_rounds_first_position():
     assert probed_predictions(model, [2], 4, None, kept, None) == []
 
 
+@torch.no_grad()
+def test_a_greedy_probe_round_is_one_call_reading_the_other_exits():
+    """A greedy probe round of exit auto is one greedy_round call (compiled, one graph; before, a call per draft step
+    and one for the verification): it settles what the round settles without reading, and reads the head of each
+    other exit at the round's first position, shallower than the draft's exit from the first draft step, deeper from
+    the verification, or all from it in a full-depth step: the exit's own prediction there (model(exit_layer=e)),
+    exact up to float32 ties."""
+    from generate import decode_cache, greedy_round, prefill
+    model = layers(8)
+    idx = torch.randint(1, 256, (2, 6), generator=torch.Generator().manual_seed(0))
+    T, lens = idx.shape[1], torch.tensor([6, 6])
+    expected = {e: model(idx, exit_layer=e)[:, -1].argmax(-1).tolist() for e in (2, 4, 6)}
+
+    def round_at(shared, steps, exits):
+        cache = decode_cache(model, idx, T + steps + 1, compile=False)
+        prefill(model, idx[:, :-1], lens - 1, 8, cache)
+        return greedy_round(model, idx[:, -1:], T - 1, shared, (), 8, cache, steps, None, exits)
+
+    for shared, steps, exits in ((4, 2, (2, 6)), (0, 0, (2, 4, 6))):
+        verified, n_acc, probed = round_at(shared, steps, exits)
+        alone = round_at(shared, steps, ())
+        assert torch.equal(verified, alone[0]) and torch.equal(n_acc, alone[1]) and alone[2] == []
+        assert {e: p.tolist() for e, p in probed} == {e: expected[e] for e in exits}
+
+
 def test_exit_chooser_keeps_the_counts_of_a_row_without_predictions():
     """A row with a cap of 0 in a round that drafts (a batch) has no prediction at E: its counts stay as they were
     (decayed with nothing added, its estimate of agreements / (predictions + 1) sank towards 0, so that it could not
@@ -373,25 +398,28 @@ def test_threshold_stops_rows_below_the_rounds_longest_cap():
 
 
 def test_exit_layer_auto_drafting_rounds_are_one_call_with_each_rows_cap(monkeypatch):
-    """Greedy exit auto rounds that read no other exit are one call (greedy_round), the round drafting the longest
-    cap (here 3) and each row counting drafts up to its own (here 1 and 3) but settling every draft verified (free:
-    the round drafted them): output plain greedy (before, such rounds were a call per draft step and one for the
-    verification)."""
+    """Greedy exit auto rounds are one call (greedy_round), the round drafting the longest cap (here 3) and each row
+    counting drafts up to its own (here 1 and 3) but settling every draft verified (free: the round drafted them):
+    output plain greedy (before, such rounds were a call per draft step and one for the verification; probe rounds,
+    here every third, reading exits 1 and 3, were until 2026-12-02)."""
     import generate as generate_module
     from drafts import ExitChooser
-    calls, real = [], generate_module.greedy_round
-    monkeypatch.setattr(generate_module, "greedy_round", lambda *a: calls.append(a[7]) or real(*a))
+    calls, real, probes = [], generate_module.greedy_round, []
+    monkeypatch.setattr(generate_module, "greedy_round", lambda *a: calls.append(a[7]) or probes.append(a[9]) or
+                        real(*a))
     model = layers(4)
     with torch.no_grad():  # layers 2 and 3 nearly identities: exit 2 agrees, so drafts run past a cap of 1
         for block in model.layers[2:]:
             block.attn.wo.weight.mul_(0.05)
             block.mlp.w_down.weight.mul_(0.05)
     idx = torch.randint(1, 256, (2, 5), generator=torch.Generator().manual_seed(0))
-    caps = torch.tensor([1, 3])
-    with mock.patch.object(ExitChooser, "choose", lambda self, rows: (2, caps[rows], [])):
+    caps, rounds = torch.tensor([1, 3]), iter(range(100))
+    with mock.patch.object(ExitChooser, "choose",
+                           lambda self, rows: (2, caps[rows], [1, 3] if next(rounds) % 3 == 0 else [])):
         out, stats = generate_speculative(model, idx, 24, "auto", 3, stop_at_eos=False)
     assert out.tolist() == generate(model, idx, 24, temperature=0, stop_at_eos=False).tolist()
     assert len(calls) == stats["rounds"] and set(calls) <= {1, 2, 3}, (calls, stats)
+    assert probes[::3] == [(1, 3)] * len(probes[::3]) and set(probes) - {(1, 3)} == {()}, probes
     assert 0.5 < stats["acceptance_rate"] <= 1 and max(stats["row_acceptance_rate"]) <= 1, stats
     assert stats["rounds"] < 12, stats  # row 0 settles more than its cap's 2 tokens a round
 

@@ -102,16 +102,15 @@ class ExitChooser:
     `probe_every` as soon as a round drafts), the head also reads, at the round's first position, the output of the
     layer before every other exit drafted with (shallower ones from the first draft step, deeper ones from the
     verification, which keep every layer's output; greedy, all in the round's one call, generate.greedy_round), in
-    one product; whether each would have predicted the
-    token settled there counts for it (later positions are settled only where E's drafts were accepted, so they
-    would count the other exits mostly where E found the tokens easy). A probe round where full depth is chosen
-    drafts anyway, at the exit whose best cap of 1 or more is expected to pay most: it counts that exit's acceptance
-    on every draft, where a full-depth probe reads one position. Greedy full-depth steps outside probe rounds
-    without a threshold read the head at every exit drafted with (generate.full_step_reading_exits), and each token
-    they settle counts for each of those exits (every position there is settled by the full model alone, so none is
-    read selectively; with a threshold, agreement overstates what drafts the threshold stops would give). Counts
-    decay by `decay` per update (a row not counted keeps its own), so the choice follows the context; an exit's
-    acceptance is agreements / (predictions + 1).
+    one product; whether each would have predicted the token settled there counts for it (later positions are
+    settled only where E's drafts were accepted, so they would count the other exits mostly where E found the tokens
+    easy). A probe round where full depth is chosen drafts anyway, at the exit whose best cap of 1 or more is
+    expected to pay most: it counts that exit's acceptance on every draft, where a full-depth probe reads one
+    position. Greedy full-depth steps outside probe rounds without a threshold read the head at every exit drafted
+    with (generate.full_step_reading_exits), and each token they settle counts for each of those exits (every
+    position there is settled by the full model alone, so none is read selectively; with a threshold, agreement
+    overstates what drafts the threshold stops would give). Counts decay by `decay` per update (a row not counted
+    keeps its own), so the choice follows the context; an exit's acceptance is agreements / (predictions + 1).
 
     Costs: seconds of a whole round at exit E with s draft steps (its draft steps, its verification of s + 1
     positions and the host's work until the next round: greedy rounds are one call, greedy_round, whose parts are

@@ -225,7 +225,8 @@ def compiled(fn, device, variant=None):
     Speedups in BENCHMARKS.md; the first calls compile (tens of seconds on a CPU). Every exit layer, skip plan and
     number of verified positions is a graph of its own: past dynamo's default of 8 graphs a function, the rest would
     run eagerly, so the process's limit is raised to GRAPHS_PER_FUNCTION (recompile_limit; cache_size_limit before
-    torch 2.6). variant: what makes a call another graph (a round's draft layers and number of draft steps): each
+    torch 2.6). variant: what makes a call another graph (a round's draft layers, number of draft steps and, in a
+    probe round, the exits it reads): each
     variant compiles from its own copy of fn's code, which dynamo keeps its graphs on, so that a call meets its own
     graph's guards first instead of failing the others' first (where two graphs alternate, as exit auto's rounds do,
     that cost about 0.3 ms a call on a 2-core CPU, against 0.04 ms with copies: BENCHMARKS.md). The copies keep fn's
@@ -697,8 +698,8 @@ def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_specul
             verify_seconds = seconds_between(drafted_at, verified_at)
             calls["draft_seconds"] += draft_seconds
             calls["verify_seconds"] += verify_seconds
-        if chooser:  # a probe round is not timed: reading other exits is not what E costs (on a GPU the heads run
-            # queued into the host's time after the round; eager, the layers ran one call each to keep their outputs)
+        if chooser:  # a probe round is not timed: reading other exits is not what E costs (the heads run inside the
+            # round, in its graph when greedy; eager, the layers ran one call each to keep their outputs)
             pending = None if probe else (f, 0 if stretch else steps if one_call else len(exit_states),
                                           draft_seconds + verify_seconds, synced_at, K + 1 if stretch else 1)
             count_agreement(chooser, row_ids, f, counts, planned, n_acc, new, probed, read,

@@ -400,26 +400,31 @@ def test_threshold_stops_rows_below_the_rounds_longest_cap():
 def test_exit_layer_auto_drafting_rounds_are_one_call_with_each_rows_cap(monkeypatch):
     """Greedy exit auto rounds are one call (greedy_round), the round drafting the longest cap (here 3) and each row
     counting drafts up to its own (here 1 and 3) but settling every draft verified (free: the round drafted them):
-    output plain greedy (before, such rounds were a call per draft step and one for the verification; probe rounds,
-    here every third, reading exits 1 and 3, were until 2026-12-02)."""
+    output plain greedy, the rows ragged (before, such rounds were a call per draft step and one for the
+    verification; probe rounds, here every third, reading exits 1 and 3, were until f816bff), and what a probe round
+    reads of each exit, a prediction a row, is counted."""
     import generate as generate_module
     from drafts import ExitChooser
-    calls, real, probes = [], generate_module.greedy_round, []
+    calls, real, probes, counted = [], generate_module.greedy_round, [], []
     monkeypatch.setattr(generate_module, "greedy_round", lambda *a: calls.append(a[7]) or probes.append(a[9]) or
                         real(*a))
+    count_agreement = generate_module.count_agreement
+    monkeypatch.setattr(generate_module, "count_agreement", lambda *a, **k: counted.append(
+        [(e, tuple(p.shape)) for e, p in a[7]]) or count_agreement(*a, **k))
     model = layers(4)
     with torch.no_grad():  # layers 2 and 3 nearly identities: exit 2 agrees, so drafts run past a cap of 1
         for block in model.layers[2:]:
             block.attn.wo.weight.mul_(0.05)
             block.mlp.w_down.weight.mul_(0.05)
-    idx = torch.randint(1, 256, (2, 5), generator=torch.Generator().manual_seed(0))
+    idx, lens = pad_prompts(ragged_prompts((5, 3), seed=1))
     caps, rounds = torch.tensor([1, 3]), iter(range(100))
     with mock.patch.object(ExitChooser, "choose",
                            lambda self, rows: (2, caps[rows], [1, 3] if next(rounds) % 3 == 0 else [])):
-        out, stats = generate_speculative(model, idx, 24, "auto", 3, stop_at_eos=False)
-    assert out.tolist() == generate(model, idx, 24, temperature=0, stop_at_eos=False).tolist()
+        out, stats = generate_speculative(model, idx, 24, "auto", 3, prompt_lens=lens, stop_at_eos=False)
+    assert out.tolist() == generate(model, idx, 24, prompt_lens=lens, temperature=0, stop_at_eos=False).tolist()
     assert len(calls) == stats["rounds"] and set(calls) <= {1, 2, 3}, (calls, stats)
     assert probes[::3] == [(1, 3)] * len(probes[::3]) and set(probes) - {(1, 3)} == {()}, probes
+    assert [c for c, p in zip(counted, probes) if p] == [[(1, (2,)), (3, (2,))]] * len(probes[::3]), counted
     assert 0.5 < stats["acceptance_rate"] <= 1 and max(stats["row_acceptance_rate"]) <= 1, stats
     assert stats["rounds"] < 12, stats  # row 0 settles more than its cap's 2 tokens a round
 

@@ -130,12 +130,11 @@ class ExitChooser:
     overstated one, and a draft step from past half the depth costs over half a full-depth step, so that at 85%
     acceptance 4 drafts pay about 1.15x at best; compiled, each exit being its own graphs, later calls draft only
     with the exits earlier calls timed, so that few graphs compile inside them: on 2 CPU cores a round's graph
-    compiles in 40-160 s; a probe round is a graph of its own too), the one
-    whose best caps give the largest summed expected speedup
-    (expected_speedup over a full-depth step). A round drafts up to its rows' largest cap and each row counts its
-    drafts up to its own, in 0 .. cap (compiled, 0, 1, 2 or 4, each number of draft steps of each exit being a
-    graph; a round shortened by a row's end drafts the allowed number below): cap 0, a full-depth step, wherever
-    no draft is expected to pay `margin` more (estimates from a few tokens are noisy)."""
+    compiles in 40-160 s; a probe round is a graph of its own too), the one whose best caps give the largest summed
+    expected speedup (expected_speedup over a full-depth step). A round drafts up to its rows' largest cap and each
+    row counts its drafts up to its own, in 0 .. cap (compiled, 0, 1, 2 or 4, each number of draft steps of each
+    exit being a graph; a round shortened by a row's end drafts the allowed number below): cap 0, a full-depth step,
+    wherever no draft is expected to pay `margin` more (estimates from a few tokens are noisy)."""
 
     def __init__(self, model, cap, batch_size, compiled=False, cuda_graphs=False, timings=None, history=None,
                  probe_every=4, max_probe_gap=32, decay=0.9, window=5, margin=0.05, prior_weight=4.0):

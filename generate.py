@@ -226,11 +226,11 @@ def compiled(fn, device, variant=None):
     number of verified positions is a graph of its own: past dynamo's default of 8 graphs a function, the rest would
     run eagerly, so the process's limit is raised to GRAPHS_PER_FUNCTION (recompile_limit; cache_size_limit before
     torch 2.6). variant: what makes a call another graph (a round's draft layers, number of draft steps and, in a
-    probe round, the exits it reads): each
-    variant compiles from its own copy of fn's code, which dynamo keeps its graphs on, so that a call meets its own
-    graph's guards first instead of failing the others' first (where two graphs alternate, as exit auto's rounds do,
-    that cost about 0.3 ms a call on a 2-core CPU, against 0.04 ms with copies: BENCHMARKS.md). The copies keep fn's
-    name, line and file, so what dynamo learns of one (positions turning symbolic) holds for all."""
+    probe round, the exits it reads): each variant compiles from its own copy of fn's code, which dynamo keeps its
+    graphs on, so that a call meets its own graph's guards first instead of failing the others' first (where two
+    graphs alternate, as exit auto's rounds do, that cost about 0.3 ms a call on a 2-core CPU, against 0.04 ms with
+    copies: BENCHMARKS.md). The copies keep fn's name, line and file, so what dynamo learns of one (positions
+    turning symbolic) holds for all."""
     key = fn, device.type, variant
     if key not in _compiled:
         dynamo = torch._dynamo.config

@@ -56,31 +56,38 @@ def seconds(fn, repeats):
     return best, best_result
 
 
-def paired_seconds(baseline, fn, repeats):
-    """Shortest of `repeats` timed calls of baseline and of fn, called in turns, after one warm-up call of each
-    when WARM_UP -> (seconds of baseline, seconds of fn, fn's result). Timed side by side, their ratio holds
-    where this machine's speed drifts within a run (a setting timed minutes after the full-depth baseline moved
-    by up to 0.3x between runs)."""
-    best, result = [float("inf"), float("inf")], None
+def seconds_in_turns(calls, repeats):
+    """Shortest of `repeats` timed calls of each function in `calls` (name -> function), the functions called in
+    turns after one warm-up call of each when WARM_UP -> ({name: seconds}, {name: result of its shortest call}).
+    Timed side by side, their ratios hold where this machine's speed drifts within a run (a setting timed minutes
+    after the full-depth baseline moved by up to 0.3x between runs)."""
+    best, results = dict.fromkeys(calls, float("inf")), dict.fromkeys(calls)
     if WARM_UP:
-        baseline(), fn()
+        for call in calls.values():
+            call()
     for _ in range(repeats):
-        for i, call in enumerate((baseline, fn)):
+        for name, call in calls.items():
             t = time.perf_counter()
             out = call()
             t = time.perf_counter() - t
-            if t < best[i]:
-                best[i] = t
-                if i:
-                    result = out
-    return best[0], best[1], result
+            if t < best[name]:
+                best[name], results[name] = t, out
+    return best, results
+
+
+def paired_seconds(baseline, fn, repeats):
+    """seconds_in_turns of baseline and fn -> (seconds of baseline, seconds of fn, fn's result)."""
+    best, results = seconds_in_turns({"baseline": baseline, "fn": fn}, repeats)
+    return best["baseline"], best["fn"], results["fn"]
 
 
 @torch.inference_mode()
-def step_costs(model, prompt, plan, d, compile, repeats=10):
+def step_costs(model, prompt, plan, d, compile, repeats=20):
     """Seconds of one full-depth decode step, one draft step and one verification of d+1 positions (the last
     draft through layers [0, f), all through [f, L) + head), batch 1 at the prompt's end, through the graphs
-    decoding uses."""
+    decoding uses; the three timed in turns (seconds_in_turns), so that their ratios, which set the ideal, hold
+    where the machine's speed drifts (timed one after the other, 10 calls each, the ideal of one setting moved
+    by up to 0.5x between runs)."""
     L, T = model.n_layer, prompt.shape[1]
     cache = decode_cache(model, prompt, T + d + 1, compile)
     prefill(model, prompt, torch.tensor([T]), L, cache)
@@ -92,7 +99,7 @@ def step_costs(model, prompt, plan, d, compile, repeats=10):
     calls = {"full": lambda: full(model, token, T, ((0, L),), cache),
              "draft": lambda: draft(model, token, T, f, runs, cache),
              "verify": lambda: verify(model, states, T, f, L, cache, token)}
-    return {k: seconds(fn, repeats)[0] for k, fn in calls.items()}
+    return seconds_in_turns(calls, repeats)[0]
 
 
 def per_prompt(fn, prompts, repeats):

@@ -24,3 +24,25 @@ def test_bench_prints_machine_versions_commit_and_command_first(monkeypatch, cap
     assert f"torch {torch.__version__}" in head and f"transformers {transformers.__version__}" in head
     assert commit and f"commit: {commit}" in head
     assert lines[3] == "command: python bench.py --mode decode --steps 1"
+
+
+def test_speculation_costs_are_timed_in_turns_each_keeping_its_shortest_call(monkeypatch):
+    """The ideal's step costs and each setting beside full depth are timed in turns (so that a drift of the
+    machine's speed moves both alike), each keeping its shortest call and that call's result."""
+    from benchmarks import speculation
+    now, calls = [0.0], []
+
+    def call(name, durations):
+        def fn():
+            calls.append(name)
+            now[0] += durations.pop(0)
+            return name + str(len(calls))
+        return fn
+
+    monkeypatch.setattr(speculation.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(speculation, "WARM_UP", True)
+    best, results = speculation.seconds_in_turns(
+        {"full": call("full", [9.0, 3.0, 2.0, 4.0]), "draft": call("draft", [9.0, 1.0, 5.0, 0.5])}, repeats=3)
+    assert calls == ["full", "draft"] * 4  # a warm-up call of each, then in turns
+    assert best == {"full": 2.0, "draft": 0.5} and results == {"full": "full5", "draft": "draft8"}
+    assert speculation.paired_seconds(call("a", [1.0, 2.0]), call("b", [1.0, 0.5]), repeats=1)[1:] == (0.5, "b12")

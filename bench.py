@@ -43,6 +43,8 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="test-sized shapes: a smoke run of any mode")
     parser.add_argument("--_memory", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     common.BATCH, common.TINY = args.batch, args.tiny
     if args._memory:  # one configuration's peak memory, in the fresh process memory_in_fresh_process started
         print(common.measure_memory(args._memory))

@@ -86,8 +86,8 @@ def step_costs(model, prompt, plan, d, compile, repeats=20):
     """Seconds of one full-depth decode step, one draft step and one verification of d+1 positions (the last
     draft through layers [0, f), all through [f, L) + head), batch 1 at the prompt's end, through the graphs
     decoding uses; the three timed in turns (seconds_in_turns), so that their ratios, which set the ideal, hold
-    where the machine's speed drifts (timed one after the other, 10 calls each, the ideal of one setting moved
-    by up to 0.5x between runs)."""
+    where the machine's speed drifts (timed one after the other instead, the ideal of one setting moved by up to
+    0.5x between runs)."""
     L, T = model.n_layer, prompt.shape[1]
     cache = decode_cache(model, prompt, T + d + 1, compile)
     prefill(model, prompt, torch.tensor([T]), L, cache)

@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 import transformers
 
@@ -46,3 +47,11 @@ def test_speculation_costs_are_timed_in_turns_each_keeping_its_shortest_call(mon
     assert calls == ["full", "draft"] * 4  # a warm-up call of each, then in turns
     assert best == {"full": 2.0, "draft": 0.5} and results == {"full": "full5", "draft": "draft8"}
     assert speculation.paired_seconds(call("a", [1.0, 2.0]), call("b", [1.0, 0.5]), repeats=1)[1:] == (0.5, "b12")
+
+
+def test_bench_refuses_fewer_than_one_timed_call(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--mode", "speculation", "--repeats", "0"])
+    with pytest.raises(SystemExit) as e:
+        bench.main()
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "bench.py: error: --repeats must be at least 1, got 0"

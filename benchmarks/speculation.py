@@ -44,18 +44,6 @@ def code_prompts(tok, device, n_tokens=48):
 WARM_UP = True  # a first, untimed call (compiled steps compile in it)
 
 
-def seconds(fn, repeats):
-    """Shortest of `repeats` timed calls, after one warm-up call when WARM_UP."""
-    best, best_result = float("inf"), fn() if WARM_UP else None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        result = fn()
-        t = time.perf_counter() - t
-        if t < best:
-            best, best_result = t, result
-    return best, best_result
-
-
 def seconds_in_turns(calls, repeats):
     """Shortest of `repeats` timed calls of each function in `calls` (name -> function), the functions called in
     turns after one warm-up call of each when WARM_UP -> ({name: seconds}, {name: result of its shortest call}).
@@ -73,6 +61,12 @@ def seconds_in_turns(calls, repeats):
             if t < best[name]:
                 best[name], results[name] = t, out
     return best, results
+
+
+def seconds(fn, repeats):
+    """seconds_in_turns of fn alone -> (seconds of its shortest call, that call's result)."""
+    best, results = seconds_in_turns({"fn": fn}, repeats)
+    return best["fn"], results["fn"]
 
 
 def paired_seconds(baseline, fn, repeats):

@@ -6,7 +6,7 @@ mode in benchmarks/; every run first prints the machine, versions, date, commit 
     python bench.py --mode train       # train step tokens/s vs transformers' LlamaForCausalLM (+ MFU on CUDA)
     python bench.py --mode decode [--ckpt out-layerskip]  # batch-1 decoding vs transformers.generate, on the
                                        # same weights; self-speculation on a trained checkpoint
-    python bench.py --mode kernels     # each fused op and a whole train step, fused vs unfused (kernels/)
+    python bench.py --mode kernels     # each fused op and a whole train step, fused vs unfused (fused/)
     python bench.py --mode bandwidth   # batch-1 bf16 decoding of TinyLlama-1.1B's shape vs the bandwidth limit
     python bench.py --mode speculation [--ckpt out] [--plain_ckpt out-plain] [--models abc]  # does self-speculation
                                        # pay: speedup, acceptance and fraction of ideal (benchmarks/speculation.py)

@@ -22,11 +22,11 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 import savedir
 from configurator import above, at_least, check_type, check_values, one_of
-from kernels import FUSED
-from kernels.linear_cross_entropy import linear_cross_entropy
-from kernels.rmsnorm import rms_norm, rms_norm_reference
-from kernels.rotary import apply_rotary, apply_rotary_reference
-from kernels.swiglu import swiglu, swiglu_reference
+from fused import FUSED
+from fused.linear_cross_entropy import linear_cross_entropy
+from fused.rmsnorm import rms_norm, rms_norm_reference
+from fused.rotary import apply_rotary, apply_rotary_reference
+from fused.swiglu import swiglu, swiglu_reference
 
 
 @dataclass
@@ -41,7 +41,8 @@ class Config:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     bos_id: int = 1
-    eos_id: int = 2
+    eos_id: int = 2                # ends a row; pads the rows that have ended
+    end_ids: list | None = None    # further ids that end a row (Llama-3's <|eot_id|>, Phi-3's <|end|>)
     # family switches (REFERENCE.md section 3); the defaults are Llama
     family: str = "llama"          # weight family for checkpoints_convert.py: llama | phi3 | opt | bloom
     norm: str = "rmsnorm"          # "rmsnorm" | "layernorm" (with bias)
@@ -66,6 +67,11 @@ class Config:
     def head_dim(self):
         return self.n_embd // self.n_head
 
+    @property
+    def eos_ids(self):
+        """Every id that ends a row: eos_id first, then end_ids (transformers' list-valued eos_token_id)."""
+        return [self.eos_id] + [i for i in self.end_ids or () if i != self.eos_id]
+
     def validate(self):
         """ValueError (one line) for a value of the wrong type (ints become floats where a float is
         declared), outside MODEL_RULES, or shapes that do not divide."""
@@ -75,6 +81,8 @@ class Config:
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
             raise ValueError(f"config: n_embd ({self.n_embd}) must divide by n_head ({self.n_head}) "
                              f"and n_head by n_kv_head ({self.n_kv_head})")
+        if self.end_ids and not all(isinstance(i, int) and 0 <= i < self.vocab_size for i in self.end_ids):
+            raise ValueError(f"config: end_ids {self.end_ids} must be token ids in [0, {self.vocab_size - 1}]")
         if self.skip_layers and not all(isinstance(l, int) and 0 <= l < self.n_layer for l in self.skip_layers):
             raise ValueError(f"config: skip_layers {self.skip_layers} must lie in [0, {self.n_layer - 1}]")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")

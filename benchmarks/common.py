@@ -13,7 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kernels import FUSED
+from fused import FUSED
 from model import Config, PRESETS, Transformer
 
 CUDA = torch.cuda.is_available()
@@ -161,7 +161,7 @@ def measure_memory(kind):
     cfg, B, T = bench_config()
     L = cfg.n_layer
     exits = {L: 1.0} if kind in ("last", "unfused") else {e: 1.0 / L for e in range(1, L + 1)}
-    FUSED.update(dict.fromkeys(FUSED, kind != "unfused"))  # "unfused": every kernels/ op off, full-logits loss
+    FUSED.update(dict.fromkeys(FUSED, kind != "unfused"))  # "unfused": every fused/ op off, full-logits loss
     model = make_model(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x, y = batch(cfg, B, T)

@@ -1,11 +1,11 @@
-"""python bench.py --mode kernels: each fused op of kernels/ against its eager reference (time, bytes saved for
+"""python bench.py --mode kernels: each fused op of fused/ against its eager reference (time, bytes saved for
 backward, CUDA peak), and a whole training step with every op fused vs unfused."""
 import torch
 import torch.nn.functional as F
 
 from benchmarks.common import (CUDA, DEVICE, batch, bench_config, cuda_peak, device_name, make_model, median_time,
                                memory_in_fresh_process, train_step)
-from kernels import FUSED
+from fused import FUSED
 
 
 def saved_bytes(fn, *args):
@@ -24,10 +24,10 @@ def saved_bytes(fn, *args):
 
 def op_cases(cfg, N):
     """(name, fused fn, reference fn, inputs) per op on N tokens of a TinyLlama-shaped layer."""
-    from kernels.linear_cross_entropy import linear_cross_entropy
-    from kernels.rmsnorm import rms_norm, rms_norm_reference
-    from kernels.rotary import apply_rotary, apply_rotary_reference
-    from kernels.swiglu import swiglu, swiglu_reference
+    from fused.linear_cross_entropy import linear_cross_entropy
+    from fused.rmsnorm import rms_norm, rms_norm_reference
+    from fused.rotary import apply_rotary, apply_rotary_reference
+    from fused.swiglu import swiglu, swiglu_reference
     dtype = torch.bfloat16 if CUDA else torch.float32
     C, H, Hkv, hd, V = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.vocab_size
 
@@ -67,7 +67,7 @@ def time_and_memory(fn, inputs, steps):
 
 
 def whole_step(cfg, B, T, fused, steps):
-    """(median step time, peak step memory) of a train step with every kernels/ op on or off; on the CPU
+    """(median step time, peak step memory) of a train step with every fused/ op on or off; on the CPU
     the memory is measured in a fresh process (memory_in_fresh_process)."""
     FUSED.update(dict.fromkeys(FUSED, fused))
     torch._dynamo.reset()

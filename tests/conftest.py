@@ -13,6 +13,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+@pytest.fixture(autouse=True)
+def torch_config_left_as_found():
+    """Every test leaves torch's global compiler config as it found it (patched with torch's own
+    `torch._dynamo.config.patch`, which restores it; pytest 9.2's monkeypatch deletes a config key it restores)."""
+    import torch._dynamo
+    import torch._inductor.config
+    before = [c.get_config_copy() for c in (torch._dynamo.config, torch._inductor.config)]
+    yield
+    after = [c.get_config_copy() for c in (torch._dynamo.config, torch._inductor.config)]
+    changed = sorted(k for b, a in zip(before, after) for k in b.keys() | a.keys() if b.get(k, a) != a.get(k, b))
+    assert not changed, f"the test changed torch's config: {changed}"
+
+
 def run_script(*args, timeout=600):
     """Run one of the repo's scripts as a user would; return the CompletedProcess."""
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)

@@ -118,7 +118,6 @@ def test_compiled_speculation_compiles_a_graph_for_every_exit_and_draft_length(m
     graph-counting backend in place of Inductor; the eager tokens throughout."""
     from torch._dynamo.testing import CompileCounter
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # dynamo's default
     monkeypatch.setattr(generate_module, "_compiled", {})
     counters, real_compile = {}, torch.compile
     def count_graphs(fn, **kw):
@@ -129,9 +128,10 @@ def test_compiled_speculation_compiles_a_graph_for_every_exit_and_draft_length(m
     idx = torch.randint(256, (1, 5), generator=torch.Generator().manual_seed(4))
     expected = generate(model, idx, 8, temperature=0)
     try:
-        for E in range(1, 6):
-            for d in (1, 2):
-                assert generate_speculative(model, idx, 8, E, d, compile=True)[0].tolist() == expected.tolist()
+        with torch._dynamo.config.patch(recompile_limit=8):  # dynamo's default; torch's own patch restores it
+            for E in range(1, 6):
+                for d in (1, 2):
+                    assert generate_speculative(model, idx, 8, E, d, compile=True)[0].tolist() == expected.tolist()
         assert sum(c.frame_count for c in counters["greedy_round"]) > 8  # past the default limit (d481b79: 8, then
         # eager)
     finally:

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.linear_cross_entropy import linear_cross_entropy
+from fused.linear_cross_entropy import linear_cross_entropy
 
 
 def reference(h, w, t, ignore_index=-100):
@@ -56,9 +56,9 @@ def test_all_ignored_gives_zero_loss_and_grads(recompute):
 
 # ---- RMSNorm, rotary, SwiGLU: fused op vs its eager reference, forward and backward ----
 
-from kernels.rmsnorm import rms_norm, rms_norm_reference
-from kernels.rotary import apply_rotary, apply_rotary_reference
-from kernels.swiglu import swiglu, swiglu_reference
+from fused.rmsnorm import rms_norm, rms_norm_reference
+from fused.rotary import apply_rotary, apply_rotary_reference
+from fused.swiglu import swiglu, swiglu_reference
 
 
 def odd_non_contiguous(*shape):
@@ -126,7 +126,7 @@ def test_fused_ops_match_in_float64_and_bf16():
 
 def test_compiled_fast_path_matches_eager(monkeypatch):
     """The torch.compile'd bodies (the CUDA fast path) give the eager numbers: compiled here on the CPU."""
-    import kernels.swiglu as module
+    import fused.swiglu as module
     monkeypatch.setattr(module, "_forward", torch.compile(module._forward.__wrapped__, dynamic=True))
     monkeypatch.setattr(module, "_backward", torch.compile(module._backward.__wrapped__, dynamic=True))
     torch.manual_seed(0)
@@ -135,7 +135,7 @@ def test_compiled_fast_path_matches_eager(monkeypatch):
 
 def test_model_fused_equals_reference(monkeypatch):
     """A whole forward and backward with every fused op on equals the one with all off (fp32)."""
-    from kernels import FUSED
+    from fused import FUSED
     from model import PRESETS, Transformer
     from dataclasses import replace
     torch.manual_seed(0)

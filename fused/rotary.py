@@ -9,7 +9,7 @@ nothing but cos and sin (rotate_half is linear and antisymmetric: its transpose 
 """
 import torch
 
-from kernels import needs_grad, on_device
+from fused import needs_grad, on_device
 
 
 def rotate_half(x):

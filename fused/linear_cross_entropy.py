@@ -14,7 +14,7 @@ All-ignored input gives loss 0 and zero gradients (F.cross_entropy would give na
 """
 import torch
 
-from kernels import on_device
+from fused import on_device
 
 
 def _chunk_size(vocab_size, cuda):

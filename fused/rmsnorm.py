@@ -9,7 +9,7 @@ The fused op returns (y, h) and saves only h and the per-row 1/rms for its backw
 import torch
 import torch.nn.functional as F
 
-from kernels import needs_grad, on_device, upcast
+from fused import needs_grad, on_device, upcast
 
 
 def rms_norm_reference(x, weight, eps, residual=None):

@@ -9,7 +9,7 @@ The fused op saves only the packed input; its backward recomputes sigmoid:
 import torch
 import torch.nn.functional as F
 
-from kernels import needs_grad, on_device, upcast
+from fused import needs_grad, on_device, upcast
 
 
 def swiglu_reference(gate_up):

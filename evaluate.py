@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import tasks
@@ -37,7 +38,7 @@ from layerskip import dropout_rates, layer_dropout_mask
 from model import Transformer, atomic_write, layer_mask
 from tokenizer import load_tokenizer
 from train import TrainConfig, load_data
-from unified import response_skip_mask, response_tokens, skipped_layers
+from unified import IGNORE, response_skip_mask, response_tokens, skipped_layers
 
 
 @dataclass
@@ -51,6 +52,7 @@ class EvalConfig:
     micro_batch: int = 8
     block_size: int = 256
     seed: int = 1337
+    exit_layers: tuple = ()          # lm: exits for loss and agreement, e.g. 10,15,20 (default L/4, L/2, 3L/4)
     # task benchmarks
     task: str = "lm"                 # lm (validation loss per method), code or summarize
     data: str = ""                   # code: humaneval, stdlib or a HumanEval JSONL(.gz); summarize: stdlib or a JSONL
@@ -84,8 +86,29 @@ def masked_eval(model, val_batch, batches, choose_mask):
 
 
 @torch.no_grad()
-def early_exit_eval(model, val_batch, batches, exit_layer):
-    return sum(model(*val_batch(i), exits={exit_layer: 1.0})[0].item() for i in range(batches)) / batches
+def exit_eval(model, val_batch, batches, exit_layers):
+    """{exit layer E: (mean loss, agreement)} on response tokens over `batches` validation batches: the
+    cross-entropy of the exit's logits (model.head after layer E - 1) per response token, and the share of
+    response tokens whose greedy (argmax) token at E equals full depth's, teacher-forced. One pass through
+    the layers per batch; the head runs on response positions only ([N, V], not [B, T, V])."""
+    L, exits = model.n_layer, sorted(set(exit_layers) | {model.n_layer})
+    loss, agree, count = dict.fromkeys(exits, 0.0), dict.fromkeys(exits, 0), 0
+    for i in range(batches):
+        x, y = val_batch(i)
+        response = response_tokens(y) & (y != IGNORE)
+        h, start, argmax = model.embed(x), 0, {}
+        for E in exits:
+            h, start = model.run_layers(h, start, E), E
+            logits = model.head(h[response])  # [N, V]
+            logits = logits.float() if logits.element_size() < 4 else logits  # bf16 weights: fp32 loss
+            loss[E] += F.cross_entropy(logits, y[response], reduction="sum").item()
+            argmax[E] = logits.argmax(-1)
+        for E in exits:
+            agree[E] += int((argmax[E] == argmax[L]).sum())
+        count += int(response.sum())
+    if not count:
+        raise ValueError("the validation batches hold no response tokens")
+    return {E: (loss[E] / count, agree[E] / count) for E in exits}, count
 
 
 def load(path, device="cpu"):
@@ -277,9 +300,12 @@ def main():
     n = cfg.eval_batches
     model = load(cfg.ckpt)
     L = model.n_layer
-    rows = [("full depth", 1.0, masked_eval(model, val_batch, n, lambda i, y, r: torch.zeros(len(y), L, dtype=torch.bool))[0])]
-    for E in sorted({L // 4, L // 2, 3 * L // 4}):
-        rows.append((f"early exit at layer {E}", E / L, early_exit_eval(model, val_batch, n, E)))
+    exits = list(cfg.exit_layers) or [L // 4, L // 2, 3 * L // 4]
+    if not all(isinstance(E, int) and 1 <= E <= L for E in exits):
+        raise ValueError(f"exit_layers must be integers in [1, {L}], got {exits}")
+    by_exit, n_tokens = exit_eval(model, val_batch, n, exits)
+    rows = [("full depth", 1.0, by_exit[L][0])]
+    rows += [(f"early exit at layer {E}", E / L, by_exit[E][0]) for E in exits if E < L]
     for speedup in (s for s in (2, 3) if L // s >= 2):  # a plan keeps at least the first and the last layer
         plan = skipped_layers(L, speedup)
         loss, run = masked_eval(model, val_batch, n, lambda i, y, r: response_skip_mask(y, plan, L))
@@ -312,6 +338,10 @@ def main():
     print("| method | layers run | val loss | perplexity |\n|---|---|---|---|")
     for name, run, loss in sorted(rows, key=lambda r: -r[1]):
         print(f"| {name} | {run:.1%} | {loss:.4f} | {math.exp(loss):.2f} |")
+    print(f"\nexits on {n_tokens} response tokens (teacher-forced):\n"
+          "| exit layer | val loss | greedy token agrees with full depth |\n|---|---|---|")
+    for E, (loss, agreement) in sorted(by_exit.items()):
+        print(f"| {E} | {loss:.4f} | {agreement:.1%} |")
 
 
 if __name__ == "__main__":

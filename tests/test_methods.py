@@ -163,3 +163,23 @@ def test_distillation_runs_from_a_converted_phi3_checkpoint(stdlib_data, tmp_pat
     row = json.loads(open(out / "metrics.jsonl").read().splitlines()[-1])
     assert row["skipped"] == [2] and all(row[k] > 0 for k in ("student_skipping", "original_skipping", "teacher"))
     assert Transformer.from_pretrained(str(out)).cfg.family == "phi3"
+
+
+def test_exit_eval_reports_each_exits_loss_and_greedy_agreement_on_response_tokens():
+    """evaluate.exit_eval against one forward per exit (model(x, exit_layer=E)) in float64: the cross-entropy on
+    response tokens and the share of them whose argmax equals full depth's (1e-9)."""
+    from evaluate import exit_eval
+    torch.manual_seed(0)
+    model = Transformer(replace(PRESETS["test-tiny"])).double()
+    x = torch.randint(256, (3, 12))
+    y = torch.cat([x[:, 1:], torch.randint(256, (3, 1))], 1)
+    y[:, :4], y[1, :7], y[2, -2:] = IGNORE, IGNORE, IGNORE  # prompts of different lengths, padding
+    by_exit, count = exit_eval(model, lambda i: (x, y), 1, [1, 3])
+    response = response_tokens(y) & (y != IGNORE)
+    assert count == int(response.sum()) and sorted(by_exit) == [1, 3, 4]
+    full = model(x)[response].argmax(-1)
+    for E, (loss, agreement) in by_exit.items():
+        logits = model(x, exit_layer=E)[response]
+        assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, y[response]).item(), abs=1e-9)
+        assert agreement == pytest.approx((logits.argmax(-1) == full).double().mean().item(), abs=1e-12)
+    assert by_exit[4][1] == 1.0 and by_exit[1][1] < 1.0

@@ -63,22 +63,23 @@ def test_transformers_imports_from_the_repository_root():
 
 def repository_text_files():
     """(path relative to ROOT, text) of every tracked .py, .md and .sh file."""
-    names = subprocess.run(["git", "ls-files", "-z", "*.py", "*.md", "*.sh"], cwd=ROOT, capture_output=True,
-                           check=True).stdout.decode().split("\0")
+    ls = subprocess.run(["git", "ls-files", "-z", "*.py", "*.md", "*.sh"], cwd=ROOT,
+                        capture_output=True, check=True)
+    names = ls.stdout.decode().split("\0")
     return [(n, open(os.path.join(ROOT, n), encoding="utf-8").read()) for n in names
             if n and os.path.isfile(os.path.join(ROOT, n))]
 
 
 def heading_anchors(path):
-    """The anchors GitHub gives a markdown file's headings: lower case, punctuation but - and _ dropped,
-    spaces as -."""
+    """The anchors GitHub gives a markdown file's headings: lower case, punctuation but - and _
+    dropped, spaces as -."""
     headings = re.findall(r"^#+ (.*)$", open(path, encoding="utf-8").read(), re.M)
     return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
 
 
 def broken_citations(name, text):
-    """Paths a file cites that the repository does not hold: every `*.md` it names (from the root or its own
-    folder) and every relative link of a markdown file, with the heading anchor it points to."""
+    """Paths a file cites that the repository does not hold: every `*.md` it names (from the root or
+    its own folder) and every relative link of a markdown file, with the heading anchor it names."""
     here = os.path.dirname(os.path.join(ROOT, name))
     broken = []
     for cited in set(re.findall(r"(?<![\w./-])((?:[\w-]+/)*[\w-]+\.md)\b", text)):
@@ -98,8 +99,8 @@ def broken_citations(name, text):
 
 
 def test_no_file_cites_a_path_the_repository_does_not_hold():
-    """Docstrings, comments and docs cite docs/equations.md, BENCHMARKS.md and the reports by path; each
-    cited markdown file and each relative link (and its heading anchor) exists."""
+    """Docstrings, comments and docs cite docs/equations.md, BENCHMARKS.md and the reports by path;
+    each cited markdown file and each relative link (and its heading anchor) exists."""
     files = repository_text_files()
     assert any(n == "README.md" for n, _ in files)  # the listing found the repository
     broken = [b for name, text in files for b in broken_citations(name, text)]

@@ -1,5 +1,5 @@
 """
-Choosing a draft for self-speculation (REFERENCE.md section 5): a skip plan from the prompt itself, before
+Choosing a draft for self-speculation (docs/equations.md section 5): a skip plan from the prompt itself, before
 decoding (choose_draft_plan), or the exit layer and cap of each round while generating (ExitChooser).
 
 A skip-plan draft runs every layer but the plan's; whether it pays depends on how often its next-token
@@ -26,7 +26,7 @@ def head_cost(model):
 
 
 def expected_speedup(a, d, c, v):
-    """Tokens per round over the round's cost (REFERENCE.md section 5) for acceptance a, cap d, costs c and v;
+    """Tokens per round over the round's cost (docs/equations.md section 5) for acceptance a, cap d, costs c and v;
     a and d numbers or tensors that broadcast."""
     a = a.clamp(max=1 - 1e-9) if torch.is_tensor(a) else min(a, 1 - 1e-9)  # a -> 1: d + 1 tokens
     return (1 - a ** (d + 1)) / (1 - a) / (d * c + v)
@@ -90,7 +90,7 @@ def measured_agreement(model):
 
 
 class ExitChooser:
-    """--exit_layer auto (after DEL, REFERENCE.md section 5): the exit layer E of each round and each row's cap d,
+    """--exit_layer auto (after DEL, docs/equations.md section 5): the exit layer E of each round and each row's cap d,
     from acceptance and costs measured while generating, row by row.
 
     Acceptance: counts start as `prior_weight` predictions at the rate earlier calls in this process counted on

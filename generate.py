@@ -2,7 +2,7 @@
 Decoding with a preallocated KV cache: full depth, an early exit, or a static skip plan.
 
 The prompt runs through every layer the decode uses (up to exit_layer); a skip plan applies to
-generated tokens only (unified layer skipping, REFERENCE.md section 2), so the prompt's cache is
+generated tokens only (unified layer skipping, docs/equations.md section 2), so the prompt's cache is
 complete and generated tokens never read a slot the plan skipped.
 """
 import time
@@ -511,7 +511,7 @@ def check_draft_threshold(draft_threshold):
 def generate_speculative(model, idx, max_new_tokens, exit_layer=None, num_speculations=3, *, draft_skip_layers=None,
                          draft_threshold=None, prompt_lens=None, temperature=0.0, top_k=None, top_p=None,
                          generator=None, compile=False, stop_at_eos=True, stop=None, n_tokens=None):
-    """Self-speculative decoding (LayerSkip section 4.3; skip-plan drafts as in Draft & Verify, REFERENCE.md
+    """Self-speculative decoding (LayerSkip section 4.3; skip-plan drafts as in Draft & Verify, docs/equations.md
     section 5): idx [B, T] right-padded prompts (prompt_lens [B]) -> ([B, T + max_new_tokens] laid out as
     generate()'s, stats).
 

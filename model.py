@@ -43,7 +43,7 @@ class Config:
     bos_id: int = 1
     eos_id: int = 2                # ends a row; pads the rows that have ended
     end_ids: list | None = None    # further ids that end a row (Llama-3's <|eot_id|>, Phi-3's <|end|>)
-    # family switches (REFERENCE.md section 3); the defaults are Llama
+    # family switches (docs/equations.md section 3); the defaults are Llama
     family: str = "llama"          # weight family for checkpoints_convert.py: llama | phi3 | opt | bloom
     norm: str = "rmsnorm"          # "rmsnorm" | "layernorm" (with bias)
     norm_position: str = "pre"     # "pre" | "post" (OPT-350m: norm after each residual add)
@@ -114,7 +114,7 @@ MODEL_RULES = {
 
 
 PRESETS = {
-    # exact TinyLlama-1.1B shape (REFERENCE.md section 2)
+    # exact TinyLlama-1.1B shape (docs/equations.md section 2)
     "tinyllama-1.1b": Config(),
     # deep and narrow CPU model for the stdlib corpus: depth to exit early from and to speculate with
     "stdlib-16l": Config(vocab_size=4096, n_layer=16, n_head=4, n_kv_head=2, n_embd=128,

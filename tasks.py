@@ -1,5 +1,5 @@
 """
-The tasks of evaluate.py's task benchmarks (REFERENCE.md section 6): their data and their scoring.
+The tasks of evaluate.py's task benchmarks (docs/equations.md section 6): their data and their scoring.
 
 code: HumanEval-format records {task_id, prompt, test, entry_point, canonical_solution (optional)}; a completion
 passes when prompt + completion + test + check(entry_point) exits cleanly in the sandbox (sandbox.py).

@@ -4,7 +4,7 @@ acceptance allows? Batch 1, greedy, prompts one at a time; every speedup is agai
 of the same prompts in the same process, and every speculative output is checked identical to it.
 
 For each setting: measured speedup, acceptance, and the ideal speedup that the measured rounds (draft steps,
-verifications) and the measured cost of one draft step and one verification predict (REFERENCE.md section 5:
+verifications) and the measured cost of one draft step and one verification predict (docs/equations.md section 5:
 tokens per round over the round's cost); fraction = measured / ideal; "in draft/verify": the share of the time
 inside rounds' draft steps and verifications as the loop timed them (the rest: bookkeeping, and for exit auto
 reading other exits). Each prompt is timed alone, beside its full-depth decoding (the two called in turns, so

@@ -3,8 +3,8 @@
 # Layer dropout rising with depth and over time (from scratch: S(t) exponential, p_max 0.1) and the early-exit loss
 # on a rotational curriculum (every 8th layer's exit each step, plus the last; e_scale 1.0), so that every exit is
 # trained and self-speculation has a draft that agrees. Measured against the same run without them (one run each,
-# the same schedule, BENCHMARKS.md "The README job"): every exit is better, full depth too, and from exit 6 on the
-# exits agree with full depth far more often; p_max 0.2 no better at full depth (one run). 600 steps of 8 x 256
+# the same schedule, benchmarks/reports/2026-12-01-epyc-avx2-2core.md): every exit is better, full depth
+# too, and from exit 6 on the exits agree with full depth far more often; p_max 0.2 no better at full depth (one run). 600 steps of 8 x 256
 # tokens: about 15 minutes of training here, and 0.21 better at full depth than 300 steps of 16 x 256 (the same
 # tokens).
 out_dir = "out"

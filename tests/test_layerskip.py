@@ -1,4 +1,4 @@
-"""LayerSkip schedules against the paper's equations and worked examples (REFERENCE.md section 1)."""
+"""LayerSkip schedules against the paper's equations and worked examples (docs/equations.md section 1)."""
 import json
 import math
 import os

@@ -59,3 +59,56 @@ def test_transformers_imports_from_the_repository_root():
     proc = subprocess.run([sys.executable, "-c", "import transformers.models.llama.modeling_llama"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def repository_text_files():
+    """(path relative to ROOT, text) of every tracked .py, .md and .sh file."""
+    ls = subprocess.run(["git", "ls-files", "-z", "*.py", "*.md", "*.sh"], cwd=ROOT,
+                        capture_output=True, check=True)
+    names = ls.stdout.decode().split("\0")
+    return [(n, open(os.path.join(ROOT, n), encoding="utf-8").read()) for n in names
+            if n and os.path.isfile(os.path.join(ROOT, n))]
+
+
+def heading_anchors(path):
+    """The anchors GitHub gives a markdown file's headings: lower case, punctuation but - and _
+    dropped, spaces as -."""
+    headings = re.findall(r"^#+ (.*)$", open(path, encoding="utf-8").read(), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def broken_citations(name, text):
+    """Paths a file cites that the repository does not hold: every `*.md` it names (from the root or
+    its own folder) and every relative link of a markdown file, with the heading anchor it names."""
+    here = os.path.dirname(os.path.join(ROOT, name))
+    broken = []
+    for cited in set(re.findall(r"(?<![\w./-])((?:[\w-]+/)*[\w-]+\.md)\b", text)):
+        if not any(os.path.exists(os.path.join(base, cited)) for base in (ROOT, here)):
+            broken.append(cited)
+    if name.endswith(".md"):
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            full = os.path.normpath(os.path.join(here, path)) if path else os.path.join(ROOT, name)
+            if not os.path.exists(full):
+                broken.append(target)
+            elif anchor and full.endswith(".md") and anchor not in heading_anchors(full):
+                broken.append(target)
+    return sorted(f"{name}: {c}" for c in set(broken))
+
+
+def test_no_file_cites_a_path_the_repository_does_not_hold():
+    """Docstrings, comments and docs cite docs/equations.md, BENCHMARKS.md and the reports by path;
+    each cited markdown file and each relative link (and its heading anchor) exists."""
+    files = repository_text_files()
+    assert any(n == "README.md" for n, _ in files)  # the listing found the repository
+    broken = [b for name, text in files for b in broken_citations(name, text)]
+    assert not broken, "citations of paths the repository does not hold:\n" + "\n".join(broken)
+
+
+def test_citation_check_finds_a_missing_file_and_a_missing_anchor():
+    missing = "REFERENCE" + ".md"  # spelled in two parts, so that this file does not cite it
+    text = f"see {missing} section 2 and [x](docs/equations.md#no-such-heading), [y](BENCHMARKS.md)"
+    assert broken_citations("README.md", text) == [f"README.md: {missing}",
+                                                   "README.md: docs/equations.md#no-such-heading"]

@@ -2,13 +2,16 @@
 Convert Hugging Face checkpoints to nanoskip checkpoint directories and back.
 
     python checkpoints_convert.py --from_hf HF_DIR --out DIR     # TinyLlama/Llama, Phi-3, OPT, Bloom/Bloomz
+    python checkpoints_convert.py --from_gguf FILE.gguf --out DIR  # llama.cpp's GGUF, Llama architecture
     python checkpoints_convert.py --to_hf DIR --out HF_DIR       # loads with transformers' AutoModelForCausalLM
 
 Input: config.json with single or sharded safetensors (model.safetensors.index.json), or
 pytorch_model.bin (loaded with weights_only=True). One name table per family maps our tensor names to
 transformers'; a list means the transformers tensors are concatenated along dim 0 into ours. The
 expected transformers names and shapes come from exporting an empty (meta-device) model, so import
-and export share one table. Output goes to a temporary directory renamed into place at the end:
+and export share one table. A GGUF file is read through the same table: its metadata becomes a
+transformers config and its tensors, dequantized by the `gguf` package, transformers tensors (as
+transformers' modeling_gguf_pytorch_utils.py loads them). Output goes to a temporary directory renamed into place at the end:
 a failed conversion leaves nothing behind.
 """
 import argparse
@@ -23,8 +26,7 @@ from tqdm import tqdm
 
 from configurator import run_main
 from model import Config, Transformer
-
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+from tokenizer import TOKENIZER_FILES
 
 # our name -> transformers name(s); "{i}" is the layer index
 LLAMA = {
@@ -108,7 +110,19 @@ SIZE_KEYS = ("vocab_size", "hidden_size", "n_embed", "num_hidden_layers", "n_lay
              "num_key_value_heads", "intermediate_size", "ffn_dim", "max_position_embeddings", "head_dim")
 
 
-def config_from_hf(hf, block_size=None):
+def end_ids(*values):
+    """Every id of transformers' eos_token_id values (an int or a list, in config.json and
+    generation_config.json), in order, each once."""
+    ids = []
+    for value in values:
+        for i in value if isinstance(value, list) else [value]:
+            if isinstance(i, int) and i not in ids:
+                ids.append(i)
+    return ids
+
+
+def config_from_hf(hf, block_size=None, generation=None):
+    """Our Config from transformers' config.json `hf` (and generation_config.json's eos ids, if any)."""
     kind = hf.get("model_type")
     if kind not in NAME_MAPS:
         raise ValueError(f"unsupported model_type {kind!r} (supported: {', '.join(NAME_MAPS)})")
@@ -117,6 +131,8 @@ def config_from_hf(hf, block_size=None):
             raise ValueError(f"{key}={hf[key]!r}: must be an integer >= 1")
     common = dict(vocab_size=hf["vocab_size"], family=kind, tie_embeddings=hf.get("tie_word_embeddings", kind in ("opt", "bloom")),
                   bos_id=first_id(hf.get("bos_token_id"), 1), eos_id=first_id(hf.get("eos_token_id"), 2))
+    ends = end_ids(hf.get("eos_token_id"), (generation or {}).get("eos_token_id"))
+    common["end_ids"] = [i for i in ends if i != common["eos_id"]] or None
     if kind in ("llama", "phi3"):
         if hf.get("attention_bias") or hf.get("mlp_bias") or hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{kind}: biases and activations other than silu are not supported")
@@ -150,9 +166,14 @@ def config_from_hf(hf, block_size=None):
                   bias=True, emb_norm=True).validate()
 
 
+def eos_token_id(cfg):
+    """transformers' eos_token_id: eos_id, or the list of every end id."""
+    return cfg.eos_ids if len(cfg.eos_ids) > 1 else cfg.eos_id
+
+
 def config_to_hf(cfg):
     common = {"model_type": cfg.family, "vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
-              "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "pad_token_id": None, "torch_dtype": "float32"}
+              "bos_token_id": cfg.bos_id, "eos_token_id": eos_token_id(cfg), "pad_token_id": None, "torch_dtype": "float32"}
     if cfg.family in ("llama", "phi3"):
         rope = {"rope_theta": cfg.rope_theta, "rope_type": "default", **(cfg.rope_scaling or {})}
         hf = {**common, "architectures": ["LlamaForCausalLM" if cfg.family == "llama" else "Phi3ForCausalLM"],
@@ -331,36 +352,173 @@ def finish_out_dir(tmp, out, src, files=TOKENIZER_FILES):
     os.replace(tmp, out)
 
 
+def read_json(path):
+    """A JSON object from `path`, or {} if there is no such file; ValueError (one line) if it is not one."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        value = json.load(open(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: must hold a JSON object")
+    return value
+
+
 def from_hf(hf_dir, out, block_size=None):
     cfg_path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{hf_dir} has no config.json")
+    generation = read_json(os.path.join(hf_dir, "generation_config.json"))
     try:
-        hf = json.load(open(cfg_path))
-        if not isinstance(hf, dict):
-            raise ValueError("must hold a JSON object")
-        cfg = config_from_hf(hf, block_size)
+        cfg = config_from_hf(read_json(cfg_path), block_size, generation)
     except KeyError as e:
         raise ValueError(f"{cfg_path}: missing key {e.args[0]!r}") from None
-    except ValueError as e:  # bad JSON, or a value config_from_hf or Config.validate refuses
-        raise ValueError(f"{cfg_path}: {e}") from None
+    except ValueError as e:  # a value config_from_hf or Config.validate refuses
+        raise ValueError(e if str(e).startswith(cfg_path) else f"{cfg_path}: {e}") from None
     ckpt = HFCheckpoint(hf_dir, cfg.family)
     check_tensors(ckpt, cfg)
     tmp = prepare_out_dir(out)
     try:
-        state = {}
-        for name, hf_names in tqdm(our_to_hf_names(cfg).items(), desc="converting", leave=False):
-            if name == "lm_head.weight" and cfg.tie_embeddings:
-                continue
-            t = torch.cat([ckpt.get(h) for h in hf_names]) if len(hf_names) > 1 else ckpt.get(hf_names[0])
-            if cfg.family == "bloom" and ".wqkv." in name:
-                t = bloom_qkv_to_ours(t, cfg)
-            state[name] = t.contiguous()
-        with torch.device("meta"):
-            model = Transformer(cfg)
-        model.load_weights(state)  # validates names and shapes once more against the model
-        model.save_pretrained(tmp)
+        save_converted(ckpt, cfg, tmp)
         finish_out_dir(tmp, out, hf_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return cfg
+
+
+def save_converted(ckpt, cfg, tmp):
+    """Our weights from the transformers tensors of `ckpt` (checked by check_tensors), saved into tmp."""
+    state = {}
+    for name, hf_names in tqdm(our_to_hf_names(cfg).items(), desc="converting", leave=False):
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        t = torch.cat([ckpt.get(h) for h in hf_names]) if len(hf_names) > 1 else ckpt.get(hf_names[0])
+        if cfg.family == "bloom" and ".wqkv." in name:
+            t = bloom_qkv_to_ours(t, cfg)
+        state[name] = t.contiguous()
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.load_weights(state)  # validates names and shapes once more against the model
+    model.save_pretrained(tmp)
+
+
+# ---- GGUF (llama.cpp) ----
+
+# GGUF metadata key (after "<arch>.") -> transformers config key (transformers' integrations/ggml.py)
+GGUF_CONFIG = {"context_length": "max_position_embeddings", "block_count": "num_hidden_layers",
+               "feed_forward_length": "intermediate_size", "embedding_length": "hidden_size",
+               "rope.dimension_count": "head_dim", "rope.freq_base": "rope_theta",
+               "attention.head_count": "num_attention_heads", "attention.head_count_kv": "num_key_value_heads",
+               "attention.layer_norm_rms_epsilon": "rms_norm_eps", "vocab_size": "vocab_size"}
+GGUF_FAMILIES = {"llama": "llama"}  # GGUF architecture -> our family
+
+
+def gguf_value(reader, key, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def config_from_gguf(reader, block_size=None):
+    """A transformers config dict from GGUF metadata, then our Config (config_from_hf). End ids: eos, and
+    llama.cpp's end-of-turn and end-of-message tokens where the file names them."""
+    arch = gguf_value(reader, "general.architecture")
+    if arch not in GGUF_FAMILIES:
+        raise ValueError(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(GGUF_FAMILIES)})")
+    hf = {"model_type": GGUF_FAMILIES[arch], "rope_theta": 10000.0,
+          "tie_word_embeddings": all(t.name != "output.weight" for t in reader.tensors)}
+    for key, name in GGUF_CONFIG.items():
+        if f"{arch}.{key}" in reader.fields:
+            hf[name] = gguf_value(reader, f"{arch}.{key}")
+    hf.setdefault("vocab_size", len(reader.fields["tokenizer.ggml.tokens"].data))
+    hf.setdefault("max_position_embeddings", block_size or 2048)
+    scaling = gguf_value(reader, f"{arch}.rope.scaling.type", "none")
+    if scaling not in ("none", "linear") or any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        raise ValueError(f"GGUF rope scaling {scaling!r} (or a rope_freqs tensor) is not supported")
+    if scaling == "linear":
+        hf["rope_scaling"] = {"rope_type": "linear", "factor": gguf_value(reader, f"{arch}.rope.scaling.factor")}
+    hf["bos_token_id"] = gguf_value(reader, "tokenizer.ggml.bos_token_id", 1)
+    hf["eos_token_id"] = end_ids(*(gguf_value(reader, f"tokenizer.ggml.{k}_token_id")
+                                   for k in ("eos", "eot", "eom"))) or 2
+    return config_from_hf(hf, block_size)
+
+
+class GGUFCheckpoint:
+    """The tensors of a GGUF file under transformers' names, dequantized to float32 by the `gguf` package,
+    with llama.cpp's interleaving of query and key rows undone (transformers' LlamaTensorProcessor)."""
+
+    def __init__(self, reader, cfg):
+        import gguf
+        arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items()
+                    if name == gguf_value(reader, "general.architecture"))
+        names = gguf.get_tensor_name_map(arch, cfg.n_layer)
+        tensors = {t.name: t for t in reader.tensors}
+        self.cfg, self.files = cfg, {}
+        for hf_name in expected_hf_shapes(cfg):
+            base, suffix = hf_name.rsplit(".", 1)
+            gguf_name = f"{names.get_name(base)}.{suffix}"
+            if gguf_name in tensors:
+                self.files[hf_name] = tensors[gguf_name]
+
+    def get(self, name):
+        from gguf.quants import dequantize
+        t = self.files[name]
+        try:
+            w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).float()
+        except (NotImplementedError, ValueError) as e:
+            raise ValueError(f"GGUF tensor {t.name}: cannot dequantize {t.tensor_type.name} ({e})") from None
+        w = w.reshape(self.shape(name))
+        heads = {".q_proj.": self.cfg.n_head, ".k_proj.": self.cfg.n_kv_head}
+        for part, n_head in heads.items():
+            if part in name:  # rows [h, d/2, 2] (llama.cpp interleaves the rotary halves) -> [h, 2, d/2]
+                w = w.reshape(n_head, w.shape[0] // n_head // 2, 2, -1).transpose(1, 2).reshape(w.shape)
+        return w
+
+    def shape(self, name):
+        return tuple(int(n) for n in reversed(self.files[name].shape))  # GGUF lists dims innermost first
+
+
+def read_gguf(path):
+    try:
+        import gguf
+    except ImportError:
+        raise ValueError("--from_gguf needs the package gguf: pip install gguf") from None
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GGUF file {path!r} not found")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # gguf raises ValueError, struct.error, IndexError... for a damaged file
+        raise ValueError(f"{path}: not a valid GGUF file ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def gguf_tokenizer(path, tmp):
+    """tokenizer.json, tokenizer_config.json and chat_template.jinja as transformers builds them from the
+    file (from_pretrained(gguf_file=...)): vocabulary, merges, control tokens as special tokens, bos added
+    or not (the post-processor), the chat template."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise ValueError("--from_gguf needs transformers for the tokenizer: pip install transformers") from None
+    tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
+    tok.save_pretrained(tmp)
+    for name in ("special_tokens_map.json",):  # what transformers 4 writes beside; the config holds it
+        if os.path.isfile(os.path.join(tmp, name)):
+            os.remove(os.path.join(tmp, name))
+
+
+def from_gguf(path, out, block_size=None):
+    reader = read_gguf(path)
+    try:
+        cfg = config_from_gguf(reader, block_size)
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    ckpt = GGUFCheckpoint(reader, cfg)
+    check_tensors(ckpt, cfg)
+    tmp = prepare_out_dir(out)
+    try:
+        save_converted(ckpt, cfg, tmp)
+        gguf_tokenizer(path, tmp)
+        finish_out_dir(tmp, out, None, files=())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return cfg
@@ -381,7 +539,7 @@ def export_tokenizer(ckpt_dir, out, cfg):
     if any(os.path.isfile(os.path.join(ckpt_dir, f)) for f in ("tokenizer.model", "tokenizer.json")):
         backend = PreTrainedTokenizerFast.from_pretrained(ckpt_dir).backend_tokenizer
     padding = list(range(backend.get_vocab_size(), cfg.vocab_size)) if backend else []  # never generated
-    GenerationConfig(bos_token_id=cfg.bos_id, eos_token_id=cfg.eos_id,
+    GenerationConfig(bos_token_id=cfg.bos_id, eos_token_id=eos_token_id(cfg),
                      suppress_tokens=padding or None).save_pretrained(out)
     if backend is None:
         return
@@ -412,12 +570,14 @@ def main():
     parser = argparse.ArgumentParser(description="Convert checkpoints between transformers and nanoskip.")
     direction = parser.add_mutually_exclusive_group(required=True)
     direction.add_argument("--from_hf", help="transformers checkpoint directory to import")
+    direction.add_argument("--from_gguf", help="GGUF file (llama.cpp) to import")
     direction.add_argument("--to_hf", help="nanoskip checkpoint directory to export")
     parser.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     parser.add_argument("--block_size", type=int, default=None, help="context length (default: from the config)")
     args = parser.parse_args()
-    if args.from_hf:
-        cfg = from_hf(args.from_hf, args.out, args.block_size)
+    if args.from_hf or args.from_gguf:
+        cfg = (from_hf(args.from_hf, args.out, args.block_size) if args.from_hf else
+               from_gguf(args.from_gguf, args.out, args.block_size))
         print(f"wrote {args.out}: {cfg.family}, {cfg.n_layer} layers, d {cfg.n_embd}")
     else:
         to_hf(args.to_hf, args.out)

@@ -182,7 +182,7 @@ def complete(model, tok, task_list, setting, cfg, device):
     # a row ends at eos; ids the tokenizer lacks (a padded vocabulary's rows) are never generated
     sampling = dict(temperature=cfg.temperature, top_k=cfg.top_k, generator=generator, n_tokens=tok.vocab_size())
     keep = model.cfg.block_size - cfg.max_new_tokens - 1
-    prompts = [torch.tensor([[tok.bos_id()] + tok.encode(t["prompt"])[-keep:]], device=device) for t in task_list]
+    prompts = [torch.tensor([tok.prefix + tok.encode(t["prompt"])[-keep:]], device=device) for t in task_list]
     decode(model, prompts[0], cfg.max_new_tokens, setting, dict(temperature=0.0, n_tokens=tok.vocab_size()))
     samples, seconds, tokens, drafted, accepted = {}, 0.0, 0, 0, 0
     for task, idx in tqdm(list(zip(task_list, prompts)), desc=setting.name, leave=False):
@@ -193,9 +193,17 @@ def complete(model, tok, task_list, setting, cfg, device):
             ids = ids.tolist()
             ended = tok.eos_id() in ids
             n_generated = ids.index(tok.eos_id()) + 1 if ended else len(ids)  # the eos is generated too
-            samples.setdefault(task["task_id"], []).append(tok.decode(ids[:n_generated - ended]))
+            text = completion_text(tok, idx[0].tolist(), ids[:n_generated - ended])
+            samples.setdefault(task["task_id"], []).append(text)
             tokens, drafted, accepted = tokens + n_generated, drafted + n_drafted, accepted + n_accepted
     return samples, seconds, tokens, drafted, accepted
+
+
+def completion_text(tok, prompt, ids):
+    """The text of generated `ids`: decoded with their prompt and the prompt's text cut off, as sample.py does
+    (a sentencepiece tokenizer drops the space prefix of a text's first piece: decoded alone, a body's
+    first indentation would lose a space)."""
+    return tok.decode(prompt + ids)[len(tok.decode(prompt)):]
 
 
 def score(cfg, task_list, samples):

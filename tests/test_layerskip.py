@@ -75,7 +75,7 @@ def test_gradual_curriculum_adds_one_layer_every_T_over_2L_steps():
 
 
 def test_instruction_data_masks_the_prompt(stdlib_data, tmp_path):
-    import sentencepiece as spm
+    from tokenizer import load_tokenizer
     from data.instruct import IGNORE, encode_records, epoch_indices, format_prompt, load_records, make_batch
     records = [{"instruction": "Add one.", "input": "", "output": "x + 1"},
                {"instruction": "Negate.", "input": "x = 3", "output": "-x"}]
@@ -83,7 +83,7 @@ def test_instruction_data_masks_the_prompt(stdlib_data, tmp_path):
     path.write_text(json.dumps(records))
     assert load_records(str(path)) == records
     assert "### Input:\nx = 3" in format_prompt(records[1])
-    tok = spm.SentencePieceProcessor(model_file=os.path.join(stdlib_data, "tokenizer.model"))
+    tok = load_tokenizer(os.path.join(stdlib_data, "tokenizer.model"), 1, 2)
     examples = encode_records(tok, records, block_size=256)
     assert len(examples) == 2
     x, y = make_batch(examples, [0, 1], 256)

@@ -128,7 +128,7 @@ def test_stop_strings_end_plain_and_speculative_rows_at_the_same_token(ckpt, mon
 
 def test_streaming_holds_back_incomplete_characters_and_stop_string_starts(ckpt, capsys):
     tok = checkpoint_tokenizer(str(ckpt))
-    e_acute = [tok.piece_to_id(f"<0x{b:02X}>") for b in "é".encode()]  # two byte-fallback pieces
+    e_acute = [tok.sp.piece_to_id(f"<0x{b:02X}>") for b in "é".encode()]  # two byte-fallback pieces
     completions = sample.Completions(tok, [tok.encode("x = ")], 2, ["\ndef"], stream=True)
     printed = []
     for ids in ([e_acute[0]], [e_acute[1]], tok.encode("1\nd"), tok.encode("ef g")):

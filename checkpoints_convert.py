@@ -11,8 +11,8 @@ transformers'; a list means the transformers tensors are concatenated along dim 
 expected transformers names and shapes come from exporting an empty (meta-device) model, so import
 and export share one table. A GGUF file is read through the same table: its metadata becomes a
 transformers config and its tensors, dequantized by the `gguf` package, transformers tensors (as
-transformers' modeling_gguf_pytorch_utils.py loads them). Output goes to a temporary directory renamed into place at the end:
-a failed conversion leaves nothing behind.
+transformers' modeling_gguf_pytorch_utils.py loads them). Output goes to a temporary directory renamed
+into place at the end: a failed conversion leaves nothing behind.
 """
 import argparse
 import json
@@ -173,7 +173,8 @@ def eos_token_id(cfg):
 
 def config_to_hf(cfg):
     common = {"model_type": cfg.family, "vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
-              "bos_token_id": cfg.bos_id, "eos_token_id": eos_token_id(cfg), "pad_token_id": None, "torch_dtype": "float32"}
+              "bos_token_id": cfg.bos_id, "eos_token_id": eos_token_id(cfg), "pad_token_id": None,
+              "torch_dtype": "float32"}
     if cfg.family in ("llama", "phi3"):
         rope = {"rope_theta": cfg.rope_theta, "rope_type": "default", **(cfg.rope_scaling or {})}
         hf = {**common, "architectures": ["LlamaForCausalLM" if cfg.family == "llama" else "Phi3ForCausalLM"],

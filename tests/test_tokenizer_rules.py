@@ -22,6 +22,7 @@ from conftest import assert_one_line_error, checkpoint_tokenizer, run_entry  # n
 from generate import generate  # noqa: E402
 from model import PRESETS, Transformer  # noqa: E402
 from test_convert import make_hf, prompt  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 
 LLAMA_TOKENIZER_CONFIG = {  # what a Llama-2 / TinyLlama repository ships beside tokenizer.model
     "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
@@ -151,7 +152,7 @@ def phi3_layout(tmp_path_factory):
     backend.save(str(out / "tokenizer.json"))
     torch.manual_seed(0)
     model = Transformer(replace(PRESETS["test-tiny"], vocab_size=n + 64, eos_id=n)).eval()
-    tok = checkpoint_tokenizer_of(out, model)
+    tok = load_tokenizer(str(out), model.cfg.bos_id, n)
     idx = torch.tensor([tok.encode_prompt(PHI3_PROMPT)])
     with torch.no_grad():
         free = generate(model, idx, 5, temperature=0, n_tokens=n)[0, idx.shape[1]:].tolist()
@@ -165,11 +166,6 @@ def phi3_layout(tmp_path_factory):
 
 
 PHI3_PROMPT = "<|user|>\nhi<|end|>\n<|assistant|>\n"
-
-
-def checkpoint_tokenizer_of(out, model):
-    from tokenizer import load_tokenizer
-    return load_tokenizer(str(out), model.cfg.bos_id, model.cfg.eos_id)
 
 
 def test_phi3_layout_markers_and_eos_beyond_the_sentencepiece_pieces(phi3_layout, tmp_path):

@@ -11,8 +11,8 @@ transformers'; a list means the transformers tensors are concatenated along dim 
 expected transformers names and shapes come from exporting an empty (meta-device) model, so import
 and export share one table. A GGUF file is read through the same table: its metadata becomes a
 transformers config and its tensors, dequantized by the `gguf` package, transformers tensors (as
-transformers' modeling_gguf_pytorch_utils.py loads them). Output goes to a temporary directory renamed into place at the end:
-a failed conversion leaves nothing behind.
+transformers' modeling_gguf_pytorch_utils.py loads them). Output goes to a temporary directory renamed
+into place at the end: a failed conversion leaves nothing behind.
 """
 import argparse
 import json
@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from configurator import run_main
 from model import Config, Transformer
-from tokenizer import TOKENIZER_FILES
+from tokenizer import TOKENIZER_FILES, load_tokenizer
 
 # our name -> transformers name(s); "{i}" is the layer index
 LLAMA = {
@@ -173,7 +173,8 @@ def eos_token_id(cfg):
 
 def config_to_hf(cfg):
     common = {"model_type": cfg.family, "vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
-              "bos_token_id": cfg.bos_id, "eos_token_id": eos_token_id(cfg), "pad_token_id": None, "torch_dtype": "float32"}
+              "bos_token_id": cfg.bos_id, "eos_token_id": eos_token_id(cfg), "pad_token_id": None,
+              "torch_dtype": "float32"}
     if cfg.family in ("llama", "phi3"):
         rope = {"rope_theta": cfg.rope_theta, "rope_type": "default", **(cfg.rope_scaling or {})}
         hf = {**common, "architectures": ["LlamaForCausalLM" if cfg.family == "llama" else "Phi3ForCausalLM"],
@@ -525,19 +526,23 @@ def from_gguf(path, out, block_size=None):
 
 
 def export_tokenizer(ckpt_dir, out, cfg):
-    """Write the checkpoint's tokenizer (tokenizer.model or tokenizer.json) as a transformers tokenizer whose
-    special tokens are the checkpoint's bos/eos ids and which puts bos first, as train.py and sample.py encode,
-    and generation_config.json with those ids (transformers' generate stops at eos as sample.py does; ids of a
-    padded vocabulary's rows past the tokenizer are suppressed, as sample.py never generates them). A
+    """Write the checkpoint's tokenizer (tokenizer.json, else tokenizer.model) as a transformers tokenizer that
+    encodes as sample.py does (tokenizer.py: the same prefix, bos or none; a sentencepiece model's space prefix
+    kept, as transformers' LlamaTokenizer keeps it), with the checkpoint's bos/eos tokens, special tokens and chat
+    template, and generation_config.json with every end id (transformers' generate stops where sample.py does;
+    ids of a padded vocabulary's rows past the tokenizer are suppressed, as sample.py never generates them). A
     sentencepiece model is converted by transformers (SpmConverter, which needs protobuf)."""
     try:
         from tokenizers.processors import TemplateProcessing
         from transformers import GenerationConfig, PreTrainedTokenizerFast
     except ImportError:
         raise ValueError("--to_hf needs transformers: pip install transformers") from None
-    backend = None
+    backend = tok = None
     if any(os.path.isfile(os.path.join(ckpt_dir, f)) for f in ("tokenizer.model", "tokenizer.json")):
+        tok = load_tokenizer(ckpt_dir, cfg.bos_id, cfg.eos_id)
         backend = PreTrainedTokenizerFast.from_pretrained(ckpt_dir).backend_tokenizer
+        if tok.sp is not None and dummy_prefix(tok.sp):
+            keep_space_prefix(backend)
     padding = list(range(backend.get_vocab_size(), cfg.vocab_size)) if backend else []  # never generated
     GenerationConfig(bos_token_id=cfg.bos_id, eos_token_id=eos_token_id(cfg),
                      suppress_tokens=padding or None).save_pretrained(out)
@@ -546,9 +551,31 @@ def export_tokenizer(ckpt_dir, out, cfg):
     bos, eos = backend.id_to_token(cfg.bos_id), backend.id_to_token(cfg.eos_id)
     if bos is None or eos is None:
         raise ValueError(f"the tokenizer in {ckpt_dir} has no token for bos id {cfg.bos_id} or eos id {cfg.eos_id}")
-    backend.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                special_tokens=[(bos, cfg.bos_id)])
-    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos).save_pretrained(out)
+    prefix = [(backend.id_to_token(i), i) for i in tok.prefix]
+    first = "".join(f"{t} " for t, _ in prefix)
+    backend.post_processor = TemplateProcessing(single=f"{first}$A", pair=f"{first}$A {first}$B",
+                                                special_tokens=sorted(set(prefix)))
+    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos,
+                            chat_template=tok.chat_template).save_pretrained(out)
+
+
+def dummy_prefix(sp):
+    """Whether a sentencepiece model puts a space before each text (add_dummy_prefix: Llama's do)."""
+    from sentencepiece import sentencepiece_model_pb2
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(sp.serialized_model_proto())
+    return proto.normalizer_spec.add_dummy_prefix
+
+
+def keep_space_prefix(backend):
+    """transformers' generic sentencepiece conversion drops add_dummy_prefix; put it back as sentencepiece
+    applies it, before every text (transformers' GGUF phi3_tokenizer does the same; LlamaTokenizer's Metaspace
+    skips it on a text that starts with a space), and strip it again when decoding."""
+    from tokenizers import decoders, normalizers
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    backend.pre_tokenizer = None
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
 
 
 def to_hf(ckpt_dir, out):

@@ -370,10 +370,13 @@ def one_line(e):
 
 
 def copy_tokenizer(tokenizer_file, out_dir):
-    """Put the tokenizer next to the weights, so that sample.py finds it."""
-    dst = os.path.join(out_dir, os.path.basename(tokenizer_file))
-    if os.path.abspath(dst) != os.path.abspath(tokenizer_file):
-        atomic_write(dst, lambda p: shutil.copyfile(tokenizer_file, p))
+    """Put the tokenizer next to the weights, so that sample.py finds it, with the files beside it that hold
+    its rules (tokenizer_config.json, chat_template.jinja: bos, special tokens, chat template)."""
+    src = os.path.dirname(tokenizer_file)
+    for f in [tokenizer_file] + [os.path.join(src, n) for n in ("tokenizer_config.json", "chat_template.jinja")]:
+        dst = os.path.join(out_dir, os.path.basename(f))
+        if os.path.isfile(f) and os.path.abspath(dst) != os.path.abspath(f):
+            atomic_write(dst, lambda p: shutil.copyfile(f, p))
 
 
 def claim_out_dir(cfg, rank):

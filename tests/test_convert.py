@@ -265,7 +265,8 @@ def test_eos_ends_rows_as_in_transformers(name, tmp_path):
 def test_export_of_a_fine_tuned_tokenizer_json_checkpoint_keeps_its_special_tokens(tmp_path, monkeypatch):
     """A tiny OPT with a byte-level tokenizer.json (384 tokens, OPT's <s> <pad> </s> <unk>; bos = eos = </s> = 2),
     converted, fine-tuned by train.py (only tokenizer.json travels), exported: AutoTokenizer has the checkpoint's
-    special tokens and ids, puts bos first as sample.py does, and greedy generate equals ours."""
+    special tokens and ids, puts bos first as the tokenizer's post-processor (OPT's) and sample.py do, and greedy
+    generate equals ours."""
     tokenizers = pytest.importorskip("tokenizers")
     import train
     tok = tokenizers.Tokenizer(tokenizers.models.BPE())
@@ -275,6 +276,7 @@ def test_export_of_a_fine_tuned_tokenizer_json_checkpoint_keeps_its_special_toke
         vocab_size=384, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
         initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
     assert tok.get_vocab_size() == 384
+    tok.post_processor = tokenizers.processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
     cfg = transformers.OPTConfig(vocab_size=384, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
                                  max_position_embeddings=512, word_embed_proj_dim=64, bos_token_id=2, eos_token_id=2,
                                  pad_token_id=1)

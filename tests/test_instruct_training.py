@@ -20,11 +20,15 @@ tokenizers = pytest.importorskip("tokenizers")
 WORDS = [f"w{i}" for i in range(40)]
 
 
-def write_tokenizer(path, specials):
-    """A word-level tokenizer.json: `specials` (e.g. ["<s>", "<pad>", "</s>", "<unk>"]) first, then WORDS."""
+def write_tokenizer(path, specials, bos=None):
+    """A word-level tokenizer.json: `specials` (e.g. ["<s>", "<pad>", "</s>", "<unk>"]) first, then WORDS; with
+    `bos`, its post-processor puts that token first (as OPT's tokenizer.json puts </s> first)."""
     vocab = {t: i for i, t in enumerate(specials + WORDS)}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    if bos is not None:
+        tok.post_processor = tokenizers.processors.TemplateProcessing(single=f"{bos} $A",
+                                                                      special_tokens=[(bos, vocab[bos])])
     tok.save(str(path))
     return len(vocab)
 
@@ -105,7 +109,7 @@ def converted_checkpoint(family, specials, ids, d):
     from checkpoints_convert import from_hf
     transformers = pytest.importorskip("transformers")
     ids = dict(zip(("bos_token_id", "eos_token_id", "pad_token_id"), ids))
-    vocab = write_tokenizer(d / "tokenizer.json", specials)
+    vocab = write_tokenizer(d / "tokenizer.json", specials, bos=specials[ids["bos_token_id"]])
     if family == "opt":
         hf_cfg = transformers.OPTConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=4, ffn_dim=64,
                                         num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=32, **ids)

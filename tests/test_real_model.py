@@ -124,3 +124,20 @@ def test_plain_and_speculative_decoding_stop_at_the_same_end_token(smollm2, refe
     plain = generate(model, idx, N_NEW, temperature=0)
     spec, _ = generate_speculative(model, idx, N_NEW, 20, 3, temperature=0)
     assert spec.tolist() == plain.tolist() and 2 in plain[0, idx.shape[1]:].tolist()
+
+
+@torch.no_grad()
+def test_export_chats_as_sample(smollm2, reference, tmp_path):
+    """--to_hf of the converted model: AutoTokenizer on the export renders and encodes the chat as sample.py does
+    (no bos, ChatML markers as ids), and transformers' greedy generate on it gives our tokens, ending at <|im_end|>."""
+    from checkpoints_convert import to_hf
+    to_hf(smollm2, str(tmp_path / "hf"))
+    tok = checkpoint_tokenizer(smollm2)
+    export = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    chat = [{"role": "user", "content": SHORT[0]}]
+    ids = export.apply_chat_template(chat, add_generation_prompt=True)["input_ids"]
+    assert ids == tok.chat_prompt(chat) and export(FACTORIAL).input_ids == tok.encode_prompt(FACTORIAL)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    theirs = hf.generate(torch.tensor([ids]), max_new_tokens=N_NEW, do_sample=False)[0].tolist()
+    ours = generate(Transformer.from_pretrained(smollm2), torch.tensor([ids]), N_NEW, temperature=0)[0].tolist()
+    assert ours[:len(theirs)] == theirs and theirs[-1] == 2

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from configurator import at_least, check_values, configure, run_main
+from configurator import configure, run_main
 from data.instruct import IGNORE
 from model import Transformer, layer_mask
+from rules import at_least, check_values
 from train import TRAIN_RULES, TrainConfig, copy_tokenizer, load_data, log_metrics, publish_metrics, start_metrics
 
 
@@ -34,7 +35,7 @@ class DistillConfig(TrainConfig):
     init_from: str = "out"           # the teacher (and the student's starting point)
     out_dir: str = "out-distill"
     kl_weight: float = 0.01          # w: weight of the KL of the student without the layer
-    steps_per_layer: int = 40
+    steps_per_layer: int = 40        # optimizer steps per distilled layer
     layers: str = ""                 # default L-2, L-4, ..., 2; or a comma list, distilled in that order
     lr: float = 3e-4
     eval_batches: int = 10

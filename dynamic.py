@@ -22,9 +22,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from configurator import above, at_least, check_values, configure, run_main
+from configurator import configure, run_main
 from data.instruct import IGNORE
 from model import Transformer, atomic_write
+from rules import above, at_least, check_values
 from train import TRAIN_RULES, TrainConfig, copy_tokenizer, load_data, lr_at
 from unified import response_tokens
 

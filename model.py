@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
 
 import savedir
-from configurator import above, at_least, check_type, check_values, one_of
+from rules import above, at_least, check_type, check_values, one_of
 from fused import FUSED
 from fused.linear_cross_entropy import linear_cross_entropy
 from fused.rmsnorm import rms_norm, rms_norm_reference
@@ -102,7 +102,7 @@ class Config:
         return cls(**d).validate()
 
 
-# value rules of Config (configurator.check_values)
+# value rules of Config (rules.check_values)
 MODEL_RULES = {
     **{k: at_least(1) for k in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size",
                                 "block_size", "emb_dim", "sliding_window")},

@@ -24,10 +24,11 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 import savedir
-from configurator import UNIT_INTERVAL, above, at_least, check_values, configure, one_of, run_main
+from configurator import configure, run_main
 from data.instruct import IGNORE, encode_records, epoch_indices, load_records, make_batch, save_template
 from layerskip import dropout_rates, exit_weights, layer_dropout_mask
 from model import PRESETS, Config, Transformer, atomic_write
+from rules import UNIT_INTERVAL, above, at_least, check_values, one_of
 from tokenizer import load_tokenizer
 from unified import response_skip_mask, skipped_layers
 
@@ -35,36 +36,36 @@ from unified import response_skip_mask, skipped_layers
 @dataclass
 class TrainConfig:
     # I/O
-    out_dir: str = "out"
-    data_dir: str = "data/stdlib"
+    out_dir: str = "out"             # checkpoint, train_state/ and metrics.jsonl
+    data_dir: str = "data/stdlib"    # a data set of data/prepare.py (tokens) or data/instruct.py (instruct)
     dataset: str = "tokens"          # "tokens": data_dir/{train,val}.bin; "instruct": data_dir/{train,val}.jsonl (Alpaca)
     tokenizer: str = ""              # instruct data: tokenizer file or dir (default: init_from, else data/stdlib)
     init_from: str = "scratch"       # "scratch", "resume" (from out_dir), or a checkpoint directory
     # model: a preset from model.PRESETS, optionally reshaped
-    model: str = "stdlib-16l"
-    n_layer: int | None = None
-    n_embd: int | None = None
-    n_head: int | None = None
-    n_kv_head: int | None = None
-    intermediate_size: int | None = None
+    model: str = "stdlib-16l"        # preset name (scratch runs)
+    n_layer: int | None = None       # None: the preset's
+    n_embd: int | None = None        # None: the preset's
+    n_head: int | None = None        # None: the preset's
+    n_kv_head: int | None = None     # None: the preset's
+    intermediate_size: int | None = None  # None: the preset's
     # batches: micro_batch x block_size tokens, grad_accum micro batches per step
-    micro_batch: int = 16
-    block_size: int = 256
-    grad_accum: int = 1
+    micro_batch: int = 16            # rows per micro batch and process
+    block_size: int = 256            # tokens per row
+    grad_accum: int = 1              # micro batches per optimizer step
     # optimizer and schedule
-    max_steps: int = 1500
+    max_steps: int = 1500            # optimizer steps
     epochs: float | None = None      # if set: max_steps = epochs x train records / (micro_batch x grad_accum)
-    lr: float = 2e-3
-    min_lr: float = 2e-4
-    warmup_steps: int = 100
+    lr: float = 2e-3                 # peak learning rate
+    min_lr: float = 2e-4             # learning rate at the end of the cosine decay
+    warmup_steps: int = 100          # linear warmup from 0
     lr_decay_steps: int | None = None  # default max_steps
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    weight_decay: float = 0.1        # AdamW, on matrices only
+    beta1: float = 0.9               # AdamW
+    beta2: float = 0.95              # AdamW
+    grad_clip: float = 1.0           # max gradient norm (0: no clipping)
     # evaluation and checkpoints
     eval_interval: int = 250         # also the checkpoint interval
-    eval_batches: int = 20
+    eval_batches: int = 20           # validation batches per evaluation
     eval_exits: str = "all"          # "all" exit layers, "last", or a comma list like "4,8,16"
     log_interval: int = 1            # train loss per exit into metrics.jsonl every this many steps
     # LayerSkip (layerskip.py): layer dropout p_{l,t} = S(t) D(l) p_max, and the early-exit loss
@@ -72,12 +73,12 @@ class TrainConfig:
     dropout_scale: str = "exp"       # D(l): exp | linear | uniform
     dropout_curriculum: str = "constant"  # S(t): constant | exp (from scratch)
     early_exit_curriculum: str = "off"    # off (last layer only) | none (all exits) | rotational | gradual
-    e_scale: float = 1.0
+    e_scale: float = 1.0             # scale of the early-exit loss weights
     exit_period: int = 8             # R of the rotational curriculum
     # unified layer skipping (unified.py): response tokens skip the layers of a target speedup's plan
     skip_speedup: float = 0.0        # 0: off; e.g. 2 or 3 (dataset=instruct); the plan is saved in config.json
     freeze_embeddings: bool = False  # keep the token embedding (and a tied head) fixed
-    seed: int = 1337
+    seed: int = 1337                 # batches and initialization
     device: str = "auto"             # auto: cuda if available
     compile: bool | None = None      # per-block torch.compile; default on for CUDA
 

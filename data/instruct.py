@@ -175,8 +175,9 @@ def epoch_indices(n_examples, start, count, seed):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Build the stdlib instruction set (Alpaca format).")
-    parser.add_argument("--out", default=os.path.join(HERE, "stdlib_instruct"))
+    parser = argparse.ArgumentParser(description="Build the stdlib instruction set (Alpaca format).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", default=os.path.join(HERE, "stdlib_instruct"), help="output directory")
     args = parser.parse_args()
     counts = build_stdlib(args.out)
     print(f"{args.out}: {counts['train']} train and {counts['val']} val records")

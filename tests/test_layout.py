@@ -1,4 +1,5 @@
 """The repository's layout: nothing in it hides a package that its dependencies import."""
+import ast
 import importlib.metadata
 import os
 import re
@@ -59,3 +60,16 @@ def test_transformers_imports_from_the_repository_root():
     proc = subprocess.run([sys.executable, "-c", "import transformers.models.llama.modeling_llama"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_the_model_does_not_import_the_command_line():
+    """model.py takes its value rules from rules.py, which the command line (configurator.py) shares."""
+    tree = ast.parse(open(os.path.join(ROOT, "model.py")).read())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "rules" in imported and "configurator" not in imported
+
+
+def test_license():
+    text = open(os.path.join(ROOT, "LICENSE")).read()
+    assert text.startswith("MIT License") and "Copyright (c) 2026 the nanoskip authors" in text

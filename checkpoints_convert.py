@@ -416,6 +416,8 @@ def main():
     parser.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     parser.add_argument("--block_size", type=int, default=None, help="context length (default: from the config)")
     args = parser.parse_args()
+    if args.block_size is not None and args.block_size < 1:
+        raise ValueError(f"--block_size {args.block_size}: must be >= 1")
     if args.from_hf:
         cfg = from_hf(args.from_hf, args.out, args.block_size)
         print(f"wrote {args.out}: {cfg.family}, {cfg.n_layer} layers, d {cfg.n_embd}")

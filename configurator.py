@@ -127,10 +127,21 @@ def run_config_file(path, scope):
 
 
 def run_main(main):
-    """Run a script's main(); our own errors print one line and exit 1 instead of a traceback."""
+    """Run a script's main(); our own errors and those of the file system (a file where a directory is
+    expected, a read-only directory, a full disk) print one line and exit 1 instead of a traceback."""
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:
+    except ValueError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: {os_error_line(e)}")
     except KeyboardInterrupt:
         sys.exit("interrupted")
+
+
+def os_error_line(e):
+    """'<what went wrong>: <path>' for an OSError that names a path (its own message otherwise)."""
+    if e.filename is None or not e.strerror:
+        return str(e)
+    paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    return f"{e.strerror}: {paths}"

@@ -35,9 +35,9 @@ from dynamic import controlled_forward, load_controllers, sequence_plan
 from generate import generate, generate_speculative
 from layerskip import dropout_rates, layer_dropout_mask
 from model import Transformer, atomic_write, layer_mask
-from rules import at_least, check_values
+from rules import above, at_least, check_values
 from tokenizer import load_tokenizer
-from train import TrainConfig, load_data
+from train import DEVICE_RULE, TrainConfig, load_data
 from unified import response_skip_mask, response_tokens, skipped_layers
 
 
@@ -265,7 +265,10 @@ def run_tasks(cfg):
     report(rows, path, quality)
 
 
-EVAL_RULES = {k: at_least(1) for k in ("eval_batches", "micro_batch", "block_size")}
+EVAL_RULES = {**{k: at_least(1) for k in ("eval_batches", "micro_batch", "block_size", "num_samples", "top_k")},
+              **{k: at_least(0) for k in ("limit", "temperature", "max_new_tokens", "exit_layer", "num_speculations",
+                                          "workers")},
+              "timeout": above(0), "device": DEVICE_RULE}
 
 
 def main():

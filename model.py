@@ -81,13 +81,19 @@ class Config:
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
             raise ValueError(f"config: n_embd ({self.n_embd}) must divide by n_head ({self.n_head}) "
                              f"and n_head by n_kv_head ({self.n_kv_head})")
+        for name in ("bos_id", "eos_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ValueError(f"config: {name}={getattr(self, name)} must be a token id in [0, {self.vocab_size - 1}]")
         if self.end_ids and not all(isinstance(i, int) and 0 <= i < self.vocab_size for i in self.end_ids):
             raise ValueError(f"config: end_ids {self.end_ids} must be token ids in [0, {self.vocab_size - 1}]")
         if self.skip_layers and not all(isinstance(l, int) and 0 <= l < self.n_layer for l in self.skip_layers):
             raise ValueError(f"config: skip_layers {self.skip_layers} must lie in [0, {self.n_layer - 1}]")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
-        if rope_type not in ("default", "linear", "dynamic", "llama3", "longrope"):
+        if rope_type not in ROPE_KEYS:
             raise ValueError(f"config: unsupported rope_scaling type {rope_type!r}")
+        missing = [k for k in ROPE_KEYS[rope_type] if not isinstance(self.rope_scaling.get(k), (int, float, list))]
+        if missing:
+            raise ValueError(f"config: rope_scaling of type {rope_type!r} needs {', '.join(missing)}")
         return self
 
     @classmethod
@@ -101,6 +107,11 @@ class Config:
             raise ValueError(f"config.json: unknown key(s) {unknown}")
         return cls(**d).validate()
 
+
+# what each rope_scaling type needs (transformers' modeling_rope_utils.py)
+ROPE_KEYS = {"default": (), "linear": ("factor",), "dynamic": ("factor",),
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+             "longrope": ("long_factor", "short_factor", "original_max_position_embeddings")}
 
 # value rules of Config (rules.check_values)
 MODEL_RULES = {

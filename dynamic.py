@@ -28,8 +28,8 @@ from configurator import configure, run_main
 from data.instruct import IGNORE
 from model import Transformer
 from rules import above, at_least, check_values
-from train import (TRAIN_RULES, TrainConfig, check_val_loss, copy_tokenizer, kept, load_data, lr_at, nonfinite_tensor,
-                   run_inputs, val_loss_limit)
+from train import (TRAIN_RULES, TrainConfig, check_val_loss, copy_tokenizer, kept, load_data, lr_at,
+                   nonfinite_tensor, run_inputs, val_loss_limit)
 from unified import response_tokens
 
 
@@ -207,7 +207,8 @@ def main():
                   f"val loss {val_loss:.4f} running {val_fraction:.1%} of layers")
             check_val_loss({model.n_layer: val_loss}, model.n_layer, best, limit, step, cfg)
             best = min(best, val_loss)
-    bad = nonfinite_tensor({**model.state_dict(), **{f"controllers.{k}": v for k, v in ctrl.state_dict().items()}})
+    weights = {**model.state_dict(), **{f"controllers.{k}": v for k, v in ctrl.state_dict().items()}}
+    bad = nonfinite_tensor(weights)
     if bad:
         raise ValueError(f"weight {bad} holds NaN or inf; stopping without saving: {kept(cfg)}")
 

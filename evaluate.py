@@ -265,9 +265,10 @@ def run_tasks(cfg):
     report(rows, path, quality)
 
 
-EVAL_RULES = {**{k: at_least(1) for k in ("eval_batches", "micro_batch", "block_size", "num_samples", "top_k")},
-              **{k: at_least(0) for k in ("limit", "temperature", "max_new_tokens", "exit_layer", "num_speculations",
-                                          "workers")},
+EVAL_RULES = {**{k: at_least(1) for k in ("eval_batches", "micro_batch", "block_size", "num_samples",
+                                          "top_k")},
+              **{k: at_least(0) for k in ("limit", "temperature", "max_new_tokens", "exit_layer",
+                                          "num_speculations", "workers")},
               "timeout": above(0), "device": DEVICE_RULE}
 
 

@@ -83,7 +83,8 @@ class Config:
                              f"and n_head by n_kv_head ({self.n_kv_head})")
         for name in ("bos_id", "eos_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
-                raise ValueError(f"config: {name}={getattr(self, name)} must be a token id in [0, {self.vocab_size - 1}]")
+                raise ValueError(f"config: {name}={getattr(self, name)} must be a token id in "
+                                 f"[0, {self.vocab_size - 1}]")
         if self.end_ids and not all(isinstance(i, int) and 0 <= i < self.vocab_size for i in self.end_ids):
             raise ValueError(f"config: end_ids {self.end_ids} must be token ids in [0, {self.vocab_size - 1}]")
         if self.skip_layers and not all(isinstance(l, int) and 0 <= l < self.n_layer for l in self.skip_layers):
@@ -283,7 +284,8 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.switch = rope_switch(cfg)
-        self.tokens = None if self.switch is None else torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+        self.tokens = None if self.switch is None else torch.zeros(batch_size, max_len, dtype=torch.long,
+                                                                   device=device)
         self.skips, self.past_switch = None, False
         self.mark_static()
 

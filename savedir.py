@@ -65,8 +65,8 @@ def sha256(path, sync=False):
 
 def write_manifest(nxt, **facts):
     """Step 2: d/.next/manifest.json listing every file's size and SHA-256, plus `facts` (e.g. step=N)."""
-    files = {rel: {"size": os.path.getsize(os.path.join(nxt, rel)), "sha256": sha256(os.path.join(nxt, rel), sync=True)}
-             for rel in _files(nxt)}
+    files = {rel: {"size": os.path.getsize(os.path.join(nxt, rel)),
+                   "sha256": sha256(os.path.join(nxt, rel), sync=True)} for rel in _files(nxt)}
     tmp = os.path.join(nxt, MANIFEST + ".tmp")
     with open(tmp, "w") as f:
         f.write(json.dumps({**facts, "files": files}, indent=1) + "\n")

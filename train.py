@@ -363,7 +363,9 @@ def kept(cfg):
         manifest = savedir.read_manifest(cfg.out_dir)
     except ValueError:
         return f"nothing had been saved in {cfg.out_dir}"
-    unit = f"the checkpoint of step {manifest['step']}" if "step" in manifest else f"the {savedir.kind_of(manifest)}"
+    unit = f"the {savedir.kind_of(manifest)}"
+    if "step" in manifest:
+        unit = f"the checkpoint of step {manifest['step']}"
     return f"{unit} in {cfg.out_dir} is kept as it was"
 
 
@@ -383,8 +385,9 @@ def check_val_loss(losses, last, best, limit, step, cfg):
         raise ValueError(f"validation loss at exit {bad} is {losses[bad]} at step {step}; stopping without "
                          f"saving: {kept(cfg)}")
     if best < limit < losses[last]:
-        raise ValueError(f"validation loss {losses[last]:.4f} at step {step} is past max_val_loss {limit:.4f} "
-                         f"(the best so far {best:.4f}): the run collapsed; stopping without saving: {kept(cfg)}")
+        raise ValueError(f"validation loss {losses[last]:.4f} at step {step} is past max_val_loss "
+                         f"{limit:.4f} (the best so far {best:.4f}): the run collapsed; stopping without "
+                         f"saving: {kept(cfg)}")
 
 
 def val_loss_limit(cfg, vocab_size):
@@ -516,9 +519,10 @@ def main():
     rank, world, device = setup_distributed(cfg)
     master = rank == 0
     out_lock, manifest = None, None  # out_lock: the lock on out_dir, held while this file stays open
-    if cfg.init_from not in ("scratch", "resume") and not os.path.isfile(os.path.join(cfg.init_from, "config.json")):
-        raise FileNotFoundError(f"init_from {cfg.init_from!r} holds no checkpoint (config.json); make it with: "
-                                f"python checkpoints_convert.py --from_hf <transformers checkpoint dir> --out {cfg.init_from}")
+    start = cfg.init_from
+    if start not in ("scratch", "resume") and not os.path.isfile(os.path.join(start, "config.json")):
+        raise FileNotFoundError(f"init_from {start!r} holds no checkpoint (config.json); make it with: python "
+                                f"checkpoints_convert.py --from_hf <transformers checkpoint dir> --out {start}")
     savedir.check_target(cfg.out_dir, savedir.CHECKPOINT, run_inputs(cfg))
     if cfg.init_from == "resume":  # verified before anything is built from it
         if not any(os.path.isfile(os.path.join(cfg.out_dir, d, savedir.MANIFEST)) for d in ("", savedir.NEXT)):

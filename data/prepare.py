@@ -147,8 +147,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("paths", nargs="*", help="files or directories (default: the stdlib source)")
     parser.add_argument("--out", default=None, help="output directory (default: data/stdlib or data/custom)")
-    parser.add_argument("--vocab_size", type=int, default=4096, help="tokenizer vocabulary size (default: %(default)s)")
-    parser.add_argument("--val_percent", type=int, default=5, help="percent of the files held out for validation (default: %(default)s)")
+    parser.add_argument("--vocab_size", type=int, default=4096,
+                        help="tokenizer vocabulary size (default: %(default)s)")
+    parser.add_argument("--val_percent", type=int, default=5,
+                        help="percent of the files held out for validation (default: %(default)s)")
     parser.add_argument("--suffix", action="append", default=None, help="file suffix in directories (default .py)")
     args = parser.parse_args()
     paths = args.paths or [sysconfig.get_paths()["stdlib"]]

@@ -602,6 +602,8 @@ def main():
     parser.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     parser.add_argument("--block_size", type=int, default=None, help="context length (default: from the config)")
     args = parser.parse_args()
+    if args.block_size is not None and args.block_size < 1:
+        raise ValueError(f"--block_size {args.block_size}: must be >= 1")
     if args.from_hf or args.from_gguf:
         cfg = (from_hf(args.from_hf, args.out, args.block_size) if args.from_hf else
                from_gguf(args.from_gguf, args.out, args.block_size))

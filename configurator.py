@@ -6,25 +6,22 @@ be an existing key. Command-line overrides come after and are type-checked again
 annotations of the script's config dataclass. Problems raise ValueError with one line.
 """
 import ast
-import math
+import inspect
+import io
 import os
 import sys
+import tokenize
 import traceback
 import types
 import typing
-from dataclasses import fields, replace
+from dataclasses import fields, is_dataclass, replace
 
-
-def _allowed_types(annotation):
-    """int | None -> (int, NoneType); int -> (int,)"""
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return typing.get_args(annotation)
-    return (annotation,)
+from rules import allowed_types, check_type
 
 
 def _parse_value(key, text, annotation):
     """Parse a command-line string into a value of the annotated type."""
-    allowed = _allowed_types(annotation)
+    allowed = allowed_types(annotation)
     if bool in allowed and text.lower() in ("true", "false", "1", "0"):
         return text.lower() in ("true", "1")
     try:
@@ -39,27 +36,12 @@ def _parse_value(key, text, annotation):
         raise
 
 
-def check_type(key, value, annotation):
-    allowed = _allowed_types(annotation)
-    for t in allowed:
-        t = typing.get_origin(t) or t
-        if t is type(None) and value is None:
-            return value
-        if t is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        if t is tuple and isinstance(value, list):
-            return tuple(value)
-        if t is str and not isinstance(value, str):
-            continue
-        if isinstance(t, type) and isinstance(value, t) and not (t is int and isinstance(value, bool)):
-            return value
-    names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
-    raise ValueError(f"config key {key!r} expects {names}, got {value!r}")
-
-
 def configure(defaults, argv=None):
     """Return a copy of dataclass `defaults` updated from config files and --key=value overrides."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "--help" in argv or "-h" in argv:
+        print(help_text(defaults))
+        sys.exit(0)
     hints = typing.get_type_hints(type(defaults))
     values = {f.name: getattr(defaults, f.name) for f in fields(defaults)}
     i = 0
@@ -82,7 +64,7 @@ def configure(defaults, argv=None):
         if key not in values:
             raise ValueError(f"unknown config key {key!r}")
         if not eq:  # --key value, or a bare --flag for a bool key
-            if bool in _allowed_types(hints[key]) and (i + 1 >= len(argv) or argv[i + 1].startswith("--")):
+            if bool in allowed_types(hints[key]) and (i + 1 >= len(argv) or argv[i + 1].startswith("--")):
                 text = "true"
             elif i + 1 >= len(argv):
                 raise ValueError(f"--{key} needs a value")
@@ -97,6 +79,42 @@ def configure(defaults, argv=None):
     return replace(defaults, **values)
 
 
+def help_text(defaults):
+    """Usage, then every key of dataclass `defaults` as --key=default with the comment on its line in the
+    dataclass source (a key a subclass redefines: the subclass's line), under the source's section comments."""
+    notes = {}
+    for cls in reversed([c for c in type(defaults).__mro__ if is_dataclass(c)]):
+        for name, (section, comment) in field_comments(cls).items():
+            base_section, base_comment = notes.get(name, ("", ""))  # a redefined key keeps its place
+            notes[name] = (base_section if name in notes else section, comment or base_comment)
+    lines = [f"usage: python {os.path.basename(sys.argv[0])} [CONFIG_FILE.py ...] [--key=value ...]"]
+    for f in fields(defaults):
+        section, comment = notes.get(f.name, ("", ""))
+        if section:
+            lines.append(f"# {section}")
+        lines.append(f"  --{f.name}={getattr(defaults, f.name)!r}" + (f"  # {comment}" if comment else ""))
+    return "\n".join(lines)
+
+
+def field_comments(cls):
+    """{field name: (the section comment on the lines just above it, the comment on its line)} from cls's
+    source ({} without a source)."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    lines = source.splitlines()
+    comments = {t.start[0]: t.string.lstrip("# ").strip()
+                for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
+    found = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            above = node.lineno - 1  # a comment standing alone on the line above
+            section = comments.get(above, "") if lines[above - 1].lstrip().startswith("#") else ""
+            found[node.target.id] = (section, comments.get(node.lineno, ""))
+    return found
+
+
 def run_config_file(path, scope):
     """exec a config file in `scope`; a syntax error or an exception inside it is one line with the line number."""
     try:
@@ -108,38 +126,22 @@ def run_config_file(path, scope):
         raise ValueError(f"{path}, line {line}: {type(e).__name__}: {e}") from None
 
 
-# ---- value rules: {key: (is_allowed(value), "what is allowed")}, checked by check_values ----
-
-def at_least(low):
-    return lambda v: math.isfinite(v) and v >= low, f">= {low}"
-
-
-def above(low):
-    return lambda v: math.isfinite(v) and v > low, f"> {low}"
-
-
-UNIT_INTERVAL = (lambda v: 0 <= v < 1, "in [0, 1)")
-
-
-def one_of(*choices):
-    return lambda v: v in choices, f"one of {', '.join(map(str, choices))}"
-
-
-def check_values(obj, rules, where="config key"):
-    """ValueError naming the first field of dataclass `obj` whose value breaks its rule (None passes:
-    an optional field left unset)."""
-    for key, (is_allowed, allowed) in rules.items():
-        value = getattr(obj, key)
-        if value is not None and not is_allowed(value):
-            raise ValueError(f"{where} {key}={value!r}: must be {allowed}")
-    return obj
-
-
 def run_main(main):
-    """Run a script's main(); our own errors print one line and exit 1 instead of a traceback."""
+    """Run a script's main(); our own errors and those of the file system (a file where a directory is
+    expected, a read-only directory, a full disk) print one line and exit 1 instead of a traceback."""
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:
+    except ValueError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: {os_error_line(e)}")
     except KeyboardInterrupt:
         sys.exit("interrupted")
+
+
+def os_error_line(e):
+    """'<what went wrong>: <path>' for an OSError that names a path (its own message otherwise)."""
+    if e.filename is None or not e.strerror:
+        return str(e)
+    paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    return f"{e.strerror}: {paths}"

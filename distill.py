@@ -14,7 +14,8 @@ meant to run with all of them skipped. We train every block of the student (embe
 frozen): the reference trains block l alone, but block l is absent from the "without" path, so the
 second term would give it no gradient; the blocks around it are what can learn to do without it.
 After each layer, the validation perplexity of the student and of the original model with the same
-layers skipped is printed; the student (and the distilled layers, in metrics.jsonl) land in out_dir.
+layers skipped is printed; the student (and the distilled layers, in metrics.jsonl) land in out_dir,
+saved as one unit (savedir.py) once its weights and validation losses are checked.
 """
 import math
 import os
@@ -23,10 +24,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from configurator import at_least, check_values, configure, run_main
+import savedir
+from configurator import configure, run_main
 from data.instruct import IGNORE
 from model import Transformer, layer_mask
-from train import TRAIN_RULES, TrainConfig, copy_tokenizer, load_data, log_metrics, publish_metrics, start_metrics
+from rules import at_least, check_values
+from train import (TRAIN_RULES, TrainConfig, check_val_loss, copy_tokenizer, kept, load_data, log_metrics,
+                   nonfinite_tensor, publish_metrics, run_inputs, start_metrics, val_loss_limit)
 
 
 @dataclass
@@ -34,7 +38,7 @@ class DistillConfig(TrainConfig):
     init_from: str = "out"           # the teacher (and the student's starting point)
     out_dir: str = "out-distill"
     kl_weight: float = 0.01          # w: weight of the KL of the student without the layer
-    steps_per_layer: int = 40
+    steps_per_layer: int = 40        # optimizer steps per distilled layer
     layers: str = ""                 # default L-2, L-4, ..., 2; or a comma list, distilled in that order
     lr: float = 3e-4
     eval_batches: int = 10
@@ -70,6 +74,7 @@ DISTILL_RULES = {**TRAIN_RULES, "kl_weight": at_least(0), "steps_per_layer": at_
 
 def main():
     cfg = check_values(configure(DistillConfig()), DISTILL_RULES)
+    savedir.check_target(cfg.out_dir, savedir.STUDENT, run_inputs(cfg))
     torch.manual_seed(cfg.seed)
     train_batch, val_batch, _, _, tok_file = load_data(cfg)
     teacher = Transformer.from_pretrained(cfg.init_from).requires_grad_(False)
@@ -80,7 +85,7 @@ def main():
     layers = distill_layers(cfg.layers, L)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.0)
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    out_lock = savedir.claim(cfg.out_dir, savedir.STUDENT, run_inputs(cfg))  # noqa: F841 (held until exit)
     metrics = start_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), 0)  # metrics.jsonl once the student is saved
     base = val_loss(teacher, val_batch, cfg.eval_batches)
     print(f"distilling layers {layers} of {L}, {cfg.steps_per_layer} steps each; teacher val loss {base:.4f}")
@@ -104,12 +109,21 @@ def main():
                "student_skipping": val_loss(student, val_batch, cfg.eval_batches, done),
                "original_skipping": val_loss(teacher, val_batch, cfg.eval_batches, done)}
         student.train()
+        # the teacher's loss is the best so far: a student past ln V (max_val_loss) has collapsed
+        check_val_loss({L: row["student_full"]}, L, base, val_loss_limit(cfg, student.cfg.vocab_size), step, cfg)
         log_metrics(metrics, row)
-        print(f"layer {layer:2d}: perplexity with layers {done} skipped: student "
-              f"{math.exp(row['student_skipping']):.2f}, original {math.exp(row['original_skipping']):.2f}; "
-              f"all layers: student {math.exp(row['student_full']):.2f}, teacher {math.exp(base):.2f}")
-    student.save_pretrained(cfg.out_dir)
-    copy_tokenizer(tok_file, cfg.out_dir)
+        ppl = {k: math.exp(min(v, 50)) for k, v in row.items() if k not in ("layer", "skipped")}
+        print(f"layer {layer:2d}: perplexity with layers {done} skipped: student {ppl['student_skipping']:.2f}, "
+              f"original {ppl['original_skipping']:.2f}; all layers: student {ppl['student_full']:.2f}, "
+              f"teacher {ppl['teacher']:.2f}")
+    bad = nonfinite_tensor(student.state_dict())
+    if bad:
+        raise ValueError(f"student weight {bad} holds NaN or inf; stopping without saving: {kept(cfg)}")
+
+    def write(nxt):
+        student.save_pretrained(nxt)
+        copy_tokenizer(tok_file, nxt)
+    savedir.save(cfg.out_dir, savedir.STUDENT, write, layers=done)
     publish_metrics(metrics)
     print(f"saved the student to {cfg.out_dir}/; sample with --skip_layers {','.join(map(str, sorted(done)))}")
 

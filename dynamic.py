@@ -14,6 +14,7 @@ computed and blended, x + g (block(x) - x) with g in {0, 1}: no savings while le
 The prompt always runs every layer; the first and last layers always run.
 """
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -22,10 +23,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from configurator import above, at_least, check_values, configure, run_main
+import savedir
+from configurator import configure, run_main
 from data.instruct import IGNORE
-from model import Transformer, atomic_write
-from train import TRAIN_RULES, TrainConfig, copy_tokenizer, load_data, lr_at
+from model import Transformer
+from rules import above, at_least, check_values
+from train import (TRAIN_RULES, TrainConfig, check_val_loss, copy_tokenizer, kept, load_data, lr_at,
+                   nonfinite_tensor, run_inputs, val_loss_limit)
 from unified import response_tokens
 
 
@@ -126,17 +130,19 @@ def budget_loss(fraction, budget, alpha):
 
 
 def save_controllers(ctrl, out_dir, budget):
-    os.makedirs(out_dir, exist_ok=True)
+    """controllers.safetensors and controllers.json (per_sequence, budget) into out_dir."""
     state = {k: v.contiguous() for k, v in ctrl.state_dict().items()}
-    atomic_write(os.path.join(out_dir, "controllers.safetensors"), lambda p: save_file(state, p))
-    meta = {"per_sequence": ctrl.per_sequence, "budget": budget}
-    atomic_write(os.path.join(out_dir, "controllers.json"), lambda p: open(p, "w").write(json.dumps(meta) + "\n"))
+    save_file(state, os.path.join(out_dir, "controllers.safetensors"))
+    with open(os.path.join(out_dir, "controllers.json"), "w") as f:
+        f.write(json.dumps({"per_sequence": ctrl.per_sequence, "budget": budget}) + "\n")
 
 
 def load_controllers(ckpt_dir, model):
+    """The controllers dynamic.py saved in ckpt_dir for `model`, checked against ckpt_dir's manifest."""
     path = os.path.join(ckpt_dir, "controllers.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{ckpt_dir!r} has no controllers.json: train controllers with dynamic.py")
+    savedir.verify(ckpt_dir, only=lambda rel: rel.startswith("controllers."), required=False)
     ctrl = Controllers(model.n_layer, model.cfg.n_embd, json.load(open(path))["per_sequence"])
     ctrl.load_state_dict(load_file(os.path.join(ckpt_dir, "controllers.safetensors")))
     weight = model.layers[0].attn.wo.weight  # the backbone's device and dtype
@@ -172,6 +178,7 @@ DYNAMIC_RULES = {**TRAIN_RULES, "budget": (lambda v: 0 < v <= 1, "in (0, 1]"), "
 
 def main():
     cfg = check_values(configure(DynamicConfig()), DYNAMIC_RULES)
+    savedir.check_target(cfg.out_dir, savedir.CONTROLLERS, run_inputs(cfg))
     torch.manual_seed(cfg.seed)
     train_batch, val_batch, _, _, tok_file = load_data(cfg)
     model = Transformer.from_pretrained(cfg.init_from).train()
@@ -179,6 +186,8 @@ def main():
     ctrl = Controllers(model.n_layer, model.cfg.n_embd, cfg.per_sequence)
     params = list(ctrl.parameters()) + [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.0)
+    out_lock = savedir.claim(cfg.out_dir, savedir.CONTROLLERS, run_inputs(cfg))  # noqa: F841 (held until exit)
+    limit, best = val_loss_limit(cfg, model.cfg.vocab_size), math.inf
     print(f"controllers ({'per sequence' if cfg.per_sequence else 'per token'}), budget {cfg.budget:.0%} of "
           f"{model.n_layer} layers, backbone {'frozen' if cfg.freeze_backbone else 'trained'}")
     for step in range(cfg.max_steps):
@@ -196,9 +205,18 @@ def main():
             model.train()
             print(f"step {step}: train loss {loss.item():.4f} running {fraction.item():.1%}; "
                   f"val loss {val_loss:.4f} running {val_fraction:.1%} of layers")
-    model.save_pretrained(cfg.out_dir)
-    copy_tokenizer(tok_file, cfg.out_dir)
-    save_controllers(ctrl, cfg.out_dir, cfg.budget)
+            check_val_loss({model.n_layer: val_loss}, model.n_layer, best, limit, step, cfg)
+            best = min(best, val_loss)
+    weights = {**model.state_dict(), **{f"controllers.{k}": v for k, v in ctrl.state_dict().items()}}
+    bad = nonfinite_tensor(weights)
+    if bad:
+        raise ValueError(f"weight {bad} holds NaN or inf; stopping without saving: {kept(cfg)}")
+
+    def write(nxt):
+        model.save_pretrained(nxt)
+        copy_tokenizer(tok_file, nxt)
+        save_controllers(ctrl, nxt, cfg.budget)
+    savedir.save(cfg.out_dir, savedir.CONTROLLERS, write)
     print(f"saved the backbone and controllers to {cfg.out_dir}/ (val: {val_fraction:.1%} of layers run, "
           f"budget {cfg.budget:.0%})")
 

@@ -31,28 +31,29 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import tasks
-from configurator import at_least, check_values, configure, run_main
+from configurator import configure, run_main
 from dynamic import controlled_forward, load_controllers, sequence_plan
 from generate import generate, generate_speculative
 from layerskip import dropout_rates, layer_dropout_mask
 from model import Transformer, atomic_write, layer_mask
+from rules import above, at_least, check_values
 from tokenizer import load_tokenizer
-from train import TrainConfig, load_data
+from train import DEVICE_RULE, TrainConfig, load_data
 from unified import IGNORE, response_skip_mask, response_tokens, skipped_layers
 
 
 @dataclass
 class EvalConfig:
-    ckpt: str = "out-layerskip"
-    data_dir: str = "data/stdlib_instruct"
+    ckpt: str = "out-layerskip"      # the model every method runs on
+    data_dir: str = "data/stdlib_instruct"  # task lm: the validation data
     unified: str = ""                # a checkpoint trained with --skip_speedup (its plan is in its config)
     dynamic: str = ""                # backbone + controllers from dynamic.py
     distill: str = ""                # a student from distill.py (its distilled layers from metrics.jsonl)
-    eval_batches: int = 20
-    micro_batch: int = 8
-    block_size: int = 256
-    seed: int = 1337
-    exit_layers: tuple = ()          # lm: exits for loss and agreement, e.g. 10,15,20 (default L/4, L/2, 3L/4)
+    eval_batches: int = 20           # task lm: validation batches
+    micro_batch: int = 8             # task lm: rows per batch
+    block_size: int = 256            # task lm: tokens per row
+    seed: int = 1337                 # batches and sampling
+    exit_layers: tuple = ()          # task lm: exits for loss and agreement, e.g. 10,15,20 (default L/4, L/2, 3L/4)
     # task benchmarks
     task: str = "lm"                 # lm (validation loss per method), code or summarize
     data: str = ""                   # code: humaneval, stdlib or a HumanEval JSONL(.gz); summarize: stdlib or a JSONL
@@ -60,14 +61,14 @@ class EvalConfig:
     limit: int = 0                   # the first `limit` tasks only (0: all)
     num_samples: int = 1             # completions per task; pass@k for k <= num_samples (needs temperature > 0)
     temperature: float = 0.0         # 0: greedy
-    top_k: int | None = None
+    top_k: int | None = None         # sample from the k most likely tokens (None: all)
     max_new_tokens: int = 0          # 0: 128 for code, 48 for summarize
     exit_layer: int = 0              # the early exit and the draft depth (0: half the layers)
     num_speculations: int = 4        # d: tokens drafted per self-speculation round
     workers: int = 0                 # programs run at once (0: the number of cores)
     timeout: float = 3.0             # seconds per program
     results: str = ""                # writes RESULTS.csv and RESULTS.png (default: {task}_{data name})
-    device: str = "auto"
+    device: str = "auto"             # auto: cuda if available, else cpu
 
 
 @torch.no_grad()
@@ -295,7 +296,11 @@ def run_tasks(cfg):
     report(rows, path, quality)
 
 
-EVAL_RULES = {k: at_least(1) for k in ("eval_batches", "micro_batch", "block_size")}
+EVAL_RULES = {**{k: at_least(1) for k in ("eval_batches", "micro_batch", "block_size", "num_samples",
+                                          "top_k")},
+              **{k: at_least(0) for k in ("limit", "temperature", "max_new_tokens", "exit_layer",
+                                          "num_speculations", "workers")},
+              "timeout": above(0), "device": DEVICE_RULE}
 
 
 def main():

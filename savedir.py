@@ -13,6 +13,10 @@ Killed in 3: .next/manifest.json says what the new unit is; settle() finishes th
 So at every kill point d holds the old unit, the new one, or the new one half moved with .next/manifest.json
 naming it, and settle() (run first by every writer, and by readers when no writer holds the lock) leaves
 exactly one unit. verify() checks the files against the manifest: one line naming the first that differs.
+
+A unit's manifest records its kind (KINDS), and a directory holds units of one kind: before any work a writer
+checks its target (check_target: not a file, not one of the run's inputs, no unit of another kind, no file
+that no unit owns), so a save only ever replaces and removes the files of the unit before it.
 """
 import errno
 import fcntl
@@ -24,6 +28,14 @@ import shutil
 NEXT = ".next"
 MANIFEST = "manifest.json"
 LOCK = "run.lock"
+METRICS = "metrics.jsonl"  # a run's log beside its unit (metrics.jsonl, metrics.jsonl.next), not part of it
+
+# the kinds of unit, by writer
+CHECKPOINT = "checkpoint"                  # train.py
+TOKEN_DATA = "token data set"              # data/prepare.py
+INSTRUCT_DATA = "instruction data set"     # data/instruct.py
+STUDENT = "student"                        # distill.py
+CONTROLLERS = "model with controllers"     # dynamic.py
 
 
 def start_next(d):
@@ -43,7 +55,7 @@ def _files(d):
     return sorted(found)
 
 
-def _sha256(path, sync=False):
+def sha256(path, sync=False):
     with open(path, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
         if sync:
@@ -53,8 +65,8 @@ def _sha256(path, sync=False):
 
 def write_manifest(nxt, **facts):
     """Step 2: d/.next/manifest.json listing every file's size and SHA-256, plus `facts` (e.g. step=N)."""
-    files = {rel: {"size": os.path.getsize(os.path.join(nxt, rel)), "sha256": _sha256(os.path.join(nxt, rel), sync=True)}
-             for rel in _files(nxt)}
+    files = {rel: {"size": os.path.getsize(os.path.join(nxt, rel)),
+                   "sha256": sha256(os.path.join(nxt, rel), sync=True)} for rel in _files(nxt)}
     tmp = os.path.join(nxt, MANIFEST + ".tmp")
     with open(tmp, "w") as f:
         f.write(json.dumps({**facts, "files": files}, indent=1) + "\n")
@@ -63,10 +75,73 @@ def write_manifest(nxt, **facts):
     os.replace(tmp, os.path.join(nxt, MANIFEST))
 
 
+def save(d, kind, write, **facts):
+    """Steps 1-3 for one process: write(nxt) fills d/.next/, its manifest (kind and `facts`) commits it, and
+    commit() moves it into d. An exception before the commit point removes .next/ and leaves d as it was."""
+    nxt = start_next(d)
+    try:
+        write(nxt)
+        write_manifest(nxt, kind=kind, **facts)
+    except Exception:
+        shutil.rmtree(nxt, ignore_errors=True)
+        raise
+    commit(d)
+
+
+def kind_of(manifest):
+    """The kind of unit a manifest describes: its "kind", or for manifests written before kinds were
+    recorded, the kind its files say."""
+    files = manifest["files"]
+    if "kind" in manifest:
+        return manifest["kind"]
+    if "train_state/step.json" in files:
+        return CHECKPOINT
+    if "meta.json" in files:
+        return TOKEN_DATA
+    if "train.jsonl" in files:
+        return INSTRUCT_DATA
+    return "unit of unknown kind"
+
+
+def check_target(d, kind, inputs=()):
+    """Before any work: ValueError (one line) unless a unit of `kind` may be saved in d, that is unless d is
+    a directory or absent, is none of the run's `inputs` ((name, path) pairs), and holds no unit of another
+    kind (committed or half moved) and, without a unit, no file but a run's lock and metrics."""
+    if os.path.exists(d) and not os.path.isdir(d):
+        raise ValueError(f"{d} is a file, not a directory: the {kind} needs a directory")
+    for name, path in inputs:
+        if path and os.path.realpath(path) == os.path.realpath(d):
+            raise ValueError(f"{d} is this run's {name}: saving the {kind} there would replace it; "
+                             "choose another directory")
+    if not os.path.isdir(d):
+        return
+    units = [u for u in (d, os.path.join(d, NEXT)) if os.path.isfile(os.path.join(u, MANIFEST))]
+    for unit in units:
+        held = kind_of(read_manifest(unit))
+        if held != kind:
+            raise ValueError(f"{d} holds a {held}; saving a {kind} there would replace it: choose another "
+                             "directory")
+    strangers = sorted(n for n in os.listdir(d) if n not in (LOCK, NEXT) and not n.startswith(METRICS))
+    if not units and strangers:
+        raise ValueError(f"{d} holds files that no saved unit owns ({', '.join(strangers[:3])}"
+                         f"{', ...' if len(strangers) > 3 else ''}): save the {kind} in a new or empty directory")
+
+
+def claim(d, kind, inputs=()):
+    """check_target, then lock d (held while the returned file stays open) and settle an interrupted save."""
+    check_target(d, kind, inputs)
+    f = lock(d)
+    settle(d)
+    return f
+
+
 def commit(d):
-    """Step 3: move the committed d/.next/ into d. Repeatable: a move done before a kill is skipped."""
+    """Step 3: move the committed d/.next/ into d. Repeatable: a move done before a kill is skipped. Only a
+    unit of the same kind is replaced (ValueError before any move otherwise)."""
     nxt = os.path.join(d, NEXT)
     manifest = json.load(open(os.path.join(nxt, MANIFEST)))
+    if os.path.isfile(os.path.join(d, MANIFEST)) and kind_of(read_manifest(d)) != kind_of(manifest):
+        raise ValueError(f"{d} holds a {kind_of(read_manifest(d))}: a {kind_of(manifest)} may not replace it")
     names = {rel.split(os.sep)[0] for rel in manifest["files"]}  # top-level entries of the new unit
     for name in sorted(names):
         src, dst = os.path.join(nxt, name), os.path.join(d, name)
@@ -120,6 +195,8 @@ def settle_if_idle(d):
             settle(d)
         except OSError:
             pass  # read-only: verify() names the file that differs
+        except ValueError:
+            pass  # .next/ holds a unit of another kind, which may not replace d's: d stays as it is
         fcntl.flock(f, fcntl.LOCK_UN)
 
 
@@ -147,7 +224,7 @@ def verify(d, only=None, required=True):
         path = os.path.join(d, rel)
         if not os.path.isfile(path):
             raise ValueError(f"{path} is missing: {d} does not match its manifest")
-        if os.path.getsize(path) != want.get("size") or _sha256(path) != want.get("sha256"):
+        if os.path.getsize(path) != want.get("size") or sha256(path) != want.get("sha256"):
             raise ValueError(f"{path} differs from the size and checksum in {MANIFEST}: the file was changed or damaged")
     return manifest
 

@@ -24,10 +24,11 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 import savedir
-from configurator import UNIT_INTERVAL, above, at_least, check_values, configure, one_of, run_main
+from configurator import configure, run_main
 from data.instruct import IGNORE, encode_records, epoch_indices, load_records, make_batch, save_template
 from layerskip import dropout_rates, exit_weights, layer_dropout_mask
 from model import PRESETS, Config, Transformer, atomic_write
+from rules import UNIT_INTERVAL, above, at_least, check_values, one_of
 from tokenizer import load_tokenizer
 from unified import response_skip_mask, skipped_layers
 
@@ -35,49 +36,51 @@ from unified import response_skip_mask, skipped_layers
 @dataclass
 class TrainConfig:
     # I/O
-    out_dir: str = "out"
-    data_dir: str = "data/stdlib"
+    out_dir: str = "out"             # checkpoint, train_state/ and metrics.jsonl
+    data_dir: str = "data/stdlib"    # a data set of data/prepare.py (tokens) or data/instruct.py (instruct)
     dataset: str = "tokens"          # "tokens": data_dir/{train,val}.bin; "instruct": data_dir/{train,val}.jsonl (Alpaca)
     tokenizer: str = ""              # instruct data: tokenizer file or dir (default: init_from, else data/stdlib)
     init_from: str = "scratch"       # "scratch", "resume" (from out_dir), or a checkpoint directory
     # model: a preset from model.PRESETS, optionally reshaped
-    model: str = "stdlib-16l"
-    n_layer: int | None = None
-    n_embd: int | None = None
-    n_head: int | None = None
-    n_kv_head: int | None = None
-    intermediate_size: int | None = None
+    model: str = "stdlib-16l"        # preset name (scratch runs)
+    n_layer: int | None = None       # None: the preset's
+    n_embd: int | None = None        # None: the preset's
+    n_head: int | None = None        # None: the preset's
+    n_kv_head: int | None = None     # None: the preset's
+    intermediate_size: int | None = None  # None: the preset's
     # batches: micro_batch x block_size tokens, grad_accum micro batches per step
-    micro_batch: int = 16
-    block_size: int = 256
-    grad_accum: int = 1
+    micro_batch: int = 16            # rows per micro batch and process
+    block_size: int = 256            # tokens per row
+    grad_accum: int = 1              # micro batches per optimizer step
     # optimizer and schedule
-    max_steps: int = 1500
+    max_steps: int = 1500            # optimizer steps
     epochs: float | None = None      # if set: max_steps = epochs x train records / (micro_batch x grad_accum)
-    lr: float = 2e-3
-    min_lr: float = 2e-4
-    warmup_steps: int = 100
+    lr: float = 2e-3                 # peak learning rate
+    min_lr: float = 2e-4             # learning rate at the end of the cosine decay
+    warmup_steps: int = 100          # linear warmup from 0
     lr_decay_steps: int | None = None  # default max_steps
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    weight_decay: float = 0.1        # AdamW, on matrices only
+    beta1: float = 0.9               # AdamW
+    beta2: float = 0.95              # AdamW
+    grad_clip: float = 1.0           # max gradient norm (0: no clipping)
     # evaluation and checkpoints
     eval_interval: int = 250         # also the checkpoint interval
-    eval_batches: int = 20
+    eval_batches: int = 20           # validation batches per evaluation
     eval_exits: str = "all"          # "all" exit layers, "last", or a comma list like "4,8,16"
     log_interval: int = 1            # train loss per exit into metrics.jsonl every this many steps
+    max_val_loss: float | None = None  # a run whose last-exit validation loss was below this and passes it has
+    # collapsed: it stops before saving (None: 0.99 ln vocab_size, just under a uniform prediction's loss)
     # LayerSkip (layerskip.py): layer dropout p_{l,t} = S(t) D(l) p_max, and the early-exit loss
     p_max: float = 0.0               # 0: no layer dropout
     dropout_scale: str = "exp"       # D(l): exp | linear | uniform
     dropout_curriculum: str = "constant"  # S(t): constant | exp (from scratch)
     early_exit_curriculum: str = "off"    # off (last layer only) | none (all exits) | rotational | gradual
-    e_scale: float = 1.0
+    e_scale: float = 1.0             # scale of the early-exit loss weights
     exit_period: int = 8             # R of the rotational curriculum
     # unified layer skipping (unified.py): response tokens skip the layers of a target speedup's plan
     skip_speedup: float = 0.0        # 0: off; e.g. 2 or 3 (dataset=instruct); the plan is saved in config.json
     freeze_embeddings: bool = False  # keep the token embedding (and a tied head) fixed
-    seed: int = 1337
+    seed: int = 1337                 # batches and initialization
     device: str = "auto"             # auto: cuda if available
     compile: bool | None = None      # per-block torch.compile; default on for CUDA
 
@@ -96,6 +99,7 @@ TRAIN_RULES = {
                                 "eval_interval", "eval_batches", "log_interval", "exit_period",
                                 "n_layer", "n_embd", "n_head", "n_kv_head", "intermediate_size")},
     **{k: at_least(0) for k in ("lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "e_scale")},
+    "max_val_loss": above(0),
     "epochs": above(0),
     "beta1": UNIT_INTERVAL, "beta2": UNIT_INTERVAL, "p_max": UNIT_INTERVAL,
     "skip_speedup": (lambda v: v == 0 or v >= 1, "0 (off) or >= 1"),
@@ -311,11 +315,12 @@ def format_exit_table(losses):
     return "\n".join(lines)
 
 
-def save_checkpoint(model, optimizer, step, cfg, tokenizer_file, rank):
+def save_checkpoint(model, optimizer, step, cfg, tokenizer_file, rank, val_loss):
     """Save the weights (config.json, model.safetensors), the tokenizer and train_state/ (the sharded
     resumable state: model, optimizer, step; torch.distributed.checkpoint) as one unit (savedir.py):
     written into out_dir/.next/, committed by its manifest, then moved into out_dir (rank 0 moves,
-    every rank writes its shards). Non-finite weights or a failed write (a full disk) raise ValueError
+    every rank writes its shards); the manifest records the step and the last exit's validation loss.
+    Non-finite weights or a failed write (a full disk) raise ValueError
     while out_dir still holds the previous checkpoint untouched."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     bad = on_all_ranks(nonfinite_tensor(full) if rank == 0 else None)
@@ -337,7 +342,7 @@ def save_checkpoint(model, optimizer, step, cfg, tokenizer_file, rank):
         if rank == 0:
             with open(os.path.join(state_dir, "step.json"), "w") as f:
                 f.write(json.dumps({"step": step}))
-            savedir.write_manifest(nxt, step=step)
+            savedir.write_manifest(nxt, kind=savedir.CHECKPOINT, step=step, val_loss=val_loss)
     except (Exception, CheckpointException) as e:
         if rank == 0:
             shutil.rmtree(nxt, ignore_errors=True)
@@ -353,11 +358,49 @@ def nonfinite_tensor(state):
 
 
 def kept(cfg):
-    """What a stopped run leaves in out_dir: its last complete checkpoint."""
+    """What a stopped run leaves in out_dir: its last complete unit (a checkpoint, or distill.py's student...)."""
     try:
-        return f"the checkpoint of step {savedir.read_manifest(cfg.out_dir)['step']} in {cfg.out_dir} is kept as it was"
+        manifest = savedir.read_manifest(cfg.out_dir)
     except ValueError:
-        return f"no checkpoint had been saved in {cfg.out_dir}"
+        return f"nothing had been saved in {cfg.out_dir}"
+    unit = f"the {savedir.kind_of(manifest)}"
+    if "step" in manifest:
+        unit = f"the checkpoint of step {manifest['step']}"
+    return f"{unit} in {cfg.out_dir} is kept as it was"
+
+
+def run_inputs(cfg):
+    """(name, path) of what a run reads, which its out_dir may not be: data, tokenizer and, but on resume,
+    the checkpoint it starts from."""
+    return [("data_dir", cfg.data_dir), ("tokenizer", cfg.tokenizer)] + \
+        ([("init_from", cfg.init_from)] if cfg.init_from not in ("scratch", "resume") else [])
+
+
+def check_val_loss(losses, last, best, limit, step, cfg):
+    """Before a save: ValueError when a validation loss is NaN or inf, or when the last exit's loss passes
+    `limit` although it was below it before (best: the lowest so far): a collapsed run (a learning rate far
+    too high) must not replace the good checkpoint it started from."""
+    bad = next((e for e, v in losses.items() if not math.isfinite(v)), None)
+    if bad is not None:
+        raise ValueError(f"validation loss at exit {bad} is {losses[bad]} at step {step}; stopping without "
+                         f"saving: {kept(cfg)}")
+    if best < limit < losses[last]:
+        raise ValueError(f"validation loss {losses[last]:.4f} at step {step} is past max_val_loss "
+                         f"{limit:.4f} (the best so far {best:.4f}): the run collapsed; stopping without "
+                         f"saving: {kept(cfg)}")
+
+
+def val_loss_limit(cfg, vocab_size):
+    return cfg.max_val_loss if cfg.max_val_loss is not None else 0.99 * math.log(vocab_size)
+
+
+def check_same_tokenizer(checkpoint, tokenizer_file):
+    """A checkpoint continues with the tokenizer it was trained with: ValueError when it holds a tokenizer
+    file of the same name whose bytes differ (SHA-256) from the data's."""
+    own = os.path.join(checkpoint, os.path.basename(tokenizer_file))
+    if os.path.isfile(own) and savedir.sha256(own) != savedir.sha256(tokenizer_file):
+        raise ValueError(f"the tokenizer of the data ({tokenizer_file}) is not the one {checkpoint} was trained "
+                         f"with ({own}): use a data set prepared with the checkpoint's tokenizer")
 
 
 def one_line(e):
@@ -381,10 +424,9 @@ def copy_tokenizer(tokenizer_file, out_dir):
 
 def claim_out_dir(cfg, rank):
     """Lock out_dir against a second run (the lock lives as long as the returned file) and settle an
-    interrupted save; rank 0 does it, the other ranks wait."""
-    lock = savedir.lock(cfg.out_dir) if rank == 0 else None
-    if rank == 0:
-        savedir.settle(cfg.out_dir)
+    interrupted save, once out_dir is checked to hold nothing but this run's checkpoints; rank 0 does it, the
+    other ranks wait."""
+    lock = savedir.claim(cfg.out_dir, savedir.CHECKPOINT, run_inputs(cfg)) if rank == 0 else None
     barrier()
     return lock
 
@@ -480,6 +522,11 @@ def main():
     rank, world, device = setup_distributed(cfg)
     master = rank == 0
     out_lock, manifest = None, None  # out_lock: the lock on out_dir, held while this file stays open
+    start = cfg.init_from
+    if start not in ("scratch", "resume") and not os.path.isfile(os.path.join(start, "config.json")):
+        raise FileNotFoundError(f"init_from {start!r} holds no checkpoint (config.json); make it with: python "
+                                f"checkpoints_convert.py --from_hf <transformers checkpoint dir> --out {start}")
+    savedir.check_target(cfg.out_dir, savedir.CHECKPOINT, run_inputs(cfg))
     if cfg.init_from == "resume":  # verified before anything is built from it
         if not any(os.path.isfile(os.path.join(cfg.out_dir, d, savedir.MANIFEST)) for d in ("", savedir.NEXT)):
             raise FileNotFoundError(f"cannot resume: {cfg.out_dir} holds no saved checkpoint (no {savedir.MANIFEST})")
@@ -489,6 +536,8 @@ def main():
     use_compile = cfg.compile if cfg.compile is not None else cuda
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
     train_batch, val_batch, n_train, vocab_size, tokenizer_file = load_data(cfg, rank, world)
+    if cfg.init_from != "scratch":
+        check_same_tokenizer(cfg.out_dir if cfg.init_from == "resume" else cfg.init_from, tokenizer_file)
     if cfg.epochs is not None:
         if n_train is None:
             raise ValueError("epochs needs dataset=instruct; use max_steps for token data")
@@ -508,6 +557,8 @@ def main():
         shard(model, device)
     if on_meta:  # allocate (each rank its shard), then initialize; resume overwrites it below
         model.to_empty(device=device)
+        if model.cfg.tie_embeddings and not dist.is_initialized():  # to_empty gives each module its own tensor
+            model.lm_head.weight = model.tok_emb.weight
         torch.manual_seed(cfg.seed)
         model.init_weights()
     model.train()
@@ -521,6 +572,8 @@ def main():
     start_step = load_train_state(model, optimizer, cfg, manifest) if cfg.init_from == "resume" else 0
     eval_exits = parse_exits(cfg.eval_exits, model.n_layer)
     L = model.n_layer
+    last = eval_exits[-1]  # the deepest exit evaluated: its validation loss is checked for a collapse
+    best, limit = (manifest or {}).get("val_loss", math.inf), val_loss_limit(cfg, model.cfg.vocab_size)
     if cfg.init_from != "resume":  # a resumed run holds it already
         out_lock = claim_out_dir(cfg, rank)  # noqa: F841 (the open lock file is held until the process exits)
     if master:
@@ -549,13 +602,12 @@ def main():
                     if cfg.skip_speedup else ""))
                 log_metrics(metrics_path, row)
             if step > start_step:
-                bad = next((e for e, v in losses.items() if not math.isfinite(v)), None)
-                if bad is not None:
-                    raise ValueError(f"validation loss at exit {bad} is {losses[bad]} at step {step}; stopping "
-                                     f"without saving: {kept(cfg)}")
-                save_checkpoint(model, optimizer, step, cfg, tokenizer_file, rank)
+                check_val_loss(losses, last, best, limit, step, cfg)
+                save_checkpoint(model, optimizer, step, cfg, tokenizer_file, rank, losses[last])
                 if master:
                     metrics_path = publish_metrics(metrics_path)
+            if math.isfinite(losses[last]):
+                best = min(best, losses[last])
             t0, timed_steps = time.time(), 0
         if step == cfg.max_steps:
             break

@@ -88,18 +88,18 @@ def function_records(source):
 
 
 def build_stdlib(out_dir, val_percent=5):
+    savedir.check_target(out_dir, savedir.INSTRUCT_DATA)
     texts, _ = read_texts(list_files([sysconfig.get_paths()["stdlib"]], (".py",)))
     splits = {"train": [], "val": []}
     for rel, text in texts:
         splits["val" if is_val(rel, val_percent) else "train"].extend(function_records(text))
-    with savedir.lock(out_dir):  # written as a whole, like data/prepare.py's token sets
-        savedir.settle(out_dir)
-        nxt = savedir.start_next(out_dir)
+
+    def write(nxt):
         for split, records in splits.items():
             with open(os.path.join(nxt, f"{split}.jsonl"), "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in records)
-        savedir.write_manifest(nxt)
-        savedir.commit(out_dir)
+    with savedir.claim(out_dir, savedir.INSTRUCT_DATA):  # written as a whole, like data/prepare.py's token sets
+        savedir.save(out_dir, savedir.INSTRUCT_DATA, write)
     return {k: len(v) for k, v in splits.items()}
 
 
@@ -176,8 +176,9 @@ def epoch_indices(n_examples, start, count, seed):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Build the stdlib instruction set (Alpaca format).")
-    parser.add_argument("--out", default=os.path.join(HERE, "stdlib_instruct"))
+    parser = argparse.ArgumentParser(description="Build the stdlib instruction set (Alpaca format).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", default=os.path.join(HERE, "stdlib_instruct"), help="output directory")
     args = parser.parse_args()
     counts = build_stdlib(args.out)
     print(f"{args.out}: {counts['train']} train and {counts['val']} val records")

@@ -74,7 +74,7 @@ def train_tokenizer(texts, vocab_size, max_lines=300_000):
     try:
         _train_spm(lines, proto, vocab_size)
     except RuntimeError as e:  # sentencepiece: a vocabulary too small or too large for the corpus
-        reason = str(e).split("] ")[-1].splitlines()[0].split(" Increase vocab_size")[0]
+        reason = (str(e).split("] ")[-1].splitlines() or [str(e)])[0].split(" Increase vocab_size")[0]
         raise ValueError(f"vocab_size {vocab_size} does not fit this corpus: {reason}") from None
     return proto.getvalue()
 
@@ -106,6 +106,10 @@ def prepare(paths, out_dir, vocab_size=4096, val_percent=5, suffixes=(".py",)):
     way leaves out_dir's previous data set, or the new one."""
     if not 0 <= val_percent < 100:
         raise ValueError(f"--val_percent {val_percent}: must be in [0, 100)")
+    if vocab_size < 1:
+        raise ValueError(f"--vocab_size {vocab_size}: must be >= 1")
+    inputs = [("source", p) for p in paths]
+    savedir.check_target(out_dir, savedir.TOKEN_DATA, inputs)
     files = list_files(paths, suffixes)
     texts, skipped = read_texts(files)
     usable = sum(1 for _, text in texts if USABLE.search(text))  # more than whitespace, NULs, control characters
@@ -123,9 +127,8 @@ def prepare(paths, out_dir, vocab_size=4096, val_percent=5, suffixes=(".py",)):
     meta = {"vocab_size": sp.vocab_size(), "dtype": np.dtype(dtype).name, "bos_id": sp.bos_id(),
             "eos_id": sp.eos_id(), "sources": [os.path.abspath(p) for p in paths],
             "skipped_non_utf8": skipped}
-    with savedir.lock(out_dir):
-        savedir.settle(out_dir)
-        nxt = savedir.start_next(out_dir)
+
+    def write(nxt):
         for split, split_texts in (("train", train), ("val", val)):
             tokens = encode_all(sp, split_texts, dtype, f"encoding {split}")
             tokens.tofile(os.path.join(nxt, f"{split}.bin"))
@@ -135,8 +138,8 @@ def prepare(paths, out_dir, vocab_size=4096, val_percent=5, suffixes=(".py",)):
             f.write(proto)
         with open(os.path.join(nxt, "meta.json"), "w") as f:
             f.write(json.dumps(meta, indent=2))
-        savedir.write_manifest(nxt)
-        savedir.commit(out_dir)
+    with savedir.claim(out_dir, savedir.TOKEN_DATA, inputs):
+        savedir.save(out_dir, savedir.TOKEN_DATA, write)
     return meta
 
 
@@ -144,8 +147,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("paths", nargs="*", help="files or directories (default: the stdlib source)")
     parser.add_argument("--out", default=None, help="output directory (default: data/stdlib or data/custom)")
-    parser.add_argument("--vocab_size", type=int, default=4096)
-    parser.add_argument("--val_percent", type=int, default=5)
+    parser.add_argument("--vocab_size", type=int, default=4096,
+                        help="tokenizer vocabulary size (default: %(default)s)")
+    parser.add_argument("--val_percent", type=int, default=5,
+                        help="percent of the files held out for validation (default: %(default)s)")
     parser.add_argument("--suffix", action="append", default=None, help="file suffix in directories (default .py)")
     args = parser.parse_args()
     paths = args.paths or [sysconfig.get_paths()["stdlib"]]

@@ -24,6 +24,7 @@ from conftest import ROOT, call_main
 import checkpoints_convert
 import distill
 import dynamic
+import evaluate
 import savedir
 import sample
 import train
@@ -81,7 +82,10 @@ def data(tmp_path_factory):
     rec = {"instruction": "Add two numbers.", "input": "", "output": "return a + b\n"}
     for split in ("train", "val"):
         (inst / f"{split}.jsonl").write_text("\n".join(json.dumps(rec) for _ in range(4)) + "\n")
-    return str(d / "tokens"), str(inst)
+    # a token data set whose tokenizer has the same size (600) but was trained on other files
+    prepare.prepare([os.path.join(ROOT, f) for f in ("sample.py", "evaluate.py", "checkpoints_convert.py")],
+                    str(d / "other"), vocab_size=600)
+    return str(d / "tokens"), str(inst), str(d / "other")
 
 
 @pytest.fixture(scope="module")
@@ -240,6 +244,44 @@ def changed_checkpoint(tmp, data, trained, plain):
     return [f"--out_dir={tmp / 'c'}"], tmp / "c"
 
 
+def copy_of(which, to="ck"):
+    """A copy of one of the shared inputs (e.g. `lambda trained: trained[0]`) in tmp/to."""
+    def make_copy(tmp, data, trained, plain):
+        shutil.copytree(which(data, trained, plain), tmp / to)
+        return tmp / to
+    return make_copy
+
+
+def into(main_args, target):
+    """argv from main_args(tmp, data, trained, plain, target dir) and the target, which must not change."""
+    def make(tmp, data, trained, plain):
+        d = target(tmp, data, trained, plain)
+        return main_args(tmp, data, trained, plain, d), d
+    return make
+
+
+CHECKPOINT = copy_of(lambda data, trained, plain: trained[0])
+TOKEN_DATA = copy_of(lambda data, trained, plain: data[0])
+SOURCES = [os.path.join(ROOT, f) for f in ("model.py", "train.py")]
+
+
+def a_file(tmp, *_):
+    (tmp / "file").write_text("not a directory")
+    return tmp / "file"
+
+
+def a_directory(tmp, *_):
+    (tmp / "dir").mkdir()
+    return tmp / "dir"
+
+
+def fresh_checkout_layerskip(tmp, *_):
+    """README's LayerSkip fine-tune before its converted TinyLlama exists."""
+    if os.path.exists(os.path.join(ROOT, "ckpt", "tinyllama")):
+        pytest.skip("this checkout holds ckpt/tinyllama")
+    return ["config/layerskip.py", f"--out_dir={tmp / 'out'}"], tmp / "out"
+
+
 def distilled(*flags):
     return lambda tmp, data, trained, plain: (
         [f"--init_from={plain}", f"--data_dir={data[0]}", f"--out_dir={tmp / 'out'}", "--max_steps=2",
@@ -349,7 +391,64 @@ CASES = [
     ("resume: no checkpoint", train.main, lambda tmp, data, *_: (train_args(data[0], tmp / "out", "--init_from=resume"),
                                                                  tmp / "out"), ["cannot resume"]),
     ("resume: bad TrainConfig value", train.main, resumed(lambda d: None, "--grad_accum=0"), ["grad_accum=0"]),
+    ("resume: another tokenizer of the same size", train.main,
+     lambda tmp, data, trained, plain: resumed(lambda d: None)(tmp, data[2:], trained, plain),
+     ["tokenizer", "is not the one", "trained with"]),
+    # a save replaces only a unit of its own kind, never the run's input (savedir.check_target)
+    ("prepare: --out holds a checkpoint", prepare.main,
+     into(lambda tmp, d, t, p, ck: [*SOURCES, "--vocab_size=512", "--out", ck], CHECKPOINT), ["holds a checkpoint"]),
+    ("prepare: --out is a source", prepare.main,
+     into(lambda tmp, d, t, p, src: [src, "--out", src], TOKEN_DATA), ["is this run's source"]),
+    ("train: out_dir is the data_dir", train.main,
+     into(lambda tmp, d, t, p, dd: [f"--init_from={p}", *train_args(dd, dd, "--max_steps=2")], TOKEN_DATA),
+     ["is this run's data_dir"]),
+    ("train: out_dir holds a data set", train.main,
+     into(lambda tmp, d, t, p, dd: train_args(d[0], dd, "--max_steps=2"), TOKEN_DATA), ["holds a token data set"]),
+    ("train: out_dir is init_from", train.main,
+     into(lambda tmp, d, t, p, ck: [f"--init_from={ck}", *train_args(d[0], ck, "--max_steps=2")], CHECKPOINT),
+     ["is this run's init_from"]),
+    ("train: out_dir holds files of no unit", train.main,
+     into(lambda tmp, d, t, p, x: train_args(d[0], x, "--max_steps=2"), copy_of(lambda d, t, p: p)),
+     ["holds files that no saved unit owns", "config.json"]),
+    ("train: out_dir is a file", train.main,
+     into(lambda tmp, d, t, p, f: train_args(d[0], f, "--max_steps=2"), a_file), ["is a file, not a directory"]),
+    ("distill: the student over its teacher", distill.main,
+     into(lambda tmp, d, t, p, ck: [f"--init_from={ck}", f"--data_dir={d[0]}", f"--out_dir={ck}", "--max_steps=2",
+                                    "--block_size=32"], CHECKPOINT), ["is this run's init_from"]),
+    ("distill: out_dir holds a checkpoint", distill.main,
+     into(lambda tmp, d, t, p, ck: [f"--init_from={p}", f"--data_dir={d[0]}", f"--out_dir={ck}", "--block_size=32"],
+          CHECKPOINT), ["holds a checkpoint"]),
+    ("dynamic: out_dir holds a checkpoint", dynamic.main,
+     into(lambda tmp, d, t, p, ck: [f"--init_from={p}", f"--data_dir={d[1]}", f"--out_dir={ck}", "--block_size=32",
+                                    f"--tokenizer={d[0]}/tokenizer.model"], CHECKPOINT), ["holds a checkpoint"]),
+    ("train: config/layerskip.py without the converted checkpoint", train.main,
+     fresh_checkout_layerskip,
+     ["ckpt/tinyllama", "python checkpoints_convert.py --from_hf", "--out ckpt/tinyllama"]),
+    # a file where a directory is expected (configurator.run_main: every OSError is one line naming the path)
+    ("sample: --prompt=FILE:<a directory>", sample.main,
+     into(lambda tmp, d, t, p, dd: [f"--out_dir={p}", f"--prompt=FILE:{dd}", "--max_new_tokens=2"], a_directory),
+     ["Is a directory", "dir"]),
+    # evaluate.py: every value where it enters
+    ("evaluate: timeout 0", evaluate.main, lambda tmp, *_: (["--task=code", "--data=x.jsonl", "--timeout=0"], tmp),
+     ["timeout=0", "> 0"]),
+    ("evaluate: limit -1", evaluate.main, lambda tmp, *_: (["--task=code", "--data=x.jsonl", "--limit=-1"], tmp),
+     ["limit=-1", ">= 0"]),
+    ("evaluate: num_samples 0", evaluate.main, lambda tmp, *_: (["--num_samples=0"], tmp), ["num_samples=0"]),
+    ("evaluate: top_k 0", evaluate.main, lambda tmp, *_: (["--top_k=0"], tmp), ["top_k=0"]),
+    ("evaluate: temperature -1", evaluate.main, lambda tmp, *_: (["--temperature=-1"], tmp), ["temperature=-1"]),
+    ("evaluate: workers -2", evaluate.main, lambda tmp, *_: (["--workers=-2"], tmp), ["workers=-2"]),
+    ("prepare: vocab_size 0", prepare.main, prepared([*SOURCES, "--vocab_size=0"]), ["--vocab_size 0", ">= 1"]),
+    ("distill: max_val_loss 0", distill.main, distilled("--max_val_loss=0"), ["max_val_loss=0", "> 0"]),
     # checkpoints_convert.py
+    ("convert: bos_token_id -5", checkpoints_convert.main, hf_config(bos_token_id=-5), ["bos_id=-5", "[0, 63]"]),
+    ("convert: eos_token_id beyond the vocabulary", checkpoints_convert.main, hf_config(eos_token_id=64), ["eos_id=64"]),
+    ("convert: linear rope scaling without a factor", checkpoints_convert.main,
+     hf_config(rope_scaling={"rope_type": "linear"}), ["rope_scaling", "'linear'", "factor"]),
+    ("convert: llama3 rope scaling without its frequencies", checkpoints_convert.main,
+     hf_config(rope_scaling={"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 32}),
+     ["low_freq_factor", "high_freq_factor"]),
+    ("convert: block_size 0", checkpoints_convert.main,
+     lambda tmp, *a: ([*hf_config()(tmp, *a)[0], "--block_size=0"], tmp / "out"), ["--block_size 0"]),
     ("convert: no num_hidden_layers", checkpoints_convert.main, hf_config(num_hidden_layers=None), ["num_hidden_layers"]),
     ("convert: num_attention_heads 0", checkpoints_convert.main, hf_config(num_attention_heads=0), ["num_attention_heads=0"]),
     ("convert: hidden_size a string", checkpoints_convert.main, hf_config(hidden_size="32"), ["hidden_size='32'"]),
@@ -437,17 +536,37 @@ def test_a_kill_at_every_step_of_a_save_leaves_a_checkpoint_that_resumes_bitwise
         assert not os.path.exists(d / savedir.NEXT)
 
 
-def test_a_diverged_run_says_which_checkpoint_it_kept_and_that_one_is_finite(data, trained, tmp_path):
-    """The issue's run: --lr=1e30 --eval_interval=1 saves while the weights are huge but finite, then stops at
-    the first NaN; the checkpoint it names is the one in out_dir, it verifies and its weights are finite."""
+@pytest.fixture(scope="module")
+def good_run(data, tmp_path_factory):
+    """test-tiny trained 20 steps at lr 1e-2: a checkpoint whose validation loss is well below ln 600."""
+    d = str(tmp_path_factory.mktemp("good") / "run")
+    assert run(train.main, *train_args(data[0], d, "--max_steps=20", "--eval_interval=20", "--lr=1e-2"))[0] == 0
+    rows = [json.loads(l) for l in open(os.path.join(d, "metrics.jsonl"))]
+    assert [r["val_loss"]["4"] for r in rows if "val_loss" in r][-1] < 0.9 * np.log(600)
+    return d
+
+
+def test_a_collapsed_run_stops_before_saving_and_keeps_the_good_checkpoint(data, good_run, tmp_path):
+    """The good run at step 20 resumed with lr 1e30: the first evaluation after it (step 21) is past max_val_loss
+    (0.99 ln 600) or NaN; the run stops before saving, names the step-20 checkpoint, and that one is unchanged."""
     d = tmp_path / "run"
-    shutil.copytree(trained[0], d)
-    code, message, _ = run(train.main, *train_args(data[0], d, "--max_steps=40", "--init_from=resume", "--lr=1e30",
-                                                   "--eval_interval=1"))
-    assert code != 0 and "nan" in message.lower() and "kept as it was" in message, message
-    manifest = savedir.verify(str(d))
-    assert f"the checkpoint of step {manifest['step']} in" in message, message
-    assert all(torch.isfinite(t).all() for t in weights(d).values())
+    shutil.copytree(good_run, d)
+    before = {k: v for k, v in snapshot(d).items() if not k.startswith("metrics")}
+    result = run(train.main, *train_args(data[0], d, "--max_steps=40", "--init_from=resume", "--lr=1e30",
+                                         "--eval_interval=1"))
+    assert_one_line(result, "at step 21", "stopping without saving", "the checkpoint of step 20", "kept as it was")
+    assert "past max_val_loss 6.3330" in result[1] or "nan" in result[1], result[1]
+    assert {k: v for k, v in snapshot(d).items() if not k.startswith("metrics")} == before
+
+
+def test_the_collapse_threshold_is_a_config_value(data, good_run, tmp_path):
+    """The same collapse under max_val_loss 100, which its loss (about ln 600) stays below: step 21 is saved."""
+    d = tmp_path / "run"
+    shutil.copytree(good_run, d)
+    result = run(train.main, *train_args(data[0], d, "--max_steps=21", "--init_from=resume", "--lr=1e30",
+                                         "--eval_interval=1", "--max_val_loss=100"))
+    assert result[0] == 0, result[1]
+    assert 0.99 * np.log(600) < savedir.verify(str(d))["val_loss"] < 100
 
 
 @pytest.mark.parametrize("poisoned, words", [
@@ -551,3 +670,116 @@ def test_a_save_removes_the_old_units_files_the_new_one_lacks(tmp_path):
         savedir.commit(d)
     assert sorted(os.listdir(d)) == ["manifest.json", "model.safetensors"]
     savedir.verify(d)
+
+
+def test_a_save_never_replaces_a_unit_of_another_kind(tmp_path):
+    """savedir.commit itself refuses to move a data set over a checkpoint (should a writer skip check_target):
+    nothing moved, nothing deleted."""
+    d = str(tmp_path / "unit")
+    for kind, files in ((savedir.CHECKPOINT, {"model.safetensors": "w", "config.json": "{}"}),
+                        (savedir.TOKEN_DATA, {"train.bin": "t", "meta.json": "{}"})):
+        nxt = savedir.start_next(d)
+        for name, text in files.items():
+            (tmp_path / "unit" / ".next" / name).write_text(text)
+        savedir.write_manifest(nxt, kind=kind)
+        if kind == savedir.TOKEN_DATA:
+            before = snapshot(d)
+            with pytest.raises(ValueError, match="holds a checkpoint"):
+                savedir.commit(d)
+            assert snapshot(d) == before
+        else:
+            savedir.commit(d)
+    assert savedir.verify(d)["kind"] == savedir.CHECKPOINT
+
+
+# ---- distill.py and dynamic.py save like train.py ----
+
+def student_args(data, plain, out, *flags):
+    return [f"--init_from={plain}", f"--data_dir={data[0]}", f"--out_dir={out}", "--block_size=32", "--micro_batch=4",
+            "--eval_batches=1", "--steps_per_layer=1", *flags]
+
+
+def controller_args(data, plain, out, *flags):
+    """dynamic.py on the instruction rows (prompts of 100 tokens) with a test-tiny backbone of context 256."""
+    backbone = os.path.join(os.path.dirname(out), "backbone")
+    if not os.path.exists(backbone):
+        torch.manual_seed(0)
+        Transformer(replace(PRESETS["test-tiny"], vocab_size=600, block_size=256)).save_pretrained(backbone)
+    return [f"--init_from={backbone}", f"--data_dir={data[1]}", f"--tokenizer={data[0]}/tokenizer.model",
+            f"--out_dir={out}", "--block_size=128", "--micro_batch=2", "--eval_batches=1", "--max_steps=2", *flags]
+
+
+@pytest.mark.parametrize("main, args, old, new", [
+    (distill.main, student_args, ["--seed=1"], ["--seed=2"]),
+    (dynamic.main, controller_args, ["--per_sequence=true"], ["--per_sequence=false"]),
+], ids=["distill", "dynamic"])
+def test_a_kill_at_every_step_of_a_distill_or_dynamic_save_leaves_one_whole_unit(main, args, old, new, data, plain,
+                                                                                 tmp_path, monkeypatch):
+    """Killed at each file step of saving a new student (or backbone and controllers) over an old one, the directory
+    verifies as the old unit or the new one, whole, and loads (controllers included)."""
+    saved = {}
+    for name, flags in (("old", old), ("new", new)):
+        d = tmp_path / name
+        if name == "new":
+            shutil.copytree(tmp_path / "old", d)
+            calls = save_calls(monkeypatch, kill_at=-1)  # a dry run counts the steps of one save
+        result = run(main, *args(data, plain, d, *flags))
+        assert result[0] == 0, result[1]
+        monkeypatch.undo()
+        saved[name] = savedir.verify(str(d))["files"]
+    assert saved["old"] != saved["new"] and len(calls) >= 6, calls
+    for k in range(len(calls)):
+        d = tmp_path / f"kill{k}"
+        shutil.copytree(tmp_path / "old", d)
+        save_calls(monkeypatch, kill_at=k)
+        with pytest.raises(Killed):
+            run(main, *args(data, plain, d, *new))
+        monkeypatch.undo()
+        got = savedir.verify(str(d))["files"]  # a reader settles it
+        assert got in (saved["old"], saved["new"]), k
+        model = Transformer.from_pretrained(str(d))
+        if main is dynamic.main:
+            per_sequence = dynamic.load_controllers(str(d), model).per_sequence
+            assert per_sequence == (got == saved["old"]), k
+
+
+def test_a_diverged_student_is_not_saved_over_a_good_one(data, plain, tmp_path):
+    d = tmp_path / "student"
+    assert run(distill.main, *student_args(data, plain, d))[0] == 0
+    before = {k: v for k, v in snapshot(d).items() if not k.startswith("metrics")}
+    result = run(distill.main, *student_args(data, plain, d, "--lr=1e30"))
+    assert_one_line(result, "stopping without saving", f"the student in {d} is kept as it was")
+    assert {k: v for k, v in snapshot(d).items() if not k.startswith("metrics")} == before
+
+
+def test_distill_into_the_out_dir_of_a_running_train_is_refused(data, plain, tmp_path):
+    d = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, '.'); import savedir; "
+                               f"f = savedir.lock({str(d)!r}); print('locked', flush=True); time.sleep(60)"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = snapshot(d)
+        assert_one_line(run(distill.main, *student_args(data, plain, d)), "in use", f"pid {holder.pid}")
+        assert snapshot(d) == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_tied_checkpoint_resumed_trains_like_one_run_and_stays_tied(data, tmp_path):
+    """A tied test-tiny as --init_from, 3 steps, then resumed to 6 in the same process: weights equal those of a
+    straight 6-step run (1e-6). Untied after to_empty, the resumed model would not fit its train_state."""
+    tied = tmp_path / "tied"
+    torch.manual_seed(0)
+    Transformer(replace(PRESETS["test-tiny"], vocab_size=600, tie_embeddings=True)).save_pretrained(str(tied))
+    shutil.copy(os.path.join(data[0], "tokenizer.model"), tied)
+    args = ["--eval_interval=3", "--lr_decay_steps=6", f"--init_from={tied}"]
+    assert run(train.main, *train_args(data[0], tmp_path / "straight", "--max_steps=6", *args))[0] == 0
+    assert run(train.main, *train_args(data[0], tmp_path / "halves", "--max_steps=3", *args))[0] == 0
+    result = run(train.main, *train_args(data[0], tmp_path / "halves", "--max_steps=6", "--eval_interval=3",
+                                         "--lr_decay_steps=6", "--init_from=resume"))
+    assert result[0] == 0, result[1]
+    straight, halves = weights(tmp_path / "straight"), weights(tmp_path / "halves")
+    assert "lm_head.weight" not in halves and straight.keys() == halves.keys()
+    assert all(torch.allclose(straight[k], halves[k], atol=1e-6, rtol=0) for k in straight)

@@ -1,4 +1,6 @@
-from dataclasses import dataclass
+import importlib
+import inspect
+from dataclasses import dataclass, fields, is_dataclass
 
 import pytest
 
@@ -59,3 +61,34 @@ def test_unknown_key_in_file(tmp_path):
 ])
 def test_scripts_reject_bad_config_in_one_line(args, words):
     assert_one_line_error(run_entry(*args), *words)
+
+
+def declared_comment(cls, name):
+    """The comment on the line declaring `name` in the first class of cls's MRO whose line has one."""
+    for k in filter(is_dataclass, cls.__mro__):
+        for line in inspect.getsource(k).splitlines():
+            if line.startswith(f"    {name}:") and "  # " in line:
+                return line.split("  # ", 1)[1].strip()
+    return None
+
+
+@pytest.mark.parametrize("script, config", [("train.py", "TrainConfig"), ("sample.py", "SampleConfig"),
+                                            ("evaluate.py", "EvalConfig"), ("distill.py", "DistillConfig"),
+                                            ("dynamic.py", "DynamicConfig")])
+def test_help_lists_every_key_with_its_default_and_comment(script, config):
+    """--help exits 0 and prints, per key, --key=default and the comment on its line in the dataclass."""
+    cls = getattr(importlib.import_module(script.removesuffix(".py")), config)
+    proc = run_entry(script, "--help")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    lines = {l.split("=")[0].strip(): l for l in proc.stdout.splitlines() if l.startswith("  --")}
+    assert len(lines) == len(fields(cls))
+    for f in fields(cls):
+        comment = declared_comment(cls, f.name)
+        assert comment, f"{config}.{f.name} has no comment"
+        assert lines[f"--{f.name}"] == f"  --{f.name}={getattr(cls(), f.name)!r}  # {comment}"
+
+
+@pytest.mark.parametrize("script", ["data/prepare.py", "data/instruct.py"])
+def test_help_of_the_data_scripts(script):
+    proc = run_entry(script, "--help")
+    assert proc.returncode == 0 and "--out" in proc.stdout and "default" in proc.stdout

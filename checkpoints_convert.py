@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+import savedir
 from configurator import run_main
 from model import Config, Transformer
 from tokenizer import TOKENIZER_FILES, load_tokenizer
@@ -335,22 +336,10 @@ def check_tensors(ckpt, cfg):
 
 # ---- the two directions ----
 
-def prepare_out_dir(out):
-    if os.path.exists(out) and os.listdir(out):
-        raise ValueError(f"output directory {out} exists and is not empty")
-    tmp = f"{out.rstrip('/')}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    return tmp
-
-
-def finish_out_dir(tmp, out, src, files=TOKENIZER_FILES):
+def copy_files(src, dst, files=TOKENIZER_FILES):
     for f in files:
         if os.path.isfile(os.path.join(src, f)):
-            shutil.copyfile(os.path.join(src, f), os.path.join(tmp, f))
-    if os.path.isdir(out):
-        os.rmdir(out)  # empty (checked before)
-    os.replace(tmp, out)
+            shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
 
 
 def read_json(path):
@@ -379,12 +368,8 @@ def from_hf(hf_dir, out, block_size=None):
         raise ValueError(e if str(e).startswith(cfg_path) else f"{cfg_path}: {e}") from None
     ckpt = HFCheckpoint(hf_dir, cfg.family)
     check_tensors(ckpt, cfg)
-    tmp = prepare_out_dir(out)
-    try:
-        save_converted(ckpt, cfg, tmp)
-        finish_out_dir(tmp, out, hf_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    savedir.save_once(out, savedir.CONVERTED, lambda nxt: save_converted(ckpt, cfg, nxt) or copy_files(hf_dir, nxt),
+                      inputs=[("source", hf_dir)])
     return cfg
 
 
@@ -515,13 +500,7 @@ def from_gguf(path, out, block_size=None):
         raise ValueError(f"{path}: {e}") from None
     ckpt = GGUFCheckpoint(reader, cfg)
     check_tensors(ckpt, cfg)
-    tmp = prepare_out_dir(out)
-    try:
-        save_converted(ckpt, cfg, tmp)
-        gguf_tokenizer(path, tmp)
-        finish_out_dir(tmp, out, None, files=())
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    savedir.save_once(out, savedir.CONVERTED, lambda nxt: save_converted(ckpt, cfg, nxt) or gguf_tokenizer(path, nxt))
     return cfg
 
 
@@ -581,16 +560,14 @@ def keep_space_prefix(backend):
 def to_hf(ckpt_dir, out):
     model = Transformer.from_pretrained(ckpt_dir)
     cfg = model.cfg
-    tmp = prepare_out_dir(out)
-    try:
+
+    def write(nxt):
         state = {k: v.contiguous() for k, v in to_hf_tensors(model.state_dict(), cfg)}
-        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(tmp, "config.json"), "w") as f:
+        save_file(state, os.path.join(nxt, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(nxt, "config.json"), "w") as f:
             json.dump(config_to_hf(cfg), f, indent=2)
-        export_tokenizer(ckpt_dir, tmp, cfg)
-        finish_out_dir(tmp, out, ckpt_dir, files=())
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        export_tokenizer(ckpt_dir, nxt, cfg)
+    savedir.save_once(out, savedir.EXPORT, write, inputs=[("source", ckpt_dir)])
 
 
 def main():

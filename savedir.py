@@ -36,6 +36,8 @@ TOKEN_DATA = "token data set"              # data/prepare.py
 INSTRUCT_DATA = "instruction data set"     # data/instruct.py
 STUDENT = "student"                        # distill.py
 CONTROLLERS = "model with controllers"     # dynamic.py
+CONVERTED = "converted checkpoint"         # checkpoints_convert.py --from_hf, --from_gguf
+EXPORT = "transformers export"             # checkpoints_convert.py --to_hf
 
 
 def start_next(d):
@@ -125,6 +127,21 @@ def check_target(d, kind, inputs=()):
     if not units and strangers:
         raise ValueError(f"{d} holds files that no saved unit owns ({', '.join(strangers[:3])}"
                          f"{', ...' if len(strangers) > 3 else ''}): save the {kind} in a new or empty directory")
+
+
+def save_once(d, kind, write, inputs=(), **facts):
+    """A whole save by a program that writes one unit and exits (the converter): claim d, save, let go.
+    A failed save leaves d as it was; a directory the call made for it is removed again."""
+    made = not os.path.exists(d)
+    f = claim(d, kind, inputs)
+    try:
+        save(d, kind, write, **facts)
+    except BaseException:
+        if made:
+            shutil.rmtree(d, ignore_errors=True)
+        raise
+    finally:
+        f.close()
 
 
 def claim(d, kind, inputs=()):

@@ -303,3 +303,25 @@ def test_export_of_a_fine_tuned_tokenizer_json_checkpoint_keeps_its_special_toke
     out = hf.generate(ids, max_new_tokens=20, do_sample=False)
     ours = generate(Transformer.from_pretrained(tmp_path / "tuned"), ids, 20, temperature=0)
     assert out.tolist() == ours[:, :out.shape[1]].tolist() and (ours[:, out.shape[1]:] == 2).all()
+
+
+def test_the_converter_saves_one_unit_and_replaces_only_its_own(hf_dir, tmp_path):
+    """--from_hf and --to_hf write one unit each through savedir (a manifest that from_pretrained verifies);
+    a directory holding something else, or the source itself, is refused in one line and left as it was."""
+    import savedir
+    ours, back = tmp_path / "ours", tmp_path / "back"
+    assert convert_cli(hf_dir, ours).returncode == 0
+    assert savedir.kind_of(savedir.read_manifest(str(ours))) == savedir.CONVERTED
+    assert convert_cli(hf_dir, ours).returncode == 0  # a converted checkpoint may replace its like
+    proc = run_entry("checkpoints_convert.py", "--to_hf", str(ours), "--out", str(back))
+    assert proc.returncode == 0, proc.stderr
+    assert savedir.kind_of(savedir.read_manifest(str(back))) == savedir.EXPORT
+    (ours / "config.json").write_text((ours / "config.json").read_text().replace('"n_layer"', ' "n_layer"'))
+    assert_one_line_error(run_entry("sample.py", f"--out_dir={ours}", "--max_new_tokens=1"), "config.json")
+    before = sorted(os.listdir(back))
+    assert_one_line_error(convert_cli(hf_dir, back), "transformers export")  # another kind of unit
+    assert_one_line_error(convert_cli(hf_dir, hf_dir), "source")  # its own input
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    assert_one_line_error(convert_cli(hf_dir, tmp_path / "notes"), "no saved unit owns")
+    assert sorted(os.listdir(back)) == before and (tmp_path / "notes" / "todo.txt").read_text() == "mine"

@@ -65,6 +65,7 @@ class EvalConfig:
     max_new_tokens: int = 0          # 0: 128 for code, 48 for summarize
     exit_layer: int = 0              # the early exit and the draft depth (0: half the layers)
     num_speculations: int = 4        # d: tokens drafted per self-speculation round
+    settings: str = ""               # task code/summarize: comma list of setting-name prefixes to run (default all)
     workers: int = 0                 # programs run at once (0: the number of cores)
     timeout: float = 3.0             # seconds per program
     results: str = ""                # writes RESULTS.csv and RESULTS.png (default: {task}_{data name})
@@ -287,8 +288,15 @@ def run_tasks(cfg):
     has_controllers = os.path.isfile(os.path.join(cfg.ckpt, "controllers.json"))
     controllers = load_controllers(cfg.ckpt, model) if has_controllers else None
     plan = trained_plan(cfg.ckpt, model)
+    settings = decode_settings(model, cfg.exit_layer, cfg.num_speculations, plan, controllers)
+    if cfg.settings:
+        wanted = [w.strip() for w in cfg.settings.split(",")]
+        settings = [s for s in settings if any(s.name.startswith(w) for w in wanted)]
+        if not settings:
+            raise ValueError(f"settings {cfg.settings!r} names none of this model's decode settings (names start "
+                             f"with: full depth, exit layer, skip plan, learned controllers, self-speculation)")
     rows = []
-    for setting in decode_settings(model, cfg.exit_layer, cfg.num_speculations, plan, controllers):
+    for setting in settings:
         samples, seconds, tokens, drafted, accepted = complete(model, tok, task_list, setting, cfg, device)
         rows.append(dict(setting=setting.name, quality=score(cfg, task_list, samples),
                          tokens_per_s=tokens / seconds, ms_per_token=seconds / tokens * 1e3,

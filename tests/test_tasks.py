@@ -217,6 +217,10 @@ def test_settings_table_on_a_tiny_model(tiny_checkpoint, tmp_path):
     assert [r["acceptance"] == "-" for r in rows] == [True, True, True, False, False, False]
     assert all(0 <= float(r["acceptance"]) <= 1 for r in rows[3:])
     assert (tmp_path / "table.png").read_bytes()[:4] == b"\x89PNG"
+    run_evaluate("--task=code", f"--data={data}", f"--ckpt={tiny_checkpoint}", "--max_new_tokens=6",
+                 "--exit_layer=2", "--settings=full depth, self-speculation E=2 d=", f"--results={tmp_path / 'some'}")
+    chosen = [r["setting"] for r in csv.DictReader(open(tmp_path / "some.csv"))]
+    assert chosen == ["full depth", "self-speculation E=2 d=4"]
 
     # greedy self-speculation (every mode) gives full depth's completions; the skip plan and the exit do not
     model = evaluate.load(tiny_checkpoint)

@@ -89,7 +89,9 @@ def step_costs(model, prompt, plan, d, compile, repeats=20):
     runs = tuple(r for r in layer_runs(plan[None], L)[0] if r[0] > f)
     full, draft, verify = [compiled(fn, prompt.device) if compile else fn
                            for fn in (next_logits, draft_step, verify_step)]
-    token, states = prompt[:, -1:], torch.randn(1, d, model.cfg.n_embd, device=prompt.device)  # as a hidden state
+    token = prompt[:, -1:]
+    states = torch.randn(1, d, model.cfg.n_embd, device=prompt.device,
+                         dtype=next(model.parameters()).dtype)  # as a hidden state
     calls = {"full": lambda: full(model, token, T, ((0, L),), cache),
              "draft": lambda: draft(model, token, T, f, runs, cache),
              "verify": lambda: verify(model, states, T, f, L, cache, token)}

@@ -14,6 +14,7 @@ shape. --dtype bfloat16: the same in bf16, with its greedy tokens against fp32's
 
 import ctypes
 import gc
+import glob
 import os
 import tempfile
 
@@ -37,15 +38,12 @@ PROMPT_LEN = 32
 
 def last_level_cache_bytes():
     """The largest CPU cache's size from sysfs (Linux), else 0."""
-    sizes, root = [], "/sys/devices/system/cpu/cpu0/cache"
-    for index in os.listdir(root) if os.path.isdir(root) else ():
-        with open(os.path.join(root, index, "size")) as f:
-            text = f.read().strip()
-        sizes.append(
-            int(text[:-1]) * {"K": 2**10, "M": 2**20, "G": 2**30}[text[-1]]
-            if text[-1] in "KMG"
-            else int(text)
-        )
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        with open(path) as f:
+            text = f.read().strip()  # e.g. 491520K
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1], 1)
+        sizes.append(int(text.rstrip("KMG")) * scale)
     return max(sizes, default=0)
 
 
@@ -252,8 +250,9 @@ def bench_bandwidth(repeats, ckpt=None, dtype=None):
     compile_too = CUDA or not common.TINY  # --tiny on the CPU: compiling would cost more than the run
     bandwidth = read_bandwidth(2**24 if common.TINY else None)
     print(
-        f"device {device_name()}; {torch.get_num_threads()} threads; measured "
-        f"{'copy' if CUDA else 'read'} bandwidth {bandwidth / 1e9:.1f} GB/s; dtype {dtype}"
+        f"device {device_name()}; {torch.get_num_threads()} threads; last-level cache "
+        f"{last_level_cache_bytes() / 2**20:.0f} MiB; measured {'copy' if CUDA else 'read'} bandwidth "
+        f"{bandwidth / 1e9:.1f} GB/s; dtype {dtype}"
     )
     prompt_for = lambda cfg: torch.randint(
         cfg.vocab_size, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(0)  # noqa: E731

@@ -7,7 +7,9 @@ mode in benchmarks/; every run first prints the machine, versions, date, commit 
     python bench.py --mode decode [--ckpt out-layerskip]  # batch-1 decoding vs transformers.generate, on the
                                        # same weights; self-speculation on a trained checkpoint
     python bench.py --mode kernels     # each fused op and a whole train step, fused vs unfused (fused/)
-    python bench.py --mode bandwidth   # batch-1 bf16 decoding of TinyLlama-1.1B's shape vs the bandwidth limit
+    python bench.py --mode bandwidth [--ckpt DIR] [--dtype bfloat16]  # batch-1 decoding of TinyLlama-1.1B's shape
+                                       # (or a converted checkpoint, with verification costs and self-speculation)
+                                       # vs the bandwidth limit measured in the run
     python bench.py --mode speculation [--ckpt out] [--plain_ckpt out-plain] [--models abc]  # does self-speculation
                                        # pay: speedup, acceptance and fraction of ideal (benchmarks/speculation.py)
     (--tiny: test-sized shapes, every mode in seconds on a CPU; scripts/gpu_checks.sh runs the GPU set)
@@ -29,14 +31,17 @@ def main():
     parser.add_argument("--mode", choices=("layerskip", "train", "decode", "kernels", "bandwidth", "speculation"),
                         default="layerskip")
     parser.add_argument("--ckpt", default=None, help="decode mode: a trained checkpoint to speculate with; "
-                        "speculation mode: the LayerSkip-trained checkpoint (default: out, README's job)")
+                        "speculation mode: the LayerSkip-trained checkpoint (default: out, README's job); "
+                        "bandwidth mode: a converted checkpoint (e.g. SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help="bandwidth mode: the "
+                        "weights' dtype (default: bfloat16 on CUDA, float32 on the CPU)")
     parser.add_argument("--plain_ckpt", default="out-plain", help="speculation mode: a checkpoint trained "
                         "without LayerSkip, for skip-plan drafts")
     parser.add_argument("--models", default="abc", help="speculation mode: which of (a) LayerSkip checkpoint, (b) "
                         "TinyLlama-shaped random Llama, (c) plain checkpoint to run")
     parser.add_argument("--new_tokens", type=int, default=64, help="speculation mode: tokens generated per prompt")
     parser.add_argument("--eager", action="store_true", help="speculation mode: eager decode steps, not compiled")
-    parser.add_argument("--repeats", type=int, default=2, help="speculation mode: timed calls of each prompt and "
+    parser.add_argument("--repeats", type=int, default=2, help="speculation and bandwidth modes: timed calls of each prompt and "
                         "setting, the shortest kept (more: closer to what the code can do on a noisy machine)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=None)
@@ -53,11 +58,13 @@ def main():
     torch.manual_seed(0)
     if args.mode == "decode":
         return decode.bench_decode(args.steps, args.ckpt)
+    if args.mode == "bandwidth":
+        return bandwidth.bench_bandwidth(args.repeats, args.ckpt, args.dtype and getattr(torch, args.dtype))
     if args.mode == "speculation":
         return speculation.bench_speculation(args.ckpt or "out", args.plain_ckpt, args.new_tokens, args.repeats,
                                              not args.eager, args.models)
-    {"layerskip": layerskip.bench_layerskip, "train": train.bench_train, "kernels": kernels.bench_kernels,
-     "bandwidth": bandwidth.bench_bandwidth}[args.mode](args.steps)
+    {"layerskip": layerskip.bench_layerskip, "train": train.bench_train,
+     "kernels": kernels.bench_kernels}[args.mode](args.steps)
 
 
 if __name__ == "__main__":

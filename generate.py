@@ -198,10 +198,7 @@ def decode_cache(model, idx, max_len, compile):
     """The KV cache for decoding prompts idx [B, T]: max_len positions, or the whole context when compiled (one
     shape for every call). Where steps become CUDA graphs it is attended over in full and kept for the next
     call with this batch size: the graphs replay over its addresses (a new cache would have them re-recorded);
-    every slot a call reads, it writes first. On the CPU the weights are laid out for decoding first
-    (decode_layout: large ones packed for oneDNN, small ones input-major)."""
-    if idx.device.type == "cpu":
-        model.decode_layout()
+    every slot a call reads, it writes first."""
     dtype = next(model.parameters()).dtype
     if not (compile and idx.device.type in CUDA_GRAPH_DEVICES):
         return KVCache(model.cfg, idx.shape[0], model.cfg.block_size if compile else max_len, idx.device, dtype)

@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.multiprocessing.reductions import StorageWeakRef
 
 import savedir
 from rules import above, at_least, check_type, check_values, one_of
@@ -350,67 +349,14 @@ def rotary(x, cos, sin):
     return (apply_rotary if FUSED["rope"] else apply_rotary_reference)(x, cos, sin)
 
 
-PACKED_MIN_NUMEL = 1 << 20  # decode_layout packs weights from 4 MB (fp32) on: below, MKL's product costs less
-_packed = torch.utils.weak.WeakIdKeyDictionary()  # weight -> (weak ref to its storage, version, packed copy)
-
-
-def pack(weight):
-    """Keep a oneDNN-packed copy of weight [out, in] (torch.ops.mkldnn._reorder_linear_weight) for packed_linear."""
-    _packed[weight] = (StorageWeakRef(weight.untyped_storage()), weight._version,
-                       torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1))
-
-
-def packed_copy(weight):
-    """weight's packed copy, or None when it has none or weight changed since: new data (its storage is another)
-    or an in-place write through weight (torch's version counter moved; writes through .data are not counted)."""
-    storage, version, packed = _packed.get(weight, (None, None, None))
-    if storage is None or storage.expired() or storage.cdata != weight.untyped_storage()._cdata \
-            or version != weight._version:
-        return None
-    return packed
-
-
-@torch.library.custom_op("nanoskip::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: typing.Optional[torch.Tensor]) -> torch.Tensor:
-    """F.linear(x [..., in], weight [out, in], bias [out]) -> [..., out] through the oneDNN-packed copy of weight
-    that Transformer.decode_layout made (oneDNN's own kernel; equal to F.linear to float32 rounding), or F.linear
-    itself when weight has no current copy (packed_copy). A custom op, so that compiled decode steps call it as
-    it is (Inductor cannot take a packed tensor as a graph input)."""
-    packed = packed_copy(weight)
-    if packed is None:
-        return F.linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-
-@packed_linear.register_fake
-def _(x, weight, bias):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
-class Linear(nn.Linear):
-    """nn.Linear whose forwards without autograd (and without autocast) run through packed_linear once
-    decode_layout has packed its weight; moving or casting it drops the packed copy."""
-    packed = False
-
-    def forward(self, x):
-        if self.packed and not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
-            return packed_linear(x, self.weight, self.bias)
-        return super().forward(x)
-
-    def _apply(self, fn, *args, **kwargs):
-        self.packed = False
-        _packed.pop(self.weight, None)
-        return super()._apply(fn, *args, **kwargs)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg, layer):
         super().__init__()
         self.layer = layer
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.use_rope = cfg.pos_emb == "rope"
-        self.wqkv = Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
-        self.wo = Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+        self.wqkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
+        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x, cos, sin, attn_mask, cache, rows, pos):
         B, T, _ = x.shape
@@ -450,10 +396,10 @@ class MLP(nn.Module):
         super().__init__()
         self.kind = cfg.mlp
         if cfg.mlp == "swiglu":
-            self.w_gate_up = Linear(cfg.n_embd, 2 * cfg.intermediate_size, bias=cfg.bias)
+            self.w_gate_up = nn.Linear(cfg.n_embd, 2 * cfg.intermediate_size, bias=cfg.bias)
         else:
-            self.w_up = Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
-        self.w_down = Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.bias)
+            self.w_up = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
+        self.w_down = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x):
         if self.kind == "swiglu":
@@ -508,8 +454,8 @@ class Transformer(nn.Module):
         emb_dim = cfg.emb_dim or cfg.n_embd
         self.tok_emb = nn.Embedding(cfg.vocab_size, emb_dim)
         if emb_dim != cfg.n_embd:  # OPT-350m
-            self.proj_in = Linear(emb_dim, cfg.n_embd, bias=False)
-            self.proj_out = Linear(cfg.n_embd, emb_dim, bias=False)
+            self.proj_in = nn.Linear(emb_dim, cfg.n_embd, bias=False)
+            self.proj_out = nn.Linear(cfg.n_embd, emb_dim, bias=False)
         if cfg.pos_emb == "learned":
             self.pos_emb = nn.Embedding(cfg.block_size + cfg.pos_offset, cfg.n_embd)
         if cfg.emb_norm:
@@ -518,7 +464,7 @@ class Transformer(nn.Module):
         self.rope_tables = {}  # (device, dtype) -> (cos, sin) [block_size, head_dim]: not weights, never saved
         if cfg.final_norm:
             self.norm = make_norm(cfg, cfg.n_embd)
-        self.lm_head = Linear(emb_dim, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.init_weights()
@@ -536,31 +482,6 @@ class Transformer(nn.Module):
                 nn.init.ones_(module.weight)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-
-    @torch.no_grad()
-    def decode_layout(self):
-        """Lay out projection weights for decoding on the CPU, where it is bandwidth-bound. A float32 weight of at
-        least PACKED_MIN_NUMEL elements gets a copy packed for oneDNN's matrix product
-        (torch.ops.mkldnn._reorder_linear_weight, the layout Inductor's freezing gives constant weights), which
-        forwards without autograd then use (packed_linear): oneDNN streams it faster than MKL does any layout,
-        and a verification's 5 positions cost it 1.9x-2.9x one position where MKL's small-M product costs
-        3.2x-7x. Smaller weights, where oneDNN's call costs more than the product, are stored input-major (the
-        transposed view of an [in, out] tensor) for MKL's matrix-vector product. Measured in BENCHMARKS.md
-        (Speculation). Memory: a second copy of the packed weights. Values, names, gradients and saved
-        checkpoints are unchanged; a packed weight changed afterwards (an optimizer step, copy_, new data, .to)
-        runs as it is until the next call packs it again; writes through .data are the one change not seen.
-        generate() calls it for CPU models. Returns self."""
-        for module in self.modules():
-            if not isinstance(module, Linear):
-                continue
-            w = module.weight
-            module.packed = (w.numel() >= PACKED_MIN_NUMEL and w.dtype == torch.float32 and w.device.type == "cpu"
-                             and not w.is_inference() and torch.backends.mkldnn.is_available())
-            if module.packed and packed_copy(w) is None:
-                pack(w)
-            elif not module.packed and w.is_contiguous():
-                w.data = w.data.t().contiguous().t()  # [out, in] with strides (1, out)
-        return self
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -612,8 +533,9 @@ class Transformer(nn.Module):
         if (self.cfg.rope_scaling or {}).get("rope_type") in ("dynamic", "longrope"):
             return rope_cos_sin(self.cfg, pos, T, dtype, device, lengths)
         key = (str(device), dtype)
-        if key not in self.rope_tables:
-            self.rope_tables[key] = rope_cos_sin(self.cfg, 0, self.cfg.block_size, dtype, device)  # [S, hd] each
+        if key not in self.rope_tables:  # normal tensors even when built under inference_mode: training reads them
+            with torch.inference_mode(False):
+                self.rope_tables[key] = rope_cos_sin(self.cfg, 0, self.cfg.block_size, dtype, device)  # [S, hd] each
         cos, sin = self.rope_tables[key]
         if torch.is_tensor(pos):
             at = positions(pos, T, device)                                   # [B, T]

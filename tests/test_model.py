@@ -5,9 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from torch.multiprocessing.reductions import StorageWeakRef
 
-import model as model_module
 from model import PRESETS, KVCache, Transformer
 
 TOL = dict(rtol=0, atol=1e-5)  # fp32
@@ -158,65 +156,6 @@ def test_gqa_and_tied_head_round_trip(tmp_path):
         if kw.get("tie_embeddings"):
             assert loaded.lm_head.weight is loaded.tok_emb.weight
     assert not [f for f in os.listdir(tmp_path / "m") if ".tmp" in f]
-
-
-@pytest.mark.parametrize("packed", [False, True])
-def test_decode_layout_changes_memory_not_values(tmp_path, monkeypatch, packed):
-    """decode_layout stores small projection weights input-major and gives large ones (here: all, by lowering
-    PACKED_MIN_NUMEL) a oneDNN-packed copy that forwards without autograd run through (packed_linear): logits
-    within float32 rounding (TOL) of F.linear's; state dict, gradients and checkpoint unchanged; a weight
-    changed afterwards, in place or by new data, runs as it is, never a stale packed copy."""
-    if packed and not torch.backends.mkldnn.is_available():
-        pytest.skip("oneDNN packing needs a build with oneDNN")
-    monkeypatch.setattr(model_module, "PACKED_MIN_NUMEL", 0 if packed else model_module.PACKED_MIN_NUMEL)
-    for kw in (dict(), dict(tie_embeddings=True, bias=True)):
-        model, laid_out = tiny(**kw), tiny(**kw).decode_layout()
-        weight = laid_out.layers[0].mlp.w_down.weight
-        assert laid_out.layers[0].mlp.w_down.packed == packed
-        assert weight.stride() == ((weight.shape[1], 1) if packed else (1, weight.shape[0]))  # [out, in] over [in, out]
-        for (name, a), b in zip(model.state_dict().items(), laid_out.state_dict().values()):
-            assert torch.equal(a, b), name
-        idx = tokens()
-        with torch.no_grad():
-            torch.testing.assert_close(laid_out(idx), model(idx), **TOL)
-            for m in (model, laid_out):  # changed after packing: in place (version counter) and new data
-                m.layers[0].mlp.w_down.weight.mul_(-2)
-                m.lm_head.weight.data = m.lm_head.weight.data.flip(0).clone()
-            torch.testing.assert_close(laid_out(idx), model(idx), **TOL)
-        laid_out.train()(idx, idx)[0].backward()
-        model.train()(idx, idx)[0].backward()
-        torch.testing.assert_close(laid_out.layers[1].attn.wqkv.weight.grad, model.layers[1].attn.wqkv.weight.grad, **TOL)
-        laid_out.save_pretrained(tmp_path / "m")
-        torch.testing.assert_close(Transformer.from_pretrained(tmp_path / "m").lm_head.weight, model.lm_head.weight,
-                                   rtol=0, atol=0)
-    if not packed:
-        return
-    # which copy runs: a packed copy marked x2 runs (the module's forward without autograd goes through it), then
-    # F.linear once the weight changed (in place; new data twice, so an address may come back), and the next
-    # decode_layout packs it again; moving or casting the model drops the copies; the model still pickles
-    module = laid_out.layers[1].mlp.w_down
-    w, x = module.weight, torch.randn(2, 3, module.weight.shape[1])
-
-    def pack_twice_w():  # model.pack's entry for w, holding the packed copy of 2 w
-        model_module._packed[w] = (StorageWeakRef(w.untyped_storage()), w._version,
-                                   torch.ops.mkldnn._reorder_linear_weight(2 * w.detach(), 1))
-    pack_twice_w()
-    torch.testing.assert_close(module(x), F.linear(x, w), **TOL)  # with autograd: never the packed copy
-    with torch.no_grad():
-        torch.testing.assert_close(module(x), 2 * F.linear(x, w), **TOL)
-        w.add_(1)
-        torch.testing.assert_close(module(x), F.linear(x, w), rtol=0, atol=0)
-        laid_out.decode_layout()
-        torch.testing.assert_close(module(x), F.linear(x, w), **TOL)
-        for _ in range(2):
-            pack_twice_w()
-            w.data = torch.randn_like(w)
-            torch.testing.assert_close(module(x), F.linear(x, w), rtol=0, atol=0)
-        laid_out.decode_layout()
-        torch.save(laid_out, tmp_path / "whole.pt")
-        laid_out.double()
-        assert not module.packed and w not in model_module._packed
-        torch.testing.assert_close(module(x.double()), F.linear(x.double(), module.weight), rtol=0, atol=0)
 
 
 def test_from_pretrained_errors(tmp_path):

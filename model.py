@@ -675,9 +675,9 @@ class Transformer(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in (state or self.state_dict()).items()}
         if self.cfg.tie_embeddings:
             state.pop("lm_head.weight")
-        atomic_write(os.path.join(out_dir, "model.safetensors"), lambda p: save_file(state, p))
-        atomic_write(os.path.join(out_dir, "config.json"),
-                     lambda p: open(p, "w").write(json.dumps(asdict(self.cfg), indent=2) + "\n"))
+        savedir.atomic_write(os.path.join(out_dir, "model.safetensors"), lambda p: save_file(state, p))
+        savedir.atomic_write(os.path.join(out_dir, "config.json"),
+                             lambda p: open(p, "w").write(json.dumps(asdict(self.cfg), indent=2) + "\n"))
 
     @classmethod
     def from_pretrained(cls, ckpt_dir, device="cpu", dtype=None):
@@ -731,14 +731,3 @@ class Transformer(nn.Module):
         self.load_state_dict(state, strict=False, assign=True)
         if self.cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-
-
-def atomic_write(path, write):
-    """Call write(tmp_path), then rename onto `path`: a crash never leaves a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

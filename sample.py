@@ -33,7 +33,8 @@ import torch
 from configurator import configure, run_main
 from data.instruct import format_prompt, load_template
 from generate import check_sampling, generate, generate_speculative, pad_prompts
-from model import Transformer, atomic_write, layer_mask
+from model import Transformer, layer_mask
+from savedir import atomic_write
 from tokenizer import load_tokenizer
 
 

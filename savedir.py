@@ -40,6 +40,17 @@ CONVERTED = "converted checkpoint"         # checkpoints_convert.py --from_hf, -
 EXPORT = "transformers export"             # checkpoints_convert.py --to_hf
 
 
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename onto `path`: a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def start_next(d):
     """A fresh, empty d/.next/ for the new unit (anything left there by a failed save is removed)."""
     os.makedirs(d, exist_ok=True)

@@ -27,8 +27,9 @@ import savedir
 from configurator import configure, run_main
 from data.instruct import IGNORE, encode_records, epoch_indices, load_records, make_batch, save_template
 from layerskip import dropout_rates, exit_weights, layer_dropout_mask
-from model import PRESETS, Config, Transformer, atomic_write
+from model import PRESETS, Config, Transformer
 from rules import UNIT_INTERVAL, above, at_least, check_values, one_of
+from savedir import atomic_write
 from tokenizer import load_tokenizer
 from unified import response_skip_mask, skipped_layers
 

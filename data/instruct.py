@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.prepare import HERE, is_val, list_files, read_texts  # noqa: E402
 import savedir  # noqa: E402
-from model import atomic_write  # noqa: E402
+from savedir import atomic_write  # noqa: E402
 
 IGNORE = -100
 PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "

@@ -33,11 +33,12 @@ from tqdm import tqdm
 import tasks
 from configurator import configure, run_main
 from dynamic import controlled_forward, load_controllers, sequence_plan
-from generate import generate, generate_speculative
+from generate import generate
 from layerskip import dropout_rates, layer_dropout_mask
 from model import Transformer, layer_mask
 from rules import above, at_least, check_values
 from savedir import atomic_write
+from speculate import generate_speculative
 from tokenizer import load_tokenizer
 from train import DEVICE_RULE, TrainConfig, load_data
 from unified import IGNORE, response_skip_mask, response_tokens, skipped_layers

@@ -32,9 +32,10 @@ import torch
 
 from configurator import configure, run_main
 from data.instruct import format_prompt, load_template
-from generate import check_sampling, generate, generate_speculative, pad_prompts
+from generate import check_sampling, generate, pad_prompts
 from model import Transformer, layer_mask
 from savedir import atomic_write
+from speculate import generate_speculative
 from tokenizer import load_tokenizer
 
 

@@ -236,5 +236,6 @@ def best_time(fn, repeats):
 def fixed_length_decoders():
     """generate and generate_speculative decoding every requested token (no stop at eos): timed runs do equal
     work, and compare token for token with transformers' generate run with eos off."""
-    from generate import generate, generate_speculative
+    from generate import generate
+    from speculate import generate_speculative
     return functools.partial(generate, stop_at_eos=False), functools.partial(generate_speculative, stop_at_eos=False)

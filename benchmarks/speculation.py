@@ -24,8 +24,10 @@ import torch
 from benchmarks import common
 from benchmarks.common import fixed_length_decoders
 from benchmarks.decode import converted_pair
-from generate import compiled, decode_cache, draft_plan, draft_step, layer_runs, next_logits, prefill, verify_step
+from drafts import draft_plan
+from generate import compiled, decode_cache, layer_runs, next_logits, prefill
 from model import PRESETS, Transformer
+from speculate import draft_step, verify_step
 from tokenizer import load_tokenizer
 
 generate, generate_speculative = fixed_length_decoders()  # every run decodes all its tokens: equal work

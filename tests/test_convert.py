@@ -14,8 +14,9 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from checkpoints_convert import from_hf, to_hf  # noqa: E402
 from conftest import assert_one_line_error, run_entry, run_script  # noqa: E402
-from generate import generate, generate_speculative  # noqa: E402
+from generate import generate  # noqa: E402
 from model import KVCache, Transformer  # noqa: E402
+from speculate import generate_speculative  # noqa: E402
 
 V = 128
 ATOL = 1e-4

@@ -11,8 +11,9 @@ import torch
 
 import sample
 from configurator import run_main
-from generate import generate, generate_speculative, pad_prompts
+from generate import generate, pad_prompts
 from model import PRESETS, Transformer
+from speculate import generate_speculative
 from test_generate import FAMILIES, model_with, ragged_prompts
 from tokenizer import load_tokenizer
 
@@ -284,7 +285,7 @@ def test_exit_layer_auto_reads_the_prompts_exits_in_a_first_call_only(monkeypatc
     """A first call's chooser starts from how often each exit agrees with the full model on the prompt; later calls
     start from what earlier ones counted on generated tokens, and skip reading the prompt's exits. Greedy output
     stays plain greedy."""
-    import generate as generate_module
+    import speculate as generate_module
     reads, real = [], generate_module.prefill_reading_exits
     monkeypatch.setattr(generate_module, "prefill_reading_exits", lambda *a: reads.append(1) or real(*a))
     model = layers(8)
@@ -299,7 +300,7 @@ def test_exit_layer_auto_reads_the_prompts_exits_in_a_first_call_only(monkeypatc
 def test_probes_count_other_exits_at_the_rounds_first_position():
     """A round settles its later positions only where E's drafts were accepted, so probed exits count at its first
     position only: counting every settled position counted them mostly where E found the tokens easy."""
-    from generate import count_agreement
+    from drafts import count_agreement
     calls = []
 
     class Chooser:
@@ -316,7 +317,7 @@ def test_probed_predictions_read_each_exit_at_the_rounds_first_position():
     """Exits shallower than the draft's f are read from the first draft step's layer outputs, deeper ones from the
     verification's at its first position: the output of layer e - 1 through the head. A round that drafted nothing
     has no shallower exits to read."""
-    from generate import probed_predictions
+    from speculate import probed_predictions
     model, g = layers(8), torch.Generator().manual_seed(0)
     first_kept = torch.randn(4, 2, 1, model.cfg.n_embd, generator=g)  # f = 4: layers 0-3 of the first draft step
     kept = torch.randn(4, 2, 3, model.cfg.n_embd, generator=g)  # layers 4-7 of a verification of 3 positions
@@ -333,7 +334,8 @@ def test_a_greedy_probe_round_is_one_call_reading_the_other_exits():
     other exit at the round's first position, shallower than the draft's exit from the first draft step, deeper from
     the verification, or all from it in a full-depth step: the exit's own prediction there (model(exit_layer=e)),
     exact up to float32 ties."""
-    from generate import decode_cache, greedy_round, prefill
+    from generate import decode_cache, prefill
+    from speculate import greedy_round
     model = layers(8)
     idx = torch.randint(1, 256, (2, 6), generator=torch.Generator().manual_seed(0))
     T, lens = idx.shape[1], torch.tensor([6, 6])
@@ -403,13 +405,14 @@ def test_exit_layer_auto_drafting_rounds_are_one_call_with_each_rows_cap(monkeyp
     output plain greedy, the rows ragged (before, such rounds were a call per draft step and one for the
     verification; probe rounds, here every third, reading exits 1 and 3, were until f816bff), and what a probe round
     reads of each exit, a prediction a row, is counted."""
-    import generate as generate_module
+    import speculate as generate_module
     from drafts import ExitChooser
     calls, real, probes, counted = [], generate_module.greedy_round, [], []
     monkeypatch.setattr(generate_module, "greedy_round", lambda *a: calls.append(a[7]) or probes.append(a[9]) or
                         real(*a))
-    count_agreement = generate_module.count_agreement
-    monkeypatch.setattr(generate_module, "count_agreement", lambda *a, **k: counted.append(
+    import drafts
+    count_agreement = drafts.count_agreement
+    monkeypatch.setattr(drafts, "count_agreement", lambda *a, **k: counted.append(
         [(e, tuple(p.shape)) for e, p in a[7]]) or count_agreement(*a, **k))
     model = layers(4)
     with torch.no_grad():  # layers 2 and 3 nearly identities: exit 2 agrees, so drafts run past a cap of 1
@@ -436,7 +439,7 @@ def test_exit_layer_auto_takes_full_depth_steps_where_no_exit_agrees(monkeypatch
     output), that reads the head at the exits drafted with on the way, and each of its tokens counts for them: in
     full-depth steps, every exit's agreement is measured at the price of its head (before, stretches of full-depth
     steps counted nothing and the chooser learnt only from probe rounds, whose gap doubled up to 32 rounds)."""
-    import generate as generate_module
+    import speculate as generate_module
     from drafts import measured_agreement
     calls, real = [], generate_module.full_step_reading_exits  # (exits read, batch rows) of each call
     monkeypatch.setattr(generate_module, "full_step_reading_exits",
@@ -477,7 +480,8 @@ def test_exit_layer_auto_with_a_threshold_counts_nothing_of_full_depth_steps_for
 def test_full_step_reading_exits_reads_each_exits_head():
     """A full-depth decode step that reads exits 2 and 5 on the way: the full model's argmax and each exit's, as the
     model's own forward at those exit layers predicts the next token; the cache written as a plain step's."""
-    from generate import decode_cache, full_step_reading_exits, prefill
+    from generate import decode_cache, prefill
+    from speculate import full_step_reading_exits
     model = layers(8)
     idx = torch.randint(256, (2, 6), generator=torch.Generator().manual_seed(1))
     cache = decode_cache(model, idx, 8, compile=False)

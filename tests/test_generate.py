@@ -6,8 +6,11 @@ from dataclasses import replace
 import pytest
 import torch
 
+import drafts
 import generate as generate_module
-from generate import generate, generate_speculative, pad_prompts, probs_from_logits
+import speculate
+from generate import generate, pad_prompts, probs_from_logits
+from speculate import generate_speculative
 from model import PRESETS, Transformer
 from tokenizer import load_tokenizer
 
@@ -196,7 +199,7 @@ def test_cuda_graph_decode_steps_are_one_graph_with_the_eager_tokens(kw, monkeyp
     assert out.tolist() == expected[:1].tolist()
     # greedy rounds: one graph per number of drafts a round verifies (1 .. d; the last round may draft fewer), each
     # a variant of its own (generate.compiled), none recompiled
-    variants = [key for key in generate_module._compiled if key[0] is generate_module.greedy_round]
+    variants = [key for key in generate_module._compiled if key[0] is speculate.greedy_round]
     assert counters["next_logits"].frame_count == 1 and counters["greedy_round"].frame_count == len(variants) <= 2
     if not kw:
         ragged, lens = pad_prompts(ragged_prompts(seed=3))  # rows at their own positions, leaving as they finish
@@ -244,8 +247,8 @@ def test_a_greedy_round_is_one_call(monkeypatch):
     """A greedy round with a static draft (an exit or a skip plan) is one call, greedy_round (compiled, one graph),
     not d draft steps and a verification called one by one (6a47cb0): the host pays one call a round. Ragged batch,
     greedy output; the calls' draft steps are the rounds' (steps: greedy_round's 8th argument)."""
-    calls, real = [], generate_module.greedy_round
-    monkeypatch.setattr(generate_module, "greedy_round", lambda *a: calls.append(a[7]) or real(*a))
+    calls, real = [], speculate.greedy_round
+    monkeypatch.setattr(speculate, "greedy_round", lambda *a: calls.append(a[7]) or real(*a))
     model = model_with()
     idx, lens = pad_prompts(ragged_prompts(seed=3))
     expected = generate(model, idx, 12, prompt_lens=lens, temperature=0)
@@ -302,7 +305,7 @@ def test_speculative_sampling_matches_the_model_distribution(batched, draft):
     for a in range(4):
         p2 = probs_from_logits(model(torch.tensor([[1, a]]))[:, -1])[0]
         exact[a] = (p1[a] * p2).double()
-    plan = generate_module.draft_plan(model, draft.get("exit_layer"), draft.get("draft_skip_layers"))
+    plan = drafts.draft_plan(model, draft.get("exit_layer"), draft.get("draft_skip_layers"))
     draft_p1 = probs_from_logits(model(idx, skip_mask=plan)[:, -1])[0]
     assert (draft_p1 - p1).abs().max() > 0.1  # the draft really is a different distribution
     g = torch.Generator().manual_seed(123)

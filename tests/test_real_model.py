@@ -14,8 +14,9 @@ pytest.importorskip("accelerate")  # transformers' GGUF loading needs it
 import sample  # noqa: E402
 from configurator import run_main  # noqa: E402
 from conftest import checkpoint_tokenizer, smollm2_gguf  # noqa: E402
-from generate import generate, generate_speculative  # noqa: E402
+from generate import generate  # noqa: E402
 from model import Transformer  # noqa: E402
+from speculate import generate_speculative  # noqa: E402
 
 FACTORIAL = "Write a Python function that returns the factorial of n."
 SHORT = ["What is 2+2?", "Name a colour.", "Is the sky blue? Answer yes or no."]  # replies end within N_NEW

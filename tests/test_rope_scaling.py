@@ -8,8 +8,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 from checkpoints_convert import from_hf  # noqa: E402
-from generate import generate, generate_speculative  # noqa: E402
+from generate import generate  # noqa: E402
 from model import KVCache, Transformer, layer_mask  # noqa: E402
+from speculate import generate_speculative  # noqa: E402
 from test_convert import ATOL, V, hf_config, prompt  # noqa: E402
 
 

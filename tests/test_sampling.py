@@ -15,8 +15,9 @@ import sample
 from configurator import run_main
 from data.instruct import encode_records
 from data.prepare import train_tokenizer
-from generate import check_sampling, generate, generate_speculative, probs_from_logits
+from generate import check_sampling, generate, probs_from_logits
 from model import PRESETS, Transformer
+from speculate import generate_speculative
 from conftest import checkpoint_tokenizer
 
 N_TOKENS, VOCAB = 400, 448  # a tokenizer smaller than the model's (padded) vocabulary

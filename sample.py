@@ -14,7 +14,8 @@ batch. --instruction "..." [--input "..."] asks a fine-tuned checkpoint in the p
 renders it, generation prompt added) and prints the reply, which ends at the template's end token; --chat
 repeated is a batch of conversations. Prompts are encoded by the checkpoint's tokenizer rules (tokenizer.py):
 bos only where the tokenizer adds one, special tokens written in the text as their ids.
-A row ends at eos, or after the token that completes a --stop string (repeatable; the text is cut before it).
+A row ends at eos or another of the checkpoint's end ids, or after the token that completes a --stop string
+(repeatable; the text is cut before it).
 One prompt is printed as it is generated. temperature 0 is greedy; top_k 0 is off.
 --sweep times self-speculation over a grid of (exit_layer, num_speculations), one prompt at a time,
 prints a table, writes it as CSV and names the fastest setting. --compile runs decode steps as
@@ -155,21 +156,28 @@ def stop_strings(specs):
     return [re.sub(r"\\([nt\\])", lambda m: escapes[m.group(1)], s) for s in specs]
 
 
+def first_end(ids, end_ids):
+    """The index of the first id in ids that is one of end_ids (a row's end), or None."""
+    return next((i for i, t in enumerate(ids) if t in end_ids), None)
+
+
 class Completions:
     """The text each row generates after its prompt, and generate()'s `stop` test: a row ends at the token after
     which its text contains a stop string, and its text is cut before that string. With stream=True (one row) the
     text is printed as it grows: decoded with the prompt each time (so sentencepiece byte-fallback pieces join into
     characters), holding back an incomplete character (U+FFFD) and anything that may begin a stop string."""
 
-    def __init__(self, tok, prompts, eos_id, stops, stream=False):
-        self.tok, self.prompts, self.eos_id, self.stops, self.stream = tok, prompts, eos_id, stops, stream
+    def __init__(self, tok, prompts, end_ids, stops, stream=False):
+        self.tok, self.prompts, self.stops, self.stream = tok, prompts, stops, stream
+        self.end_ids = {end_ids} if isinstance(end_ids, int) else set(end_ids)  # an id or a list
         self.prompt_texts = [tok.decode(p) for p in prompts]
         self.ids = [[] for _ in prompts]  # generated ids so far, per row
         self.printed = 0                  # characters of row 0 printed so far
 
     def text(self, b, ids):
-        """Row b's generated ids (up to its first eos) -> (their text, cut before a stop string; whether it was)."""
-        ids = ids[:ids.index(self.eos_id)] if self.eos_id in ids else ids
+        """Row b's generated ids (up to its first end id) -> (their text, cut before a stop string; whether it
+        was)."""
+        ids = ids[:first_end(ids, self.end_ids)]
         text = self.tok.decode(self.prompts[b] + ids)[len(self.prompt_texts[b]):]
         cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=None)
         return (text, False) if cut is None else (text[:cut], True)
@@ -268,7 +276,7 @@ def main():
         header = f"exit layer {cfg.exit_layer}" if cfg.exit_layer else f"all {model.n_layer} layers"
         header += f", skipping layers {plan}" if plan else ""
     stream = len(ids) == 1 and cfg.max_new_tokens > 0
-    completions = Completions(tok, ids, model.cfg.eos_id, stops, stream)
+    completions = Completions(tok, ids, model.cfg.eos_ids, stops, stream)
     if stream:
         print(f"---------- {header}")
         print("" if cfg.chat else completions.prompt_texts[0], end="", flush=True)
@@ -288,7 +296,8 @@ def main():
                        skip_mask=skip_mask, stop=stop, **sampling)
     dt = time.perf_counter() - t0
     generated = [row[n:n + cfg.max_new_tokens] for row, n in zip(out.tolist(), lens.tolist())]
-    lengths = [g.index(model.cfg.eos_id) + 1 if model.cfg.eos_id in g else len(g) for g in generated]
+    ends = [first_end(g, model.cfg.eos_ids) for g in generated]
+    lengths = [len(g) if end is None else end + 1 for g, end in zip(generated, ends)]
     for b, g in enumerate(generated):
         text, _ = completions.text(b, g)
         if stream:

@@ -344,3 +344,48 @@ def test_speculation_errors():
         generate_speculative(model, torch.zeros(2, 3, dtype=torch.long), 5, 2, 2, prompt_lens=[3, 4])
     with pytest.raises(ValueError, match="context"):
         generate_speculative(model, idx, 100, 2, 2)
+
+
+@torch.no_grad()
+def test_every_end_id_ends_a_row_as_in_transformers(tmp_path):
+    """cfg.end_ids = [X] beside eos 2, X the third token greedy decoding emits: transformers' generate with
+    eos_token_id=[2, X] stops after 3 tokens, and so do generate and generate_speculative, batch 1 and a ragged
+    batch beside a row that does not stop, finished rows padded with eos. Layers after the first write nothing to
+    the residual stream, so every draft of exit 1 is accepted: X comes inside a round's accepted drafts, and the
+    rest of that round is dropped."""
+    pytest.importorskip("transformers")
+    from checkpoints_convert import from_hf
+    from test_convert import make_hf, prompt
+    hf = make_hf("llama_gqa", tmp_path / "hf")
+    for n, p in hf.named_parameters():
+        if any(f"layers.{i}." in n for i in (1, 2)) and any(k in n for k in ("o_proj", "down_proj")):
+            p.zero_()
+    hf.save_pretrained(tmp_path / "hf")
+    from_hf(str(tmp_path / "hf"), str(tmp_path / "ours"))
+    ours = Transformer.from_pretrained(tmp_path / "ours")
+
+    def hf_generate(p, eos):  # one prompt [T], its new tokens padded with eos 2 to 12
+        new = hf.generate(p[None], max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=2)
+        return new[0, len(p):].tolist() + [2] * (len(p) + 12 - new.shape[1])
+
+    for seed in range(20):  # row 0's first 3 new tokens differ; row 1 (shorter) never makes X or 2
+        idx = prompt(T=8, B=2, seed=seed)
+        rows = [idx[0], idx[1, :5]]
+        free = [hf_generate(p, None) for p in rows]
+        X = free[0][2]
+        if len(set(free[0][:3]) | {2}) == 4 and X not in free[1] and 2 not in free[1]:
+            break
+    else:
+        raise AssertionError("no prompt whose greedy continuation suits the test")
+    theirs = [hf_generate(p, [2, X]) for p in rows]
+    assert theirs[0] == free[0][:3] + [2] * 9 and theirs[1] == free[1]  # transformers: 3 tokens, then eos
+    assert generate(ours, rows[0][None], 12, temperature=0)[0, 8:].tolist() == free[0]  # no end id: 12 tokens
+    ours.cfg.end_ids = [X]
+    assert generate(ours, rows[0][None], 12, temperature=0)[0, 8:].tolist() == theirs[0]
+    out, stats = generate_speculative(ours, rows[0][None], 12, 1, 4)
+    assert out[0, 8:].tolist() == theirs[0] and stats["accepted"] == stats["drafted"] == 4, stats
+    ragged, lens = pad_prompts([p.tolist() for p in rows])
+    for out in (generate(ours, ragged, 12, prompt_lens=lens, temperature=0),
+                generate_speculative(ours, ragged, 12, 1, 4, prompt_lens=lens)[0]):
+        assert [out[b, n:n + 12].tolist() for b, n in enumerate(lens.tolist())] == theirs
+        assert out[1, 5 + 12:].eq(2).all()  # the shorter row's padding

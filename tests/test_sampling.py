@@ -127,6 +127,36 @@ def test_stop_strings_end_plain_and_speculative_rows_at_the_same_token(ckpt, mon
     assert code == 0 and out.splitlines()[1:] == ("def " + expected).splitlines(), (out, expected)
 
 
+def test_sample_ends_rows_at_every_end_id(ckpt, tmp_path, monkeypatch, capsys):
+    """A checkpoint whose config lists a further end id X, the third token greedy decoding emits: sample.py, plain
+    and speculative, prints the text of the first two tokens and counts 3 tokens; Completions cuts a row's text
+    at any end id."""
+    model = Transformer.from_pretrained(str(ckpt)).eval()
+    tok = checkpoint_tokenizer(str(ckpt))
+    for text in ("def ", "x = ", "import ", "class "):
+        ids = tok.encode_prompt(text)
+        free = generate(model, torch.tensor([ids]), 12, temperature=0, n_tokens=N_TOKENS,
+                        stop_at_eos=False)[0, len(ids):].tolist()
+        X = free[2]
+        if len(set(free[:3]) | {model.cfg.eos_id}) == 4:
+            break
+    else:
+        raise AssertionError("no prompt whose greedy continuation suits the test")
+    expected = tok.decode(ids + free[:2])[len(tok.decode(ids)):]
+    completions = sample.Completions(tok, [ids], [model.cfg.eos_id, X], [])
+    assert completions.text(0, free) == (expected, False)
+    model.cfg.end_ids = [X]
+    model.save_pretrained(str(tmp_path))
+    (tmp_path / "tokenizer.model").write_bytes((ckpt / "tokenizer.model").read_bytes())
+    for extra in ([], ["--speculative", "--exit_layer=2"]):
+        monkeypatch.setattr(sys, "argv", ["sample.py", f"--out_dir={tmp_path}", f"--prompt={text}",
+                                          "--temperature=0", "--max_new_tokens=12", *extra])
+        run_main(sample.main)
+        printed = capsys.readouterr()
+        assert printed.out.splitlines()[1:] == (text + expected).splitlines(), printed.out
+        assert printed.err.splitlines()[-1].startswith("---------- 3 tokens in "), printed.err
+
+
 def test_streaming_holds_back_incomplete_characters_and_stop_string_starts(ckpt, capsys):
     tok = checkpoint_tokenizer(str(ckpt))
     e_acute = [tok.sp.piece_to_id(f"<0x{b:02X}>") for b in "é".encode()]  # two byte-fallback pieces

@@ -297,6 +297,27 @@ def test_exit_layer_auto_reads_the_prompts_exits_in_a_first_call_only(monkeypatc
     assert reads == [1]
 
 
+def test_exit_memory_is_an_object_the_caller_owns(monkeypatch):
+    """What exit auto measures in a call (agreement per exit, round timings) goes to the ExitMemory the caller
+    passes, not to the model's default one; a call with the same memory starts from it (no reading of the
+    prompt's exits), a call with a fresh one starts afresh. A memory of another depth is one line."""
+    import speculate
+    from drafts import ExitMemory, default_memory
+    reads, real = [], speculate.prefill_reading_exits
+    monkeypatch.setattr(speculate, "prefill_reading_exits", lambda *a: reads.append(1) or real(*a))
+    model = layers(8)
+    idx, lens = pad_prompts(ragged_prompts(seed=3))
+    expected = generate(model, idx, 20, prompt_lens=lens, temperature=0)
+    memory = ExitMemory(model.n_layer)
+    for own in (memory, memory, ExitMemory(model.n_layer)):
+        out, _ = generate_speculative(model, idx, 20, "auto", 4, prompt_lens=lens, exit_memory=own)
+        assert out.tolist() == expected.tolist()
+    assert reads == [1, 1] and any(memory.agreement[1]) and memory.timings_for(torch.device("cpu"), 4, False)
+    assert not any(default_memory(model).agreement[1]) and not default_memory(model).timings
+    with pytest.raises(ValueError, match="exit_memory"):
+        generate_speculative(model, idx, 20, "auto", 4, prompt_lens=lens, exit_memory=ExitMemory(4))
+
+
 def test_probes_count_other_exits_at_the_rounds_first_position():
     """A round settles its later positions only where E's drafts were accepted, so probed exits count at its first
     position only: counting every settled position counted them mostly where E found the tokens easy."""

@@ -389,3 +389,38 @@ def test_every_end_id_ends_a_row_as_in_transformers(tmp_path):
                 generate_speculative(ours, ragged, 12, 1, 4, prompt_lens=lens)[0]):
         assert [out[b, n:n + 12].tolist() for b, n in enumerate(lens.tolist())] == theirs
         assert out[1, 5 + 12:].eq(2).all()  # the shorter row's padding
+
+
+def test_a_decode_call_enters_no_file_twice_along_a_chain_of_calls():
+    """A decode call flows generate/speculate -> model (and drafts for a round's plan): along every chain of calls
+    among the repository's files, no file is entered again below another one (speculate calling back into a
+    function that calls speculate, say). Plain, speculative with a fixed exit, an auto skip plan, exit auto, and
+    sampled with a threshold; traced with sys.setprofile."""
+    import sys
+    from conftest import ROOT
+    model = model_with()
+    idx, lens = pad_prompts(ragged_prompts(seed=3))
+    reentered = set()
+
+    def profile(frame, event, arg):
+        if event != "call":
+            return
+        files = []
+        while frame is not None:
+            path = os.path.relpath(frame.f_code.co_filename, ROOT)  # the repository's files, tests aside
+            ours = frame.f_code.co_filename.startswith(ROOT + os.sep) and not path.startswith("tests")
+            if ours and (not files or files[-1] != path):
+                files.append(path)
+            frame = frame.f_back
+        if len(set(files)) < len(files):
+            reentered.add(" -> ".join(reversed(files)))
+
+    sys.setprofile(profile)
+    try:
+        generate(model, idx, 6, prompt_lens=lens, temperature=0)
+        for draft in (dict(exit_layer=2), dict(draft_skip_layers="auto"), dict(exit_layer="auto"),
+                      dict(exit_layer=2, draft_threshold=0.3, temperature=1.0)):
+            generate_speculative(model, idx, 6, num_speculations=2, prompt_lens=lens, **draft)
+    finally:
+        sys.setprofile(None)
+    assert not reentered, reentered

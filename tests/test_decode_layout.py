@@ -13,8 +13,9 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from fused import decode_layout
 from fused.decode_layout import PackedLinear, pack, unpack
-from generate import GRAPHS_PER_FUNCTION, generate, generate_speculative
+from generate import GRAPHS_PER_FUNCTION, generate
 from model import PRESETS, Config, Transformer
+from speculate import generate_speculative
 
 TOL = dict(rtol=0, atol=1e-5)  # fp32
 

@@ -183,7 +183,7 @@ def complete(model, tok, task_list, setting, cfg, device):
     ({task_id: [text, ...]}, seconds spent decoding, tokens generated, drafted, accepted). Prompts keep their
     last block_size - max_new_tokens - 1 tokens; the first task is decoded once untimed (warm-up)."""
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    # a row ends at eos; ids the tokenizer lacks (a padded vocabulary's rows) are never generated
+    # a row ends at any end id; ids the tokenizer lacks (a padded vocabulary's rows) are never generated
     sampling = dict(temperature=cfg.temperature, top_k=cfg.top_k, generator=generator, n_tokens=tok.vocab_size())
     keep = model.cfg.block_size - cfg.max_new_tokens - 1
     prompts = [torch.tensor([tok.prefix + tok.encode(t["prompt"])[-keep:]], device=device) for t in task_list]
@@ -195,8 +195,9 @@ def complete(model, tok, task_list, setting, cfg, device):
             ids, n_drafted, n_accepted = decode(model, idx, cfg.max_new_tokens, setting, sampling)
             seconds += time.perf_counter() - t0
             ids = ids.tolist()
-            ended = tok.eos_id() in ids
-            n_generated = ids.index(tok.eos_id()) + 1 if ended else len(ids)  # the eos is generated too
+            ends = [i for i, t in enumerate(ids) if t in model.cfg.eos_ids]  # any end id ends the completion
+            ended = bool(ends)
+            n_generated = ends[0] + 1 if ended else len(ids)  # the end id is generated too
             text = completion_text(tok, idx[0].tolist(), ids[:n_generated - ended])
             samples.setdefault(task["task_id"], []).append(text)
             tokens, drafted, accepted = tokens + n_generated, drafted + n_drafted, accepted + n_accepted

@@ -233,6 +233,22 @@ def test_settings_table_on_a_tiny_model(tiny_checkpoint, tmp_path):
     assert complete["skip plan [2]"] != complete["full depth"] or complete["exit layer 2"] != complete["full depth"]
 
 
+def test_completions_end_at_every_end_id(tiny_checkpoint, monkeypatch):
+    """A completion ends at the first of the model's end ids (cfg.eos_ids), which is counted as generated
+    and left out of the text, as transformers' generate ends a row at any id of a list-valued eos."""
+    model = evaluate.load(tiny_checkpoint)
+    tok = checkpoint_tokenizer(tiny_checkpoint)
+    text_ids = tok.encode("return x")
+    end = next(i for i in range(3, 200) if i not in text_ids and i != model.cfg.eos_id)
+    model.cfg.end_ids = [end]
+    monkeypatch.setattr(evaluate, "decode", lambda *a: (torch.tensor(text_ids + [end] + text_ids), 0, 0))
+    problems = [{"task_id": "t", "prompt": "def f(x):\n    "}]
+    samples, _, tokens, _, _ = evaluate.complete(model, tok, problems, evaluate.Setting("full depth"),
+                                                  evaluate.EvalConfig(max_new_tokens=12), "cpu")
+    assert samples == {"t": [tok.decode(tok.encode(problems[0]["prompt"]) + text_ids)[len(
+        tok.decode(tok.encode(problems[0]["prompt"]))):]]} and tokens == len(text_ids) + 1
+
+
 def test_distilled_layers_and_per_sequence_controllers_are_settings(tiny_checkpoint, tmp_path):
     """A checkpoint with no plan in its config: distill.py's distilled layers (metrics.jsonl) become its skip plan,
     and per-sequence controllers (dynamic.py) a setting that decodes each prompt with the plan they choose."""

@@ -69,8 +69,8 @@ class TrainConfig:
     eval_batches: int = 20           # validation batches per evaluation
     eval_exits: str = "all"          # "all" exit layers, "last", or a comma list like "4,8,16"
     log_interval: int = 1            # train loss per exit into metrics.jsonl every this many steps
-    max_val_loss: float | None = None  # a run whose last-exit validation loss was below this and passes it has
-    # collapsed: it stops before saving (None: 0.99 ln vocab_size, just under a uniform prediction's loss)
+    max_val_loss: float | None = None  # a run whose last-exit validation loss was under 0.95x this and passes
+    # it has collapsed: it stops before saving (None: 0.99 ln vocab_size, just under a uniform prediction's loss)
     # LayerSkip (layerskip.py): layer dropout p_{l,t} = S(t) D(l) p_max, and the early-exit loss
     p_max: float = 0.0               # 0: no layer dropout
     dropout_scale: str = "exp"       # D(l): exp | linear | uniform
@@ -316,17 +316,22 @@ def format_exit_table(losses):
     return "\n".join(lines)
 
 
-def save_checkpoint(model, optimizer, step, cfg, tokenizer_file, rank, val_loss):
-    """Save the weights (config.json, model.safetensors), the tokenizer and train_state/ (the sharded
-    resumable state: model, optimizer, step; torch.distributed.checkpoint) as one unit (savedir.py):
-    written into out_dir/.next/, committed by its manifest, then moved into out_dir (rank 0 moves,
-    every rank writes its shards); the manifest records the step and the last exit's validation loss.
-    Non-finite weights or a failed write (a full disk) raise ValueError
-    while out_dir still holds the previous checkpoint untouched."""
+def finite_weights(model, step, cfg, rank):
+    """The full state dict (on rank 0's CPU) to save; ValueError naming the first weight with NaN or inf."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     bad = on_all_ranks(nonfinite_tensor(full) if rank == 0 else None)
     if bad:
         raise ValueError(f"weight {bad} holds NaN or inf at step {step}; stopping without saving: {kept(cfg)}")
+    return full
+
+
+def save_checkpoint(model, optimizer, step, cfg, tokenizer_file, rank, val_loss, full):
+    """Save the weights (`full`, from finite_weights: config.json, model.safetensors), the tokenizer and
+    train_state/ (the sharded resumable state: model, optimizer, step; torch.distributed.checkpoint) as one
+    unit (savedir.py): written into out_dir/.next/, committed by its manifest, then moved into out_dir
+    (rank 0 moves, every rank writes its shards); the manifest records the step and the last exit's
+    validation loss. A failed write (a full disk) raises ValueError while out_dir still holds the previous
+    checkpoint untouched."""
     nxt = os.path.join(cfg.out_dir, savedir.NEXT)
     try:
         if rank == 0:
@@ -377,18 +382,29 @@ def run_inputs(cfg):
         ([("init_from", cfg.init_from)] if cfg.init_from not in ("scratch", "resume") else [])
 
 
-def check_val_loss(losses, last, best, limit, step, cfg):
-    """Before a save: ValueError when a validation loss is NaN or inf, or when the last exit's loss passes
-    `limit` although it was below it before (best: the lowest so far): a collapsed run (a learning rate far
-    too high) must not replace the good checkpoint it started from."""
+def check_finite_val_loss(losses, step, cfg):
+    """Before a save: ValueError when a validation loss is NaN or inf."""
     bad = next((e for e, v in losses.items() if not math.isfinite(v)), None)
     if bad is not None:
         raise ValueError(f"validation loss at exit {bad} is {losses[bad]} at step {step}; stopping without "
                          f"saving: {kept(cfg)}")
-    if best < limit < losses[last]:
+
+
+def check_collapse(losses, last, best, limit, step, cfg):
+    """Before a save: ValueError when the last exit's loss passes `limit` although the run had been clearly
+    below it (best, the lowest so far, under 0.95 limit; a run still near a uniform prediction's loss, as a
+    run from scratch starts, is not judged): a collapsed run (a learning rate far too high) must not replace
+    the good checkpoint it started from."""
+    if best < 0.95 * limit and losses[last] > limit:
         raise ValueError(f"validation loss {losses[last]:.4f} at step {step} is past max_val_loss "
                          f"{limit:.4f} (the best so far {best:.4f}): the run collapsed; stopping without "
                          f"saving: {kept(cfg)}")
+
+
+def check_val_loss(losses, last, best, limit, step, cfg):
+    """check_finite_val_loss, then check_collapse (distill.py and dynamic.py check their weights apart)."""
+    check_finite_val_loss(losses, step, cfg)
+    check_collapse(losses, last, best, limit, step, cfg)
 
 
 def val_loss_limit(cfg, vocab_size):
@@ -603,8 +619,10 @@ def main():
                     if cfg.skip_speedup else ""))
                 log_metrics(metrics_path, row)
             if step > start_step:
-                check_val_loss(losses, last, best, limit, step, cfg)
-                save_checkpoint(model, optimizer, step, cfg, tokenizer_file, rank, losses[last])
+                check_finite_val_loss(losses, step, cfg)  # the most specific cause first: NaN, then
+                full = finite_weights(model, step, cfg, rank)  # a NaN weight, then a collapse
+                check_collapse(losses, last, best, limit, step, cfg)
+                save_checkpoint(model, optimizer, step, cfg, tokenizer_file, rank, losses[last], full)
                 if master:
                     metrics_path = publish_metrics(metrics_path)
             if math.isfinite(losses[last]):

@@ -6,6 +6,7 @@ directory. The fault tests inject a kill at every step of a save, a NaN run, a f
 child process), a second run on one out_dir and a kill inside data/prepare.py; each leaves a directory that
 verifies and resumes bitwise-exactly.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -619,21 +620,28 @@ def test_a_full_disk_is_one_line_and_keeps_the_old_state(data, trained, tmp_path
     assert_same_weights(d, trained[1])
 
 
-def test_a_second_run_on_the_same_out_dir_is_refused(data, trained, tmp_path):
-    d = tmp_path / "run"
-    shutil.copytree(trained[0], d)
+@contextlib.contextmanager
+def locked_by_another_process(d):
+    """d's lock (savedir.lock) held by another process for the block; yields that process."""
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, '.'); import savedir; "
                                f"f = savedir.lock({str(d)!r}); print('locked', flush=True); time.sleep(60)"],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_second_run_on_the_same_out_dir_is_refused(data, trained, tmp_path):
+    d = tmp_path / "run"
+    shutil.copytree(trained[0], d)
+    with locked_by_another_process(d) as holder:
         before = snapshot(d)
         assert_one_line(run(train.main, *train_args(data[0], d, "--max_steps=3", "--init_from=resume")),
                         "in use", f"pid {holder.pid}")
         assert snapshot(d) == before
-    finally:
-        holder.kill()
-        holder.wait()
     assert run(train.main, *train_args(data[0], d, "--max_steps=3", "--init_from=resume"))[0] == 0  # free again
     assert_same_weights(d, trained[1])
 
@@ -754,17 +762,10 @@ def test_a_diverged_student_is_not_saved_over_a_good_one(data, plain, tmp_path):
 
 def test_distill_into_the_out_dir_of_a_running_train_is_refused(data, plain, tmp_path):
     d = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, '.'); import savedir; "
-                               f"f = savedir.lock({str(d)!r}); print('locked', flush=True); time.sleep(60)"],
-                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with locked_by_another_process(d) as holder:
         before = snapshot(d)
         assert_one_line(run(distill.main, *student_args(data, plain, d)), "in use", f"pid {holder.pid}")
         assert snapshot(d) == before
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_a_tied_checkpoint_resumed_trains_like_one_run_and_stays_tied(data, tmp_path):

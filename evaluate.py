@@ -33,7 +33,7 @@ from tqdm import tqdm
 import tasks
 from configurator import configure, run_main
 from dynamic import controlled_forward, load_controllers, sequence_plan
-from generate import generate
+from generate import first_end, generate
 from layerskip import dropout_rates, layer_dropout_mask
 from model import Transformer, layer_mask
 from rules import above, at_least, check_values
@@ -195,9 +195,9 @@ def complete(model, tok, task_list, setting, cfg, device):
             ids, n_drafted, n_accepted = decode(model, idx, cfg.max_new_tokens, setting, sampling)
             seconds += time.perf_counter() - t0
             ids = ids.tolist()
-            ends = [i for i, t in enumerate(ids) if t in model.cfg.eos_ids]  # any end id ends the completion
-            ended = bool(ends)
-            n_generated = ends[0] + 1 if ended else len(ids)  # the end id is generated too
+            end = first_end(ids, model.cfg.eos_ids)  # any end id ends the completion
+            ended = end is not None
+            n_generated = end + 1 if ended else len(ids)  # the end id is generated too
             text = completion_text(tok, idx[0].tolist(), ids[:n_generated - ended])
             samples.setdefault(task["task_id"], []).append(text)
             tokens, drafted, accepted = tokens + n_generated, drafted + n_drafted, accepted + n_accepted

@@ -61,6 +61,11 @@ def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None
                              generator=generator)
 
 
+def first_end(ids, end_ids):
+    """The index of the first id in ids that is one of end_ids (a row's end), or None."""
+    return next((i for i, t in enumerate(ids) if t in end_ids), None)
+
+
 def row_ends(new, count, end_ids, rows, stop=None):
     """Where rows end among the tokens they just accepted. new [B, k], of which row r's first
     count[r] ([B], CPU) are its own; rows [B]: each row's index in the batch the decode was called
@@ -73,7 +78,7 @@ def row_ends(new, count, end_ids, rows, stop=None):
         ends = set(end_ids or ())
         for r, ids in enumerate(new.tolist()):  # one read to the host, then plain Python
             ids = ids[:kept[r]]
-            at = next((i for i, t in enumerate(ids) if t in ends), None)
+            at = first_end(ids, ends)
             if at is not None:
                 kept[r], ended[r] = at + 1, True
             m = stop(int(rows[r]), ids[:kept[r]]) if stop is not None and kept[r] else None

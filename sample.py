@@ -33,7 +33,7 @@ import torch
 
 from configurator import configure, run_main
 from data.instruct import format_prompt, load_template
-from generate import check_sampling, generate, pad_prompts
+from generate import check_sampling, first_end, generate, pad_prompts
 from model import Transformer, layer_mask
 from savedir import atomic_write
 from speculate import generate_speculative
@@ -154,11 +154,6 @@ def stop_strings(specs):
         raise ValueError(f"--stop needs a non-empty string, got {specs!r}")
     escapes = {"n": "\n", "t": "\t", "\\": "\\"}
     return [re.sub(r"\\([nt\\])", lambda m: escapes[m.group(1)], s) for s in specs]
-
-
-def first_end(ids, end_ids):
-    """The index of the first id in ids that is one of end_ids (a row's end), or None."""
-    return next((i for i, t in enumerate(ids) if t in end_ids), None)
 
 
 class Completions:
